@@ -1,0 +1,71 @@
+"""Expert modules: feed-forward networks that may differ in size from expert to expert.
+
+Legend: A assignments routed to this expert, D model width, F hidden width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.errors import ConfigError
+
+
+class FFN(nn.Module):
+    """Two-layer MLP with GELU, or a SwiGLU gated unit (Shazeer 2020)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "gelu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown experts.activation '{activation}'; valid: {', '.join(ACTIVATIONS)}")
+        self.activation = activation
+        width_in = 2 * d_ff if activation == "swiglu" else d_ff
+        self.w_in = nn.Linear(d_model, width_in, bias=False)
+        self.w_out = nn.Linear(d_ff, d_model, bias=False)
+        nn.init.normal_(self.w_in.weight, std=d_model**-0.5)
+        nn.init.normal_(self.w_out.weight, std=d_ff**-0.5 / 2)
+
+    def forward(self, x_AD: torch.Tensor) -> torch.Tensor:
+        h_AF = ACTIVATIONS[self.activation](self.w_in(x_AD))
+        return self.w_out(h_AF)
+
+
+def _swiglu(h_A2F: torch.Tensor) -> torch.Tensor:
+    gate_AF, value_AF = h_A2F.chunk(2, dim=-1)
+    return F.silu(gate_AF) * value_AF
+
+
+ACTIVATIONS = {"gelu": F.gelu, "swiglu": _swiglu}
+
+
+@dataclass
+class ExpertsConfig:
+    """Per-layer experts: how many, their size, and the owner's optimizer (each expert has its own)."""
+
+    num: int = 8
+    d_ff: int = 256
+    d_ff_per_expert: list[int] | None = None  # heterogeneous sizes; overrides d_ff when given
+    activation: str = "gelu"
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # per-expert gradient norm clip applied by the owner before its step
+    behaviours: dict[int, str] | None = None  # expert index -> behaviour spec (PoI issue)
+
+
+def expert_widths(cfg: ExpertsConfig) -> list[int]:
+    if cfg.d_ff_per_expert is None:
+        return [cfg.d_ff] * cfg.num
+    if len(cfg.d_ff_per_expert) != cfg.num:
+        raise ConfigError(
+            f"experts.d_ff_per_expert has {len(cfg.d_ff_per_expert)} entries but experts.num={cfg.num}"
+        )
+    return list(cfg.d_ff_per_expert)
+
+
+def build_experts(cfg: ExpertsConfig, d_model: int) -> list[FFN]:
+    if cfg.num < 1:
+        raise ConfigError(f"experts.num={cfg.num} must be at least 1")
+    return [FFN(d_model, width, cfg.activation) for width in expert_widths(cfg)]

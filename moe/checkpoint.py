@@ -1,0 +1,69 @@
+"""Checkpoints: atomic writes, tensors-only loading (`weights_only=True`), clear errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from moe.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "poimoe-checkpoint-v1"
+CHECKPOINT_DIR = "checkpoints"
+_STEP_FILE = re.compile(r"step_(\d+)\.pt$")
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:07d}.pt"
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
+    """Write `state` for `step` atomically (temp file + rename), then prune to the newest `keep`."""
+    path = checkpoint_path(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"format": FORMAT, "step": step, **state}, tmp)
+    os.replace(tmp, path)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    found = [p for p in folder.glob("step_*.pt") if _STEP_FILE.search(p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(_STEP_FILE.search(p.name).group(1)))
+
+
+def find_checkpoint(run_dir_or_file: str | Path) -> Path:
+    """The newest checkpoint of a run dir, or the file itself; a clear error when there is none."""
+    path = Path(run_dir_or_file).expanduser()
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    found = list_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"no checkpoint in {path / CHECKPOINT_DIR} (expected step_*.pt files)")
+    return found[-1]
+
+
+def load_checkpoint(run_dir_or_file: str | Path) -> tuple[Path, dict]:
+    path = find_checkpoint(run_dir_or_file)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, garbage bytes, foreign pickle: all mean "corrupt"
+        reason = str(err).split(". ")[0][:160]
+        raise CheckpointError(f"corrupt checkpoint {path}: {type(err).__name__}: {reason}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a poimoe checkpoint (missing format tag {FORMAT!r})")
+    return path, state
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else checkpoint.parent

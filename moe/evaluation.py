@@ -1,0 +1,181 @@
+"""Evaluation: validation metrics during training, and `eval.py` reports on finished runs.
+
+Legend: B batch, T time, N tokens, E experts, G domains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+import math
+from collections import defaultdict
+
+import torch
+
+from moe.model import MoEModel
+
+LN2 = math.log(2.0)
+
+
+@torch.no_grad()
+def evaluate(
+    model: MoEModel,
+    batches: list,
+    domains: list[str],
+    *,
+    autocast=contextlib.nullcontext,
+    collect_routing: bool = False,
+) -> dict:
+    """Validation loss (and bits-per-byte for byte LMs) overall and per domain.
+
+    With `collect_routing`, also returns `routing/<layer>` → a [G, E] tensor counting how often
+    tokens of each domain were sent to each expert (the domain × expert table of the report).
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum_G = torch.zeros(len(domains), dtype=torch.float64)
+    count_G = torch.zeros(len(domains), dtype=torch.float64)
+    routing: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(len(domains), 0))
+    try:
+        for batch in batches:
+            with autocast():
+                pred, _ = model(batch.inputs)
+            loss_B = model.loss_per_example(pred, batch.targets).double().cpu()
+            domain_B = batch.domain_B.cpu()
+            loss_sum_G.index_add_(0, domain_B, loss_B)
+            count_G.index_add_(0, domain_B, torch.ones_like(loss_B))
+            if collect_routing:
+                _count_routing(model, domain_B, routing)
+    finally:
+        model.train(was_training)
+    results = _loss_metrics(loss_sum_G, count_G, domains, byte_lm=model.task == "lm")
+    if collect_routing:
+        results.update({f"routing/{name}": table for name, table in routing.items()})
+    return results
+
+
+def _loss_metrics(loss_sum_G, count_G, domains, *, byte_lm: bool) -> dict[str, float]:
+    results = {"val/loss": float(loss_sum_G.sum() / count_G.sum().clamp_min(1))}
+    for g, domain in enumerate(domains):
+        if count_G[g] > 0:
+            results[f"val/{domain}/loss"] = float(loss_sum_G[g] / count_G[g])
+    if byte_lm:  # one token per byte, so nats per token / ln 2 = bits per byte
+        results.update({k.replace("/loss", "/bpb"): v / LN2 for k, v in list(results.items())})
+    return results
+
+
+def _count_routing(model: MoEModel, domain_B: torch.Tensor, routing: dict) -> None:
+    for layer in model.moe_layers():
+        plan = layer.last_plan
+        tokens_per_example = plan.num_tokens // domain_B.numel()
+        domain_N = domain_B.repeat_interleave(tokens_per_example)
+        domain_A = domain_N[plan.token_idx.cpu()]
+        num_domains, num_experts = routing[layer.name].shape[0], plan.num_experts
+        flat = torch.bincount(domain_A * num_experts + plan.expert_idx.cpu(), minlength=num_domains * num_experts)
+        table_GE = flat.reshape(num_domains, num_experts).double()
+        previous = routing[layer.name]
+        routing[layer.name] = table_GE if previous.numel() == 0 else previous + table_GE
+
+
+# ---------------------------------------------------------------- eval.py: reports on finished runs
+
+
+def main(cfg) -> dict:
+    """`eval.py ckpt=<run>` → report.md + plots; `eval.py compare=<multirun dir>` → comparison.md."""
+    from moe.errors import ConfigError
+
+    if cfg.compare:
+        from moe.comparison import compare_sweep
+
+        return {"comparison": str(compare_sweep(Path(cfg.compare)))}
+    if not cfg.ckpt:
+        raise ConfigError("nothing to evaluate: pass ckpt=<run dir or checkpoint file> (or compare=<multirun dir>)")
+    return write_run_report(cfg.ckpt, out_dir=cfg.out, num_val_batches=cfg.num_val_batches)
+
+
+def load_trained(ckpt: str | Path, num_val_batches: int | None = None):
+    """Rebuild a run's data and model from a checkpoint, with its experts in this process."""
+    from omegaconf import OmegaConf
+
+    from moe.checkpoint import load_checkpoint, run_dir_of
+    from moe.training import build_run
+
+    path, state = load_checkpoint(ckpt)
+    cfg = OmegaConf.create(state["config"])
+    cfg.transport = {"name": "local"}  # a report needs no workers: the checkpoint holds every expert
+    cfg.trainer.device = "cpu"
+    if num_val_batches is not None:
+        cfg.data.num_val_batches = num_val_batches
+    run = build_run(cfg, run_dir_of(path))
+    model = run.accelerator.unwrap_model(run.model)
+    model.load_state_dict(state["model"])
+    for layer in model.moe_layers():
+        layer.pool.load_state_dict(state["pools"][layer.name])
+    return run, state
+
+
+def write_run_report(ckpt: str | Path, out_dir: str | Path | None = None, num_val_batches: int | None = None) -> dict:
+    from moe.metrics import read_metrics
+
+    run, state = load_trained(ckpt, num_val_batches)
+    out = Path(out_dir) if out_dir else run.run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    results = evaluate(run.model, run.data.val_batches(), run.data.domains, collect_routing=True)
+    events = read_metrics(run.run_dir) if (run.run_dir / "metrics.jsonl").exists() else []
+    figures = [plot_curves(events, out / "loss_curve.png")] if events else []
+    report = render_report(state["step"], run, results, figures)
+    (out / "report.md").write_text(report)
+    return {k: v for k, v in results.items() if not k.startswith("routing/")} | {"report": str(out / "report.md")}
+
+
+def plot_curves(events: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("train/loss", "val/loss"):
+        points = [(e["step"], e[key]) for e in events if e.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=key, marker="o" if key == "val/loss" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def render_report(step: int, run, results: dict, figures: list[Path]) -> str:
+    domains = run.data.domains
+    lines = [f"# poimoe report: {run.run_dir}", "", f"Checkpoint step {step}.", "", "## Validation", ""]
+    lines += ["| domain | loss (nats) | bits/byte |" if run.model.task == "lm" else "| domain | loss |", ""]
+    lines[-1] = "|---|---|---|" if run.model.task == "lm" else "|---|---|"
+    for name in ["all", *domains]:
+        prefix = "val" if name == "all" else f"val/{name}"
+        if f"{prefix}/loss" in results:
+            bpb = f" {results[f'{prefix}/bpb']:.4f} |" if f"{prefix}/bpb" in results else ""
+            lines.append(f"| {name} | {results[f'{prefix}/loss']:.4f} |{bpb}")
+    for key, table_GE in ((k, v) for k, v in results.items() if k.startswith("routing/")):
+        lines += routing_section(key.removeprefix("routing/"), table_GE, domains)
+    for figure in figures:
+        lines += ["", f"![{figure.stem}]({figure.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def routing_section(layer: str, table_GE: torch.Tensor, domains: list[str]) -> list[str]:
+    load_E = table_GE.sum(0)
+    share_E = load_E / load_E.sum().clamp_min(1)
+    experts = range(table_GE.shape[1])
+    lines = ["", f"## Routing, {layer}", "", "Per-expert load (share of assignments):", ""]
+    lines += ["| " + " | ".join(f"e{e}" for e in experts) + " |", "|" + "---|" * len(experts)]
+    lines.append("| " + " | ".join(f"{s:.3f}" for s in share_E.tolist()) + " |")
+    lines += ["", "Domain × expert (share of the domain's assignments):", ""]
+    lines += ["| domain | " + " | ".join(f"e{e}" for e in experts) + " |", "|---|" + "---|" * len(experts)]
+    for g, domain in enumerate(domains):
+        row = table_GE[g] / table_GE[g].sum().clamp_min(1)
+        lines.append(f"| {domain} | " + " | ".join(f"{v:.3f}" for v in row.tolist()) + " |")
+    return lines

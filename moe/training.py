@@ -1,0 +1,313 @@
+"""`train(cfg) -> dict`: data → model → router → pool → (scorer, ledger) → logger, then the loop.
+
+Each step: forward (router → DispatchPlan → pool → combine), loss = task loss + aux losses,
+backward, then the trunk optimizer steps the trunk and router while every expert's owner steps
+its own experts (`pool.step()`), exactly as a remote miner would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import platform
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+import router
+from experts.modules import build_experts
+from experts.transport import Transport, open_transport
+from moe.checkpoint import load_checkpoint, run_dir_of, save_checkpoint
+from moe.data import build_data
+from moe.errors import ConfigError
+from moe.evaluation import evaluate
+from moe.layer import MoELayer
+from moe.metrics import MetricsLogger, truncate_after
+from moe.model import MoEModel, build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds, so the loop's helpers take one argument."""
+
+    cfg: DictConfig
+    run_dir: Path
+    accelerator: Accelerator
+    data: object
+    model: MoEModel
+    transport: Transport
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    logger: MetricsLogger | None = None
+    step: int = 0
+
+    @property
+    def layers(self) -> list[MoELayer]:
+        return self.model.moe_layers()
+
+    def autocast(self):
+        return self.accelerator.autocast() if self.cfg.trainer.precision == "bf16" else contextlib.nullcontext()
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train from a composed config; returns the final summary (also written to summary.json)."""
+    resume_state = None
+    if cfg.resume:
+        resume_path, resume_state = load_checkpoint(cfg.resume)
+        log.info("resuming from %s (step %d)", resume_path, resume_state["step"])
+    run_dir = resolve_run_dir(cfg, resume_state, cfg.resume)
+    seed_everything(cfg.seed)
+    if cfg.trainer.threads > 0:
+        torch.set_num_threads(cfg.trainer.threads)
+    run = build_run(cfg, run_dir)
+    try:
+        if resume_state is not None:
+            restore(run, resume_state)
+            truncate_after(run_dir, run.step)
+        write_run_info(run)
+        run.logger = MetricsLogger(
+            run_dir, cfg.logger, run_name=cfg.name, config=resolved(cfg), resume=resume_state is not None
+        )
+        return loop(run)
+    finally:
+        if run.logger is not None:
+            run.logger.close()
+        run.transport.close()
+
+
+def resolve_run_dir(cfg: DictConfig, resume_state: dict | None, resume: str | None) -> Path:
+    """A resumed run continues in its own dir; otherwise `run_dir`, else Hydra's output dir."""
+    if resume_state is not None:
+        from moe.checkpoint import find_checkpoint
+
+        run_dir = run_dir_of(find_checkpoint(resume))
+    elif cfg.run_dir:
+        run_dir = Path(cfg.run_dir)
+    else:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            raise ConfigError("run_dir is not set and no Hydra run is active: pass run_dir=<folder>")
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_run(cfg: DictConfig, run_dir: Path) -> Run:
+    accelerator = Accelerator(
+        cpu=cfg.trainer.device == "cpu",
+        mixed_precision="bf16" if cfg.trainer.precision == "bf16" else "no",
+    )
+    if cfg.trainer.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}; valid: fp32, bf16")
+    data = build_data(cfg.data, seed=cfg.seed)
+    transport = open_transport(cfg.transport, device=accelerator.device, run_dir=run_dir, seed=cfg.seed)
+    try:
+        model = build_model(cfg.model, data, moe_factory(cfg, transport))
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, betas=(0.9, 0.95)
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_schedule(cfg.trainer))
+        model, optimizer = accelerator.prepare(model, optimizer)
+    except BaseException:
+        transport.close()
+        raise
+    return Run(cfg, run_dir, accelerator, data, model, transport, optimizer, scheduler)
+
+
+def moe_factory(cfg: DictConfig, transport: Transport):
+    """Builds each MoE layer: its router from the registry and its pool from the transport."""
+
+    def make(layer_name: str, d_model: int) -> MoELayer:
+        layer_router = router.build_from_config(cfg.router, d_model, cfg.experts.num)
+        experts = build_experts(cfg.experts, d_model)
+        return MoELayer(layer_name, layer_router, transport.make_pool(layer_name, experts, cfg.experts))
+
+    return make
+
+
+def lr_schedule(trainer_cfg):
+    """Linear warmup, then cosine decay to 10 % of the peak learning rate."""
+    warmup, total = max(trainer_cfg.warmup_steps, 0), max(trainer_cfg.max_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def loop(run: Run) -> dict:
+    cfg = run.cfg.trainer
+    started = time.perf_counter()
+    if run.step == 0:
+        run.logger.log(0, validate(run))
+    window = Throughput()
+    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not cfg.progress, desc="train", unit="step")
+    last_val: dict = {}
+    while run.step < cfg.max_steps:
+        run.step += 1
+        step_metrics = train_step(run)
+        window.add(step_metrics.pop("tokens"), step_metrics.pop("seconds"))
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_metrics['train/loss']:.3f}", tok_s=f"{window.rate():.0f}")
+        if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
+            run.logger.log(run.step, {**step_metrics, "perf/tokens_per_s": window.rate()})
+            window = Throughput()
+        if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
+            last_val = validate(run)
+            run.logger.log(run.step, last_val)
+        if run.step % cfg.ckpt_every == 0 or run.step == cfg.max_steps:
+            save_checkpoint(run.run_dir, run.step, checkpoint_state(run), keep=cfg.keep_checkpoints)
+    bar.close()
+    return finish(run, last_val, time.perf_counter() - started)
+
+
+class Throughput:
+    def __init__(self):
+        self.tokens, self.seconds = 0, 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def train_step(run: Run) -> dict:
+    tick = time.perf_counter()
+    batch = run.data.train_batch(run.step)
+    inputs, targets = (t.to(run.accelerator.device) for t in (batch.inputs, batch.targets))
+    with run.autocast():
+        pred, aux_losses = run.model(inputs)
+    task_loss = run.model.loss_per_example(pred, targets).mean()
+    loss = task_loss + sum(aux_losses.values(), torch.zeros((), device=task_loss.device))
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss.item()} at step {run.step}")
+    run.accelerator.backward(loss)
+    grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(), run.cfg.trainer.grad_clip)
+    for layer in run.layers:
+        layer.pool.step()
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    metrics = {
+        "train/loss": task_loss.item(),
+        "train/grad_norm": float(grad_norm),
+        "train/lr": run.scheduler.get_last_lr()[0],
+        **{f"train/{name}": value.item() for name, value in aux_losses.items()},
+        **routing_metrics(run.layers),
+    }
+    return {**metrics, "tokens": targets.numel() if run.model.task == "lm" else targets.shape[0],
+            "seconds": time.perf_counter() - tick}
+
+
+def routing_metrics(layers: list[MoELayer]) -> dict[str, float]:
+    return {
+        f"router/{layer.name}/{name}": float(value)
+        for layer in layers
+        if layer.last_plan is not None
+        for name, value in layer.last_plan.metrics.items()
+    }
+
+
+def validate(run: Run) -> dict:
+    return evaluate(run.model, run.data.val_batches(), run.data.domains, autocast=run.autocast)
+
+
+def checkpoint_state(run: Run) -> dict:
+    return {
+        "model": run.accelerator.unwrap_model(run.model).state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "pools": {layer.name: layer.pool.state_dict() for layer in run.layers},
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "config": OmegaConf.to_container(run.cfg, resolve=True),
+    }
+
+
+def restore(run: Run, state: dict) -> None:
+    run.accelerator.unwrap_model(run.model).load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    for layer in run.layers:
+        layer.pool.load_state_dict(state["pools"][layer.name])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(_as_random_state(state["rng"]["python"]))
+    run.step = int(state["step"])
+
+
+def _as_random_state(saved) -> tuple:
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
+
+
+def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
+    events = [e for e in _read_events(run.run_dir) if "perf/tokens_per_s" in e]
+    summary = {
+        "step": run.step,
+        "run_dir": str(run.run_dir),
+        **last_val,
+        "perf/tokens_per_s": sum(e["perf/tokens_per_s"] for e in events) / max(len(events), 1),
+        "perf/wall_s": wall_seconds,
+    }
+    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _read_events(run_dir: Path) -> list[dict]:
+    from moe.metrics import read_metrics
+
+    return read_metrics(run_dir)
+
+
+def resolved(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def write_run_info(run: Run) -> None:
+    """Resolved config, seed, git commit and machine: what a reader needs to reproduce the run."""
+    info = {
+        "seed": run.cfg.seed,
+        "git_commit": git_commit(),
+        "config": resolved(run.cfg),
+        "device": str(run.accelerator.device),
+        "machine": {"platform": platform.platform(), "cpus": _cpu_count(), "torch": torch.__version__},
+    }
+    (run.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None

@@ -1,0 +1,32 @@
+"""Train a decentralised MoE model: `python train.py [group=option ...] [key=value ...]`."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import moe.config  # noqa: F401  (registers the typed config schemas)
+from moe.errors import PoimoeError
+
+
+@hydra.main(version_base=None, config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float:
+    from moe.training import train  # imported here so `--help` and `--cfg` stay fast
+
+    try:
+        summary = train(cfg)
+    except PoimoeError as err:
+        sys.exit(f"error: {err}")
+    print_summary(summary)
+    return summary.get("val/loss", float("nan"))
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\nrun dir: {summary['run_dir']}")
+    for key, value in summary.items():
+        if key != "run_dir" and isinstance(value, float):
+            print(f"  {key:40s} {value:.4f}")
+
+
+if __name__ == "__main__":
+    main()
