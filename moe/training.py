@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -110,6 +111,8 @@ def seed_everything(seed: int) -> None:
 
 
 def build_run(cfg: DictConfig, run_dir: Path) -> Run:
+    # Sweeps run many jobs in one process; each job may ask for a different precision or device.
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
         cpu=cfg.trainer.device == "cpu",
         mixed_precision="bf16" if cfg.trainer.precision == "bf16" else "no",
