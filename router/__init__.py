@@ -1,6 +1,16 @@
 """How tokens choose experts: strategies by registry name, all returning a `DispatchPlan`."""
 
-from router import topk  # noqa: F401  (registers the strategy)
+from router import (  # noqa: F401  (importing a strategy module registers it)
+    base,
+    bias_balanced,
+    expert_choice,
+    gshard,
+    hash,
+    random,
+    sinkhorn,
+    switch,
+    topk,
+)
 from router.plan import DispatchPlan, build_plan, routing_metrics
 from router.registry import RouterConfig, build, build_from_config, lookup, names, register, strategies
 

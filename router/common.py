@@ -1,0 +1,237 @@
+"""Pieces shared by the routing strategies: fp32 logits, auxiliary losses, selection keys, capacity
+clipping, Sinkhorn balancing, reproducible randomness, and turning per-token choices into a plan.
+
+Legend: N tokens, D model width, E experts, K choices per token, M requests (choices in priority order),
+B buckets (group × expert).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe.errors import ConfigError
+from router.plan import DispatchPlan, build_plan
+from router.registry import RouterConfig
+
+
+class LearnedRouter(nn.Module):
+    """A linear gate computed in fp32 (also under bf16 autocast) with the shared aux losses."""
+
+    # True where a token's experts depend on later tokens of its sequence (expert choice): a decoder
+    # trained with such a router sees the future, so its eval loss is not a causal LM's loss.
+    non_causal: bool = False
+
+    def __init__(self, d_model: int, num_experts: int, config: RouterConfig):
+        super().__init__()
+        self.config = config
+        self.num_experts = num_experts
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+
+    def logits(self, x_ND: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x_ND.device.type, enabled=False):
+            return F.linear(x_ND.float(), self.gate.weight.float())
+
+    def aux_losses(self, logits_NE: torch.Tensor, probs_NE: torch.Tensor, expert_NK: torch.Tensor):
+        losses = {}
+        if self.config.aux_loss_weight > 0:
+            losses["aux_loss"] = self.config.aux_loss_weight * load_balancing_loss(probs_NE, expert_NK)
+        if self.config.z_loss_weight > 0:
+            losses["z_loss"] = self.config.z_loss_weight * z_loss(logits_NE)
+        return losses
+
+
+def load_balancing_loss(probs_NE: torch.Tensor, expert_NK: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer loss E·Σ_i f_i·P_i: f_i the fraction of assignments to i, P_i its mean prob."""
+    num_experts = probs_NE.shape[-1]
+    counts_E = torch.bincount(expert_NK.flatten(), minlength=num_experts).to(probs_NE.dtype)
+    fraction_E = counts_E / counts_E.sum().clamp_min(1.0)
+    return num_experts * (fraction_E * probs_NE.mean(0)).sum()
+
+
+def z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean squared log-partition, keeps logits small and routing stable."""
+    return torch.logsumexp(logits_NE, dim=-1).square().mean()
+
+
+def plan_from_choices(
+    expert_NK: torch.Tensor,
+    gate_NK: torch.Tensor,
+    probs_NE: torch.Tensor,
+    aux_losses: dict[str, torch.Tensor] | None = None,
+    keep_NK: torch.Tensor | None = None,
+) -> DispatchPlan:
+    """A plan from per-token choices; `keep_NK` (bool) marks kept choices, the rest are dropped."""
+    return plan_from_token_choices(
+        expert_NK,
+        gate_NK,
+        num_experts=probs_NE.shape[-1],
+        probs_NE=probs_NE,
+        aux_losses=aux_losses,
+        kept_NK=keep_NK,
+    )
+
+
+def plan_from_token_choices(
+    expert_NK: torch.Tensor,
+    gate_NK: torch.Tensor,
+    *,
+    num_experts: int,
+    probs_NE: torch.Tensor | None = None,
+    aux_losses: dict[str, torch.Tensor] | None = None,
+    wanted_NK: torch.Tensor | None = None,
+    kept_NK: torch.Tensor | None = None,
+    extra_metrics: dict[str, torch.Tensor] | None = None,
+) -> DispatchPlan:
+    """A plan from per-token choices. `wanted_NK` (bool) marks the choices the strategy asks for (GShard
+    discards some second choices on purpose: those are neither routed nor dropped); `kept_NK` marks
+    the wanted choices that fit: a wanted choice that is not kept is reported in `dropped`."""
+    num_tokens = expert_NK.shape[0]
+    token_NK = torch.arange(num_tokens, device=expert_NK.device)[:, None].expand_as(expert_NK)
+    dropped_D = None
+    if wanted_NK is not None or kept_NK is not None:
+        wanted_NK = torch.ones_like(expert_NK, dtype=torch.bool) if wanted_NK is None else wanted_NK
+        kept_NK = wanted_NK if kept_NK is None else kept_NK & wanted_NK
+        dropped_D = token_NK[wanted_NK & ~kept_NK]
+        token_NK, expert_NK, gate_NK = token_NK[kept_NK], expert_NK[kept_NK], gate_NK[kept_NK]
+    return build_plan(
+        token_NK.flatten(),
+        expert_NK.flatten(),
+        gate_NK.flatten(),
+        num_tokens=num_tokens,
+        num_experts=num_experts,
+        dropped_D=dropped_D,
+        probs_NE=probs_NE,
+        aux_losses=aux_losses,
+        extra_metrics=extra_metrics,
+    )
+
+
+def renormalized(gate_NK: torch.Tensor) -> torch.Tensor:
+    return gate_NK / gate_NK.sum(-1, keepdim=True).clamp_min(1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- config checks
+
+
+def check_config(condition: bool, message: str) -> None:
+    """Raise a ConfigError with `message` (naming the key and value) unless `condition` holds."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_top_k(top_k: int, num_experts: int) -> None:
+    check_config(1 <= top_k <= num_experts, f"router.top_k={top_k} must be in [1, experts.num={num_experts}]")
+
+
+def check_no_router_losses(config: RouterConfig) -> None:
+    """Routers without a learned gate have nothing for the aux or z losses to act on: say so, don't ignore."""
+    for key in ("aux_loss_weight", "z_loss_weight"):
+        value = getattr(config, key)
+        check_config(
+            value == 0, f"router.{key}={value}: router '{config.name}' has no learned gate; set it to 0"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+def selection_key(logits_NE: torch.Tensor, selection_bias_E: torch.Tensor | None) -> torch.Tensor:
+    """What experts are chosen by: detached logits plus the selection-only bias (PoI feedback, bans).
+
+    The bias never reaches a gate value, so quality feedback steers which experts are used without
+    scaling their outputs.
+    """
+    key_NE = logits_NE.detach()
+    return key_NE if selection_bias_E is None else key_NE + selection_bias_E
+
+
+def expert_capacity(
+    num_tokens: int, num_experts: int, capacity_factor: float, choices_per_token: int = 1
+) -> int:
+    """Buffer slots per expert, ⌈factor · k · N / E⌉ (Fedus et al. 2021; Lepikhin et al. 2020), in [1, N]."""
+    slots = math.ceil(capacity_factor * choices_per_token * num_tokens / num_experts)
+    return max(1, min(slots, num_tokens))
+
+
+def rank_within_bucket(bucket_M: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """For each request, how many earlier requests (in input order) fell into the same bucket."""
+    order_M = torch.argsort(bucket_M, stable=True)
+    counts_B = torch.bincount(bucket_M, minlength=num_buckets)
+    start_B = torch.cumsum(counts_B, 0) - counts_B
+    rank_sorted_M = torch.arange(bucket_M.numel(), device=bucket_M.device) - start_B[bucket_M[order_M]]
+    return torch.empty_like(rank_sorted_M).scatter_(0, order_M, rank_sorted_M)
+
+
+def clip_to_capacity(
+    expert_NK: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    *,
+    group_N: torch.Tensor | None = None,
+    wanted_NK: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Which choices fit in their expert's buffer of `capacity` slots (per group when `group_N` is given).
+
+    Slots go to all first choices before any second choice (GShard), and within one choice rank to
+    earlier tokens first (Switch). Choices not in `wanted_NK` take no slot and are not kept.
+    Returns kept_NK (bool).
+    """
+    num_tokens, k = expert_NK.shape
+    bucket_NK = expert_NK if group_N is None else group_N[:, None] * num_experts + expert_NK
+    num_buckets = num_experts if group_N is None else (int(group_N.max()) + 1) * num_experts
+    if wanted_NK is not None:
+        bucket_NK = torch.where(wanted_NK, bucket_NK, num_buckets)  # a spare bucket nobody is kept from
+    rank_NK = rank_within_bucket(bucket_NK.T.reshape(-1), num_buckets + 1).view(k, num_tokens).T
+    kept_NK = rank_NK < capacity
+    return kept_NK if wanted_NK is None else kept_NK & wanted_NK
+
+
+def sinkhorn_expert_offsets(logits_NE: torch.Tensor, max_iterations: int, tolerance: float) -> torch.Tensor:
+    """Per-expert log offsets v_E that balance the routing distribution (Sinkhorn; Clark et al. 2022).
+
+    Sinkhorn scales exp(logits) by rows u_N and columns v_E until every token carries mass 1 and every
+    expert N/E. The row factors never change a token's ranking of experts, so selecting by the
+    balanced matrix is selecting by `logits + v_E`. Iterates in log space (no overflow) until the
+    token marginals are within `tolerance` of 1, at most `max_iterations` times.
+    """
+    num_tokens, num_experts = logits_NE.shape
+    log_expert_mass = math.log(num_tokens / num_experts)
+    v_E = logits_NE.new_zeros(num_experts)
+    for _ in range(max_iterations):
+        u_N = -torch.logsumexp(logits_NE + v_E, dim=1)
+        v_E = log_expert_mass - torch.logsumexp(logits_NE + u_N[:, None], dim=0)
+        token_mass_N = torch.logsumexp(logits_NE + u_N[:, None] + v_E, dim=1).exp()
+        if float((token_mass_N - 1).abs().max()) < tolerance:
+            break
+    return v_E
+
+
+# ---------------------------------------------------------------------------------------------- randomness
+
+
+class StepRng(nn.Module):
+    """Reproducible randomness for a router: step s draws from a generator seeded by (seed, s).
+
+    The step counter is a buffer, so it is checkpointed and a resumed run repeats exactly the draws
+    of an uninterrupted one; it advances with every training forward that draws. Evaluation does not
+    advance it, so every evaluation batch of a given size sees the same draws. Routers of different
+    layers built with the same seed draw the same numbers.
+    """
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = seed
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def generator(self, device: torch.device, advance: bool) -> torch.Generator:
+        mixed_seed = (self.seed * 0x9E3779B97F4A7C15 + int(self.step)) % 2**63
+        generator = torch.Generator(device=device)
+        generator.manual_seed(mixed_seed)
+        if advance:
+            self.step += 1
+        return generator
