@@ -22,10 +22,18 @@ def main(cfg: DictConfig) -> float:
 
 
 def print_summary(summary: dict) -> None:
+    from moe.poi import format_summary
+
     print(f"\nrun dir: {summary['run_dir']}")
     for key, value in summary.items():
-        if key != "run_dir" and isinstance(value, float):
+        if key != "run_dir" and isinstance(value, float) and not key.startswith("poi/"):
             print(f"  {key:40s} {value:.4f}")
+    for line in format_summary(summary):
+        print(line)
+    if "rewards" in summary:
+        from moe.rewards import format_rewards
+
+        print("\n".join(format_rewards(summary["rewards"])))
 
 
 if __name__ == "__main__":

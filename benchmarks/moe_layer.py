@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from benchtools import median_seconds  # sibling module: scripts run as python benchmarks/<name>.py
 
 import router
-from benchtools import median_seconds  # sibling module: scripts run as python benchmarks/<name>.py
 from experts.modules import FFN
 from experts.pool import LocalPool
 from moe.layer import MoELayer

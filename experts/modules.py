@@ -5,7 +5,7 @@ Legend: A assignments routed to this expert, D model width, F hidden width.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ class ExpertsConfig:
     lr: float = 3e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # per-expert gradient norm clip applied by the owner before its step
-    behaviours: dict[int, str] | None = None  # expert index -> behaviour spec (PoI issue)
+    behaviours: dict[int, str] = field(default_factory=dict)  # expert index -> behaviour spec (experts/behaviours.py)
 
 
 def expert_widths(cfg: ExpertsConfig) -> list[int]:

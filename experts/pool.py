@@ -10,11 +10,13 @@ Legend: A assignments sorted by expert, D model width, E experts.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from experts.behaviours import HONEST, Behaviour, ExpertFailure, answer_call
 from router.plan import DispatchPlan
 
 
@@ -25,9 +27,17 @@ class PoolOutput:
 
 
 class ExpertPool(ABC):
-    """The interface the MoE layer uses; implementations must give identical numerics with no faults."""
+    """The interface the MoE layer uses; implementations must give identical numerics with no faults.
+
+    Failures are reported per expert for the scorer and the ledger: `last_failures` maps each expert
+    that failed in the latest forward/backward to why ("timeout", "straggler", "dead", "backoff",
+    "invalid: ...", "error: ..."); `failure_counts` counts (expert, reason) over the pool's life.
+    """
 
     num_experts: int
+    last_failures: dict[int, str]
+    failure_counts: Counter
+    current_step: int = 0  # the training step, set by the trainer before each forward; behaviours use it
 
     @abstractmethod
     def forward(self, x_AD: torch.Tensor, plan: DispatchPlan) -> PoolOutput: ...
@@ -51,9 +61,41 @@ class ExpertPool(ABC):
     def __call__(self, x_AD: torch.Tensor, plan: DispatchPlan) -> PoolOutput:
         return self.forward(x_AD, plan)
 
+    def set_behaviours(self, behaviours: dict[int, Behaviour], *, seed: int, layer: str) -> None:
+        """Expert e answers as `behaviours[e]` (honest where absent), with draws from (seed, layer, step, e)."""
+        self.behaviours, self.behaviour_seed, self.layer_name = dict(behaviours), seed, layer
+
 
 def make_optimizer(expert: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(expert.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def expected_dtypes(x_aD: torch.Tensor) -> set[torch.dtype]:
+    """An expert answers in its input's dtype, or in the autocast dtype when autocast is on."""
+    device = x_aD.device.type
+    if torch.is_autocast_enabled(device):
+        return {x_aD.dtype, torch.get_autocast_dtype(device)}
+    return {x_aD.dtype}
+
+
+def invalid_outputs(y_slices: list[torch.Tensor], x_slices: list[torch.Tensor], max_norm: float) -> dict[int, str]:
+    """Experts whose output is not a finite tensor shaped and typed like its input, or whose per-token
+    L2 norm exceeds `max_norm` (0: no bound); one host sync for all experts."""
+    reasons, checks = {}, []
+    for e, (y_aD, x_aD) in enumerate(zip(y_slices, x_slices, strict=True)):
+        if y_aD.shape != x_aD.shape or y_aD.dtype not in expected_dtypes(x_aD):
+            reasons[e] = f"invalid: {y_aD.dtype}{tuple(y_aD.shape)} for input {x_aD.dtype}{tuple(x_aD.shape)}"
+        elif y_aD.numel():
+            y_aD = y_aD.detach()
+            bad = ~torch.isfinite(y_aD).all()
+            if max_norm > 0:
+                bad = bad | (y_aD.float().norm(dim=-1).max() > max_norm)
+            checks.append((e, bad))
+    flags = torch.stack([bad for _, bad in checks]).tolist() if checks else []
+    for (e, _), bad in zip(checks, flags, strict=True):
+        if bad:
+            reasons[e] = "invalid: non-finite or norm above max_output_norm"
+    return reasons
 
 
 class LocalPool(ExpertPool):
@@ -67,20 +109,66 @@ class LocalPool(ExpertPool):
         weight_decay: float = 0.0,
         grad_clip: float = 0.0,
         device: torch.device | str = "cpu",
+        network=None,
+        max_output_norm: float = 0.0,
     ):
+        """`network` (an `experts.network.VirtualNetwork`) simulates links in virtual time; experts
+        it fails do not compute, as their remote answer would not have arrived."""
         self.experts = nn.ModuleList(experts).to(device)
         self.num_experts = len(experts)
         self.grad_clip = grad_clip
         self.optimizers = [make_optimizer(e, lr, weight_decay) for e in self.experts]
+        self.network = network
+        self.max_output_norm = max_output_norm
+        self.last_failures: dict[int, str] = {}
+        self.failure_counts: Counter = Counter()
+        self.behaviours: dict[int, Behaviour] = {}
+        self.behaviour_seed, self.layer_name = 0, ""
+        self.simulated_latency_ms = 0.0  # slowest behaviour delay this step, in virtual time (no sleeping)
 
     def forward(self, x_AD: torch.Tensor, plan: DispatchPlan) -> PoolOutput:
         sizes = plan.split_sizes()
-        y_slices = [expert(x_aD) for expert, x_aD in zip(self.experts, x_AD.split(sizes), strict=True)]
-        answered_E = torch.ones(self.num_experts, dtype=torch.bool, device=x_AD.device)
-        return PoolOutput(torch.cat(y_slices), answered_E)
+        x_slices = x_AD.split(sizes)
+        failures = {}
+        if self.network is not None:
+            row_bytes = x_AD.shape[-1] * x_AD.element_size()
+            failures = self.network.deliver(plan.token_idx, sizes, plan.num_tokens, row_bytes)
+        y_slices = [
+            x_aD.new_zeros(x_aD.shape) if e in failures else self.answer(e, x_aD, failures)
+            for e, x_aD in enumerate(x_slices)
+        ]
+        self.simulated_latency_ms = max(
+            (self.behaviours[e].latency_ms for e in self.behaviours if sizes[e] > 0), default=0.0
+        )
+        invalid = invalid_outputs(y_slices, x_slices, self.max_output_norm)
+        for e in invalid:  # a rejected output must not train its expert: drop it from the graph
+            y_slices[e] = x_slices[e].new_zeros(x_slices[e].shape)
+        failures |= invalid
+        self.last_failures = failures
+        self.failure_counts.update(failures.items())
+        answered_E = torch.ones(self.num_experts, dtype=torch.bool)
+        answered_E[list(failures)] = False
+        return PoolOutput(torch.cat(y_slices), answered_E.to(x_AD.device))
+
+    def answer(self, e: int, x_aD: torch.Tensor, failures: dict[int, str]) -> torch.Tensor:
+        """Expert e's reply under its behaviour; a behaviour's failure is recorded in `failures`."""
+        behaviour = self.behaviours.get(e, HONEST)
+        if behaviour == HONEST or x_aD.shape[0] == 0:
+            return self.experts[e](x_aD)
+        try:
+            return answer_call(
+                self.experts[e], behaviour, x_aD, seed=self.behaviour_seed, layer=self.layer_name,
+                step=self.current_step, expert_idx=e, peer=lambda j, x_jD: self.experts[j](x_jD),
+            )
+        except ExpertFailure as failure:
+            failures[e] = f"behaviour: {failure}"
+            return x_aD.new_zeros(x_aD.shape)
 
     def step(self) -> None:
-        for expert, optimizer in zip(self.experts, self.optimizers, strict=True):
+        for e, (expert, optimizer) in enumerate(zip(self.experts, self.optimizers, strict=True)):
+            if not self.behaviours.get(e, HONEST).learns_at(self.current_step):
+                optimizer.zero_grad(set_to_none=True)  # a stale owner stopped learning
+                continue
             if self.grad_clip > 0:
                 nn.utils.clip_grad_norm_(expert.parameters(), self.grad_clip)
             optimizer.step()

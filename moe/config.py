@@ -18,7 +18,9 @@ import router
 from experts.modules import ExpertsConfig
 from experts.transport import transport_configs
 from moe.data import data_configs
+from moe.ledger import LedgerConfig
 from moe.model import ModelConfig
+from moe.poi import poi_configs
 
 
 @dataclass
@@ -81,12 +83,15 @@ def register_configs() -> None:
     store.store(group="model", name="model_schema", node=ModelConfig)
     store.store(group="experts", name="experts_schema", node=ExpertsConfig)
     store.store(group="logger", name="logger_schema", node=LoggerConfig)
+    store.store(group="ledger", name="ledger_schema", node=LedgerConfig)
     for name, strategy in router.strategies().items():
         store.store(group="router", name=f"{name}_schema", node=strategy.config_cls)
     for name, config_cls in transport_configs().items():
         store.store(group="transport", name=f"{name}_schema", node=config_cls)
     for name, config_cls in data_configs().items():
         store.store(group="data", name=f"{name}_schema", node=config_cls)
+    for name, config_cls in poi_configs().items():
+        store.store(group="poi", name=f"{name}_schema", node=config_cls)
 
 
 register_configs()

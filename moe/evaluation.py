@@ -6,9 +6,9 @@ Legend: B batch, T time, N tokens, E experts, G domains.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 import math
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -111,6 +111,7 @@ def load_trained(ckpt: str | Path, num_val_batches: int | None = None):
     model.load_state_dict(state["model"])
     for layer in model.moe_layers():
         layer.pool.load_state_dict(state["pools"][layer.name])
+        layer.pool.current_step = int(state["step"])  # behaviours such as crash:s act as at the end of training
     return run, state
 
 
@@ -124,6 +125,7 @@ def write_run_report(ckpt: str | Path, out_dir: str | Path | None = None, num_va
     events = read_metrics(run.run_dir) if (run.run_dir / "metrics.jsonl").exists() else []
     figures = [plot_curves(events, out / "loss_curve.png")] if events else []
     report = render_report(state["step"], run, results, figures)
+    report += poi_section(events, run.cfg, out)
     (out / "report.md").write_text(report)
     return {k: v for k, v in results.items() if not k.startswith("routing/")} | {"report": str(out / "report.md")}
 
@@ -179,3 +181,113 @@ def routing_section(layer: str, table_GE: torch.Tensor, domains: list[str]) -> l
         row = table_GE[g] / table_GE[g].sum().clamp_min(1)
         lines.append(f"| {domain} | " + " | ".join(f"{v:.3f}" for v in row.tolist()) + " |")
     return lines
+
+
+# ---------------------------------------------------------------- the PoI section of a run report
+
+
+def poi_section(events: list[dict], cfg, out: Path) -> str:
+    """Per-expert PoI per layer (from the last logged scores), behaviours where configured, fidelity
+    against Shapley where measured, and plots of both over training; empty when PoI was off."""
+    scored = [e for e in events if any(k.startswith("poi/score/") for k in e)]
+    if not scored:
+        return ""
+    last = scored[-1]
+    behaviours = {int(k): str(v) for k, v in ((cfg.experts.get("behaviours") or {}).items())}
+    scorer = (cfg.get("poi") or {}).get("name", "?")
+    lines = ["", f"## Proof of Intelligence ({scorer}, step {last['step']})", ""]
+    lines += ["Score = loss increase without the expert (EMA); rank 1 = most helpful; traffic = share of assignments.", ""]
+    for layer in sorted({k.split("/")[2] for k in last if k.startswith("poi/score/")}):
+        lines += _poi_layer_table(layer, last, behaviours)
+    lines += _fidelity_table(events)
+    for figure in (_plot_poi_scores(scored, out / "poi_scores.png"), _plot_fidelity(events, out / "poi_fidelity.png")):
+        if figure is not None:
+            lines += ["", f"![{figure.stem}]({figure.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _poi_layer_table(layer: str, event: dict, behaviours: dict[int, str]) -> list[str]:
+    experts = sorted(int(k.rsplit("/", 1)[1]) for k in event if k.startswith(f"poi/score/{layer}/"))
+    lines = [f"**{layer}**", "", "| expert | behaviour | score | rank | traffic | failures |", "|---|---|---|---|---|---|"]
+    for e in experts:
+        load = event.get(f"poi/load/{layer}/{e}")
+        lines.append(
+            f"| e{e} | {behaviours.get(e, 'honest')} | {event[f'poi/score/{layer}/{e}']:+.4g} "
+            f"| {event.get(f'poi/rank/{layer}/{e}', '')} | {'' if load is None else f'{load:.3f}'} "
+            f"| {event.get(f'poi/failures/{layer}/{e}', 0)} |"
+        )
+    return [*lines, ""]
+
+
+def _fidelity_points(events: list[dict]) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    points: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+    for event in events:
+        for key, value in event.items():
+            if key.startswith("poi/fidelity/") and value is not None:
+                _, _, layer, scorer = key.split("/")
+                points[(layer, scorer)].append((event["step"], value))
+    return points
+
+
+def _fidelity_table(events: list[dict]) -> list[str]:
+    points = _fidelity_points(events)
+    if not points:
+        return []
+    scorers = sorted({scorer for _, scorer in points})
+    lines = ["Fidelity: Spearman ρ against Monte-Carlo Shapley values (last measurement; mean over measurements).", ""]
+    lines += ["| layer | " + " | ".join(scorers) + " |", "|---|" + "---|" * len(scorers)]
+    for layer in sorted({layer for layer, _ in points}):
+        cells = []
+        for scorer in scorers:
+            series = [v for _, v in points.get((layer, scorer), [])]
+            cells.append(f"{series[-1]:.3f} ({sum(series) / len(series):.3f})" if series else "")
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _plot_poi_scores(scored: list[dict], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted({k.split("/")[2] for e in scored for k in e if k.startswith("poi/score/")})
+    fig, axes = plt.subplots(len(layers), 1, figsize=(7, 3 * len(layers)), squeeze=False)
+    for ax, layer in zip(axes[:, 0], layers, strict=True):
+        keys = sorted({k for e in scored for k in e if k.startswith(f"poi/score/{layer}/")}, key=lambda k: int(k.rsplit("/", 1)[1]))
+        for key in keys:
+            points = [(e["step"], e[key]) for e in scored if e.get(key) is not None]
+            ax.plot(*zip(*points, strict=True), label=f"e{key.rsplit('/', 1)[1]}")
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_title(f"PoI score, {layer}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss increase without expert")
+        ax.legend(ncol=4, fontsize="small")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_fidelity(events: list[dict], path: Path) -> Path | None:
+    points = _fidelity_points(events)
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (layer, scorer), series in sorted(points.items()):
+        ax.plot(*zip(*series, strict=True), marker="o", label=f"{layer} {scorer}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("Spearman ρ vs Shapley")
+    ax.set_ylim(-1.05, 1.05)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -15,6 +15,7 @@ import platform
 import random
 import subprocess
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 import router
+from experts.behaviours import parse_behaviours
 from experts.modules import build_experts
 from experts.transport import Transport, open_transport
 from moe.checkpoint import load_checkpoint, run_dir_of, save_checkpoint
@@ -34,6 +36,9 @@ from moe.evaluation import evaluate
 from moe.layer import MoELayer
 from moe.metrics import MetricsLogger, truncate_after
 from moe.model import MoEModel, build_model
+from moe.ledger import RewardLedger
+from moe.poi import PoIScorer, build_scorer
+from moe.rewards import open_run_ledger, reward_metrics, score_view, step_failures
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +57,8 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     logger: MetricsLogger | None = None
     step: int = 0
+    scorer: PoIScorer | None = None  # per-expert PoI and its routing feedback (poi=null: none)
+    ledger: RewardLedger | None = None  # rewards by Yuma consensus (ledger=null: none)
 
     @property
     def layers(self) -> list[MoELayer]:
@@ -76,6 +83,7 @@ def train(cfg: DictConfig) -> dict:
         if resume_state is not None:
             restore(run, resume_state)
             truncate_after(run_dir, run.step)
+        run.ledger = open_run_ledger(run, resume_step=run.step if resume_state is not None else None)
         write_run_info(run)
         run.logger = MetricsLogger(
             run_dir, cfg.logger, run_name=cfg.name, config=resolved(cfg), resume=resume_state is not None
@@ -84,6 +92,8 @@ def train(cfg: DictConfig) -> dict:
     finally:
         if run.logger is not None:
             run.logger.close()
+        if run.ledger is not None:
+            run.ledger.close()
         run.transport.close()
 
 
@@ -128,21 +138,32 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_schedule(cfg.trainer))
         model, optimizer = accelerator.prepare(model, optimizer)
+        scorer = build_scorer(cfg.get("poi"), accelerator.unwrap_model(model), data.val_batches())
     except BaseException:
         transport.close()
         raise
-    return Run(cfg, run_dir, accelerator, data, model, transport, optimizer, scheduler)
+    return Run(cfg, run_dir, accelerator, data, model, transport, optimizer, scheduler, scorer=scorer)
 
 
 def moe_factory(cfg: DictConfig, transport: Transport):
     """Builds each MoE layer: its router from the registry and its pool from the transport."""
 
     def make(layer_name: str, d_model: int) -> MoELayer:
-        layer_router = router.build_from_config(cfg.router, d_model, cfg.experts.num)
+        layer_router = router.build(**router_options(cfg.router, layer_name), d_model=d_model, num_experts=cfg.experts.num)
         experts = build_experts(cfg.experts, d_model)
-        return MoELayer(layer_name, layer_router, transport.make_pool(layer_name, experts, cfg.experts))
+        pool = transport.make_pool(layer_name, experts, cfg.experts)
+        pool.set_behaviours(parse_behaviours(cfg.experts.behaviours, cfg.experts.num), seed=cfg.seed, layer=layer_name)
+        return MoELayer(layer_name, layer_router, pool)
 
     return make
+
+
+def router_options(router_cfg, layer_name: str) -> dict:
+    """The router's options; a seeded router gets a per-layer seed so layers draw different noise."""
+    options = OmegaConf.to_container(router_cfg, resolve=True)
+    if "seed" in options:
+        options["seed"] += zlib.crc32(layer_name.encode()) % 100_003
+    return options
 
 
 def lr_schedule(trainer_cfg):
@@ -170,10 +191,14 @@ def loop(run: Run) -> dict:
         run.step += 1
         step_metrics = train_step(run)
         window.add(step_metrics.pop("tokens"), step_metrics.pop("seconds"))
+        if run.ledger is not None:  # before any checkpoint of this step, so resume finds the block
+            run.ledger.after_step(run.step, score_view(run), step_failures(run))
         bar.update(1)
         bar.set_postfix(loss=f"{step_metrics['train/loss']:.3f}", tok_s=f"{window.rate():.0f}")
         if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
-            run.logger.log(run.step, {**step_metrics, "perf/tokens_per_s": window.rate()})
+            poi_metrics = run.scorer.metrics() if run.scorer is not None else {}
+            rewards = reward_metrics(run.ledger.summary()) if run.ledger is not None else {}
+            run.logger.log(run.step, {**step_metrics, **poi_metrics, **rewards, "perf/tokens_per_s": window.rate()})
             window = Throughput()
         if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
             last_val = validate(run)
@@ -198,6 +223,8 @@ class Throughput:
 
 def train_step(run: Run) -> dict:
     tick = time.perf_counter()
+    for layer in run.layers:
+        layer.pool.current_step = run.step  # behaviours (crash:s, stale:s, flaky draws) depend on it
     batch = run.data.train_batch(run.step)
     inputs, targets = (t.to(run.accelerator.device) for t in (batch.inputs, batch.targets))
     with run.autocast():
@@ -206,7 +233,11 @@ def train_step(run: Run) -> dict:
     loss = task_loss + sum(aux_losses.values(), torch.zeros((), device=task_loss.device))
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss.item()} at step {run.step}")
+    if run.scorer is not None:
+        run.scorer.before_backward(run.step, pred)  # taylor's curvature: a backward to the layer outputs
     run.accelerator.backward(loss)
+    if run.scorer is not None:
+        run.scorer.observe(run.step)  # reads this step's evidence, writes next step's selection bias
     grad_norm = run.accelerator.clip_grad_norm_(run.model.parameters(), run.cfg.trainer.grad_clip)
     for layer in run.layers:
         layer.pool.step()
@@ -219,9 +250,19 @@ def train_step(run: Run) -> dict:
         "train/lr": run.scheduler.get_last_lr()[0],
         **{f"train/{name}": value.item() for name, value in aux_losses.items()},
         **routing_metrics(run.layers),
+        **simulated_latency(run.layers),
     }
     return {**metrics, "tokens": targets.numel() if run.model.task == "lm" else targets.shape[0],
             "seconds": time.perf_counter() - tick}
+
+
+def simulated_latency(layers: list[MoELayer]) -> dict[str, float]:
+    """The slowest `slow:ms` behaviour among a layer's called experts, in virtual time (local pools)."""
+    return {
+        f"behaviours/{layer.name}/simulated_latency_ms": layer.pool.simulated_latency_ms
+        for layer in layers
+        if getattr(layer.pool, "simulated_latency_ms", 0.0) > 0
+    }
 
 
 def routing_metrics(layers: list[MoELayer]) -> dict[str, float]:
@@ -243,6 +284,7 @@ def checkpoint_state(run: Run) -> dict:
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "pools": {layer.name: layer.pool.state_dict() for layer in run.layers},
+        "poi": run.scorer.state_dict() if run.scorer is not None else None,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         "config": OmegaConf.to_container(run.cfg, resolve=True),
     }
@@ -254,6 +296,8 @@ def restore(run: Run, state: dict) -> None:
     run.scheduler.load_state_dict(state["scheduler"])
     for layer in run.layers:
         layer.pool.load_state_dict(state["pools"][layer.name])
+    if run.scorer is not None and state.get("poi"):
+        run.scorer.load_state_dict(state["poi"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(_as_random_state(state["rng"]["python"]))
     run.step = int(state["step"])
@@ -272,6 +316,8 @@ def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
         **last_val,
         "perf/tokens_per_s": sum(e["perf/tokens_per_s"] for e in events) / max(len(events), 1),
         "perf/wall_s": wall_seconds,
+        **(run.scorer.summary() if run.scorer is not None else {}),
+        **({"rewards": run.ledger.summary()} if run.ledger is not None else {}),
     }
     (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -68,10 +68,12 @@ def test_unknown_router_name_lists_valid_ones(tmp_path):
 
 def test_cli_help_and_print_config():
     help_result = run_cli("train.py", "--help")
-    assert help_result.returncode == 0 and "router" in help_result.stdout
+    assert help_result.returncode == 0
+    assert "router" in help_result.stdout
     cfg_result = run_cli("train.py", "--cfg", "job")
     assert cfg_result.returncode == 0
-    assert "max_steps" in cfg_result.stdout and "top_k" in cfg_result.stdout
+    assert "max_steps" in cfg_result.stdout
+    assert "top_k" in cfg_result.stdout
 
 
 def test_multirun_sweeps_router_and_seed(tmp_path):

@@ -13,7 +13,8 @@ def test_report_has_domains_expert_load_and_a_loss_curve(run_tiny):
     report = (run_dir / "report.md").read_text()
     for domain in ("python", "cpp", "docs", "bible"):
         assert f"| {domain} |" in report
-    assert "Domain × expert" in report and "Per-expert load" in report
+    assert "Domain × expert" in report
+    assert "Per-expert load" in report
     assert "loss_curve.png" in report
     assert (run_dir / "loss_curve.png").stat().st_size > 1000
     assert results["val/bpb"] > 0
@@ -30,7 +31,8 @@ def test_report_numbers_match_the_run_final_eval(run_tiny):
 def test_eval_without_ckpt_names_ckpt(tmp_path):
     result = run_cli("eval.py", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0
-    assert "ckpt" in result.stderr and "Traceback" not in result.stderr
+    assert "ckpt" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_eval_of_corrupt_checkpoint_is_a_clear_error(tmp_path):

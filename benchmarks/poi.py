@@ -1,0 +1,137 @@
+"""PoI cost, measured in one run: taylor's step-time overhead, and one loo and one shapley evaluation.
+
+For each scenario (the default `python train.py` byte LM, and `data=clusters`) it builds the same run
+three times, without PoI (`~poi`), with poi=taylor (first order + curvature, the default) and poi=taylor with
+`curvature=false`, and times training steps interleaved step by step, so load from other processes
+hits all alike; medians after warmup. Target: taylor ≤ 5 % of a training step. Then it times one
+loo view and one shapley view (`--samples` permutations) on a validation batch of the trained model.
+
+    python benchmarks/poi.py                       # both scenarios, 30 timed steps each
+    python benchmarks/poi.py --scenarios clusters --steps 50
+
+Legend: E experts, L MoE layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+TARGET_OVERHEAD = 0.05
+SCENARIOS = {
+    "lm": [],  # the default run: byte LM on the mixture corpus
+    "clusters": ["data=clusters"],
+}
+VARIANTS = {"none": ["~poi"], "taylor": ["poi=taylor"], "taylor-1st": ["poi=taylor", "poi.curvature=false"]}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=16, help="shapley permutations")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
+    return parser.parse_args()
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import moe.config  # noqa: F401  (registers the schemas)
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def build(scenario: list[str], variant: list[str], run_dir: Path, threads: int):
+    from moe.training import build_run
+
+    cfg = compose([*scenario, *variant, f"run_dir={run_dir}", "trainer.progress=false", f"trainer.threads={threads}"])
+    return build_run(cfg, run_dir)
+
+
+def timed_step(run) -> float:
+    from moe.training import train_step
+
+    run.step += 1
+    start = time.perf_counter()
+    train_step(run)
+    return time.perf_counter() - start
+
+
+def step_times(runs: dict, steps: int, warmup: int) -> dict[str, float]:
+    """Median seconds per training step of each run, steps interleaved across runs."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for index in range(warmup + steps):
+        for name, run in runs.items():
+            seconds = timed_step(run)
+            if index >= warmup:
+                times[name].append(seconds)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def view_seconds(run, scorer: str, samples: int) -> float:
+    from moe import poi
+
+    cfg = poi.ShapleyConfig(samples=samples) if scorer == "shapley" else poi.LooConfig()
+    batch = run.data.val_batches()[0]
+    model = run.accelerator.unwrap_model(run.model)
+    start = time.perf_counter()
+    poi.views_on_batch(cfg, model, batch, torch.Generator().manual_seed(0))
+    return time.perf_counter() - start
+
+
+def report(name: str, scenario: list[str], args: argparse.Namespace, root: Path) -> None:
+    runs = {variant: build(scenario, overrides, root / f"{name}-{variant}", args.threads)
+            for variant, overrides in VARIANTS.items()}
+    try:
+        layers = runs["none"].layers
+        experts = layers[0].pool.num_experts
+        medians = step_times(runs, args.steps, args.warmup)
+        base = medians["none"]
+        print(f"[{name}] L={len(layers)} E={experts}, {args.steps} timed steps, threads={torch.get_num_threads()}")
+        print(f"  training step, no PoI (~poi)  {base * 1e3:8.2f} ms")
+        for variant in ("taylor", "taylor-1st"):
+            overhead = medians[variant] / base - 1
+            verdict = "ok" if overhead <= TARGET_OVERHEAD else "ABOVE TARGET"
+            label = "taylor (1st + curvature)" if variant == "taylor" else "taylor (first order only)"
+            print(f"  {label:28s}  {medians[variant] * 1e3:8.2f} ms   overhead {overhead:+7.1%}   "
+                  f"(target <= {TARGET_OVERHEAD:.0%}: {verdict})")
+        trained = runs["taylor"]
+        loo = view_seconds(trained, "loo", args.samples)
+        shapley = view_seconds(trained, "shapley", args.samples)
+        print(f"  one loo view      {loo * 1e3:9.1f} ms  = {loo / base:6.1f} training steps "
+              f"(1 + L·E = {1 + len(layers) * experts} forwards)")
+        print(f"  one shapley view  {shapley * 1e3:9.1f} ms  = {shapley / base:6.1f} training steps "
+              f"({args.samples} permutations, at most 2 + L·{args.samples}·(E-1) forwards, memoised)")
+    finally:
+        for run in runs.values():
+            run.transport.close()
+
+
+def main() -> None:
+    args = parse_args()
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="poi-bench-") as tmp:
+        for name in args.scenarios:
+            report(name, SCENARIOS[name], args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""How much the process transport costs: wire round trips, and one MoE layer step remote vs in-process.
+
+    python benchmarks/transport.py [--workers 2] [--threads 1] [--repeats 5] [--tokens 4096]
+
+Prints, from one run on one machine:
+1. round-trip latency and bandwidth per message (ECHO to a worker and back: framing, checksums,
+   ZeroMQ) at 16 KB, 1 MB and 16 MB, next to the cost of framing alone;
+2. one MoE layer training step (router → pool → combine → backward → owner steps) at T=4096,
+   d=512, f=2048, E=4, k=2, in-process with `workers × threads` torch threads vs in `workers`
+   worker processes of `threads` threads each (thread counts matched), with the overhead ratio;
+3. the same layer against hivemind's RemoteMixtureOfExperts (hidden 512, batch 128, 4 experts,
+   k=2, forward+backward, samples/s) when hivemind is importable (`pip install .[compare]`),
+   otherwise why it was skipped.
+
+Legend: B batch, T tokens per sequence, D model width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import router
+from experts.modules import FFN, ExpertsConfig
+from experts.pool import LocalPool
+from experts.remote import ProcessTransport, ProcessTransportConfig
+from experts.wire import Kind, Message, decode, encode
+from moe.layer import MoELayer
+
+MESSAGE_SIZES = {"16 KB": 16 * 2**10, "1 MB": 2**20, "16 MB": 16 * 2**20}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--repeats", type=int, default=5, help="timed layer steps (after one warm-up)")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--d-ff", type=int, default=2048)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda: the local pool's and every worker's device"
+    )
+    return parser.parse_args()
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tick)
+    return statistics.median(times)
+
+
+# --- 1. round trips ----------------------------------------------------------------------------------
+
+
+def echo_once(transport: ProcessTransport, payload: torch.Tensor) -> None:
+    coordinator = transport.coordinator
+    key = (next(coordinator.request_ids), 0, 0)
+    message = Message(Kind.ECHO, key[0], tensors=[payload])
+    reply = coordinator.request({key: ("w0", message)}, Kind.ECHOED, timeout=30)[key]
+    if isinstance(reply, str) or reply.tensors[0].numel() != payload.numel():
+        raise RuntimeError(f"echo failed: {reply}")
+
+
+def bench_round_trips(transport: ProcessTransport) -> None:
+    print("\n1. round trip per message (trainer → worker → trainer; framing + checksums + ZeroMQ)")
+    print(f"   {'size':>6}  {'median RTT':>11}  {'per direction':>13}  {'framing only':>12}")
+    for label, size in MESSAGE_SIZES.items():
+        payload = torch.randn(size // 4)
+        repeats = 200 if size < 2**20 else 50 if size < 2**24 else 10
+        rtt = median_seconds(lambda p=payload: echo_once(transport, p), repeats, warmup=3)
+        framing = median_seconds(lambda p=payload: decode(encode(Message(Kind.ECHO, tensors=[p]))), repeats)
+        bandwidth = size / (rtt / 2) / 1e9
+        print(f"   {label:>6}  {rtt * 1e6:>9.0f}µs  {bandwidth:>9.2f} GB/s  {framing * 1e6:>10.0f}µs")
+
+
+# --- 2. one MoE layer step ---------------------------------------------------------------------------
+
+
+def make_layer(args, pool) -> MoELayer:
+    torch.manual_seed(1)
+    layer_router = router.build("topk", args.d_model, args.experts, top_k=args.top_k)
+    return MoELayer("bench", layer_router, pool)
+
+
+def layer_step(layer: MoELayer, x_BTD: torch.Tensor) -> None:
+    out_BTD, _ = layer(x_BTD)
+    out_BTD.square().mean().backward()
+    layer.pool.step()
+    layer.router.zero_grad(set_to_none=True)
+
+
+def bench_layer(args, transport: ProcessTransport) -> None:
+    compute_threads = args.workers * args.threads
+    print(
+        f"\n2. MoE layer step, T={args.tokens} d={args.d_model} f={args.d_ff} E={args.experts} k={args.top_k}"
+        f" (forward + backward + owner steps; median of {args.repeats})"
+    )
+    torch.manual_seed(0)
+    experts = [FFN(args.d_model, args.d_ff) for _ in range(args.experts)]
+    experts_cfg = ExpertsConfig(num=args.experts, d_ff=args.d_ff)
+    x_BTD = torch.randn(1, args.tokens, args.d_model)
+    device = torch.device(args.device)
+
+    torch.set_num_threads(compute_threads)
+    local_pool = LocalPool(
+        copy.deepcopy(experts), lr=experts_cfg.lr, grad_clip=experts_cfg.grad_clip, device=device
+    )
+    local = make_layer(args, local_pool).to(device)
+    local_s = median_seconds(lambda: layer_step(local, x_BTD.to(device)), args.repeats, warmup=2)
+    remote = make_layer(args, transport.make_pool("bench", experts, experts_cfg))  # trainer side on the CPU
+    remote_s = median_seconds(lambda: layer_step(remote, x_BTD), args.repeats, warmup=2)
+    ratio = remote_s / local_s
+    print(
+        f"   local   (in the trainer on {args.device}, {compute_threads} torch threads)   {local_s * 1e3:8.1f} ms/step"
+    )
+    print(
+        f"   process ({args.workers} workers on {args.device} × {args.threads} thread, trainer {compute_threads} threads)"
+        f" {remote_s * 1e3:8.1f} ms/step"
+    )
+    print(f"   process / local = {ratio:.3f}  (overhead {100 * (ratio - 1):+.1f} %, target ≤ +15 %)")
+    failures = remote.pool.failure_counts
+    if failures:
+        print(f"   note: the process pool reported failures: {dict(failures)}")
+
+
+# --- 3. hivemind -------------------------------------------------------------------------------------
+
+
+def bench_hivemind(args) -> float | None:
+    """samples/s of hivemind's RemoteMixtureOfExperts, or None (with the reason printed)."""
+    print("\n3. against hivemind RemoteMixtureOfExperts (hidden 512, batch 128, 4 experts, k=2, fwd+bwd)")
+    try:
+        import hivemind
+        from hivemind.moe.server import background_server
+    except ImportError as err:
+        print(
+            f"   skipped: hivemind is not importable ({err}); install the extra with `pip install .[compare]`"
+        )
+        return None
+    try:
+        with background_server(
+            num_experts=4, expert_cls="ffn", hidden_dim=512, device="cpu", num_handlers=args.workers
+        ) as server:
+            dht = hivemind.DHT(initial_peers=server.addrs, start=True, client_mode=True)
+            moe = hivemind.RemoteMixtureOfExperts(
+                in_features=512, grid_size=(4,), dht=dht, k_best=2, uid_prefix="expert."
+            )
+            x_BD = torch.randn(128, 512)
+            seconds = median_seconds(lambda: moe(x_BD).sum().backward(), args.repeats, warmup=2)
+            dht.shutdown()
+    except Exception as err:  # a third-party stack: report, never crash the benchmark
+        print(f"   skipped: hivemind failed to run ({type(err).__name__}: {err})")
+        return None
+    rate = 128 / seconds
+    print(f"   hivemind: {rate:,.0f} samples/s")
+    return rate
+
+
+def bench_ours_at_hivemind_shape(args, transport: ProcessTransport) -> float:
+    torch.manual_seed(0)
+    experts = [FFN(512, 2048) for _ in range(4)]
+    layer = MoELayer(
+        "hivemind-shape",
+        router.build("topk", 512, 4, top_k=2),
+        transport.make_pool("hivemind-shape", experts, ExpertsConfig(num=4, d_ff=2048)),
+    )
+    x_BTD = torch.randn(1, 128, 512)
+    seconds = median_seconds(lambda: layer_step(layer, x_BTD), max(args.repeats, 10), warmup=2)
+    rate = 128 / seconds
+    print(f"   poimoe process transport at that shape: {rate:,.0f} samples/s")
+    return rate
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    worker_device = "cuda:0" if args.device == "cuda" else args.device
+    cfg = ProcessTransportConfig(workers=args.workers, threads=args.threads, devices=[worker_device])
+    print(
+        f"poimoe transport benchmark: torch {torch.__version__}, {torch.get_num_threads()} default threads, "
+        f"{args.workers} workers × {args.threads} thread(s), address={cfg.address}"
+    )
+    transport = ProcessTransport(cfg, device=torch.device("cpu"), run_dir=None, seed=0)
+    try:
+        bench_round_trips(transport)
+        bench_layer(args, transport)
+        ours = bench_ours_at_hivemind_shape(args, transport)
+        theirs = bench_hivemind(args)
+        if theirs:
+            print(f"   poimoe / hivemind = {ours / theirs:.1f}×  (target ≥ 50×)")
+    finally:
+        transport.close()
+
+
+if __name__ == "__main__":
+    main()

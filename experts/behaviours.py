@@ -1,0 +1,237 @@
+"""Miner behaviours: how an expert's owner answers a call, honestly or not; the same in every pool.
+
+`experts.behaviours` maps an expert index to a spec (`{2: lazy, 5: adversarial}`); `parse_behaviours`
+turns the specs into small frozen `Behaviour` objects and fails on an unknown one, listing the valid
+specs. Every pool answers a call through one function, `run_expert(expert, behaviour, x_aD, call)`:
+it computes the honest output (unless the behaviour skips the work) and then lets the behaviour
+replace it or fail by raising `ExpertFailure`. Two more hooks complete a behaviour:
+`behaviour.learns_at(step)` says whether the owner steps its optimizer (`stale`), and
+`behaviour.latency_ms` is an extra reply delay (`slow`): virtual time in `LocalPool`, a real sleep
+in a worker. Random draws come from `call_generator(seed, layer, step, expert)`, so a flaky or noisy
+expert draws the same numbers in either pool and in a resumed run.
+
+Legend: a assignments routed to one expert, D model width.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe.errors import ConfigError
+
+VALID_SPECS = (
+    "honest",
+    "noisy:σ",
+    "lazy",
+    "stale:s",
+    "adversarial[:k]",
+    "copycat:j",
+    "slow:ms",
+    "flaky:p",
+    "crash:s",
+)
+
+
+class ExpertFailure(Exception):
+    """The expert gives no usable answer to this call (crashed, flaked, or its source was unreachable)."""
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """One miner's behaviour: a kind from `VALID_SPECS` and its argument (None where it takes none)."""
+
+    kind: str = "honest"
+    arg: float | None = None
+
+    @property
+    def spec(self) -> str:
+        if self.arg is None:
+            return self.kind
+        return f"{self.kind}:{int(self.arg) if self.kind in _INTEGER_KINDS else self.arg:g}"
+
+    @property
+    def latency_ms(self) -> float:
+        """Extra delay before the reply: simulated in-process, slept in a worker."""
+        return float(self.arg) if self.kind == "slow" else 0.0
+
+    @property
+    def computes(self) -> bool:
+        """Whether the owner runs its own expert at all (lazy and copycat miners skip the work)."""
+        return self.kind not in ("lazy", "copycat")
+
+    def learns_at(self, step: int) -> bool:
+        """Whether the owner steps its optimizer after training step `step` (a stale miner stops at s)."""
+        return not (self.kind == "stale" and step >= self.arg)
+
+
+HONEST = Behaviour()
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a behaviour may use besides the inputs: the training step, who it is, its random draws,
+    and `peer(j, x_aD)`, expert j's output on these inputs (None where j cannot be reached)."""
+
+    step: int
+    expert: int
+    generator: torch.Generator
+    peer: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+
+
+def call_generator(seed: int, layer: str, step: int, expert: int) -> torch.Generator:
+    """A CPU generator seeded by (seed, layer, step, expert), stable across processes and runs."""
+    digest = hashlib.sha256(f"{seed}/{layer}/{step}/{expert}".encode()).digest()
+    generator = torch.Generator()
+    generator.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+    return generator
+
+
+def run_expert(expert: nn.Module, behaviour: Behaviour, x_aD: torch.Tensor, call: Call) -> torch.Tensor:
+    """The output an owner returns for one call of `expert` on `x_aD`; raises `ExpertFailure`.
+
+    Failures are decided before any work, as a dead or flaky miner would not compute. The returned
+    tensor stays in the expert's autograd graph where the behaviour keeps it there, so the pool's
+    backward (or a worker's) trains the owner exactly as for an honest answer.
+    """
+    _raise_if_failing(behaviour, call)
+    y_aD = expert(x_aD) if behaviour.computes else None
+    return _RESPONSES[behaviour.kind](behaviour, x_aD, y_aD, call)
+
+
+def answer_call(
+    expert: nn.Module,
+    behaviour: Behaviour,
+    x_aD: torch.Tensor,
+    *,
+    seed: int,
+    layer: str,
+    step: int,
+    expert_idx: int,
+    peer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """What every pool calls to answer one FORWARD of `expert_idx` at training step `step`: `run_expert`
+    with draws from `call_generator(seed, layer, step, expert_idx)`. Raises `ExpertFailure`; the
+    caller adds `behaviour.latency_ms` (virtual or slept) and asks `behaviour.learns_at(step)` before
+    the owner's optimizer step."""
+    call = Call(step, expert_idx, call_generator(seed, layer, step, expert_idx), peer)
+    return run_expert(expert, behaviour, x_aD, call)
+
+
+def _raise_if_failing(behaviour: Behaviour, call: Call) -> None:
+    if behaviour.kind == "crash" and call.step >= behaviour.arg:
+        raise ExpertFailure(f"crashed at step {int(behaviour.arg)}")
+    if behaviour.kind == "flaky" and float(torch.rand((), generator=call.generator)) < behaviour.arg:
+        raise ExpertFailure("flaky: no answer this call")
+
+
+def _noise_like(y_aD: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(y_aD.shape, generator=generator).to(device=y_aD.device, dtype=y_aD.dtype)
+
+
+def _noisy(b: Behaviour, x_aD, y_aD, call: Call) -> torch.Tensor:
+    return y_aD + b.arg * _noise_like(y_aD, call.generator)
+
+
+def _lazy(b: Behaviour, x_aD, y_aD, call: Call) -> torch.Tensor:
+    return x_aD.new_zeros(x_aD.shape)
+
+
+def _adversarial(b: Behaviour, x_aD, y_aD, call: Call) -> torch.Tensor:
+    # Answers −k·y, each row's norm capped at k·‖x‖, and passes gradients straight through as if y
+    # had been sent: the owner applies the updates it is sent like an honest miner, which for a
+    # negated answer is ascent on the loss, so the lie persists and sharpens. (Through the negation,
+    # learning would undo the lie; a frozen liar becomes a fixed random feature the trunk can use.)
+    # The cap keeps the ascent bounded, as an adversary avoiding output-norm checks would.
+    scale = b.arg if b.arg is not None else 1.0
+    lie_aD = -scale * y_aD.detach()
+    cap_a1 = scale * x_aD.detach().norm(dim=-1, keepdim=True)
+    lie_aD = lie_aD * (cap_a1 / lie_aD.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp_max(1.0)
+    return lie_aD + (y_aD - y_aD.detach())  # exactly the lie, with y's gradient path
+
+
+def _copycat(b: Behaviour, x_aD, y_aD, call: Call) -> torch.Tensor:
+    if call.peer is None:
+        raise ExpertFailure(f"copycat: expert {int(b.arg)} is not reachable from this owner")
+    with torch.no_grad():  # the copied expert learns nothing from a copy it did not send
+        return call.peer(int(b.arg), x_aD)
+
+
+def _unchanged(b: Behaviour, x_aD, y_aD, call: Call) -> torch.Tensor:
+    return y_aD
+
+
+_RESPONSES = {
+    "honest": _unchanged,
+    "noisy": _noisy,
+    "lazy": _lazy,
+    "stale": _unchanged,
+    "adversarial": _adversarial,
+    "copycat": _copycat,
+    "slow": _unchanged,
+    "flaky": _unchanged,
+    "crash": _unchanged,
+}
+
+# kind -> (argument required?, check on the argument, what the check says)
+_ARGUMENTS: dict[str, tuple[bool | None, Callable[[float], bool], str]] = {
+    "honest": (False, lambda v: True, ""),
+    "lazy": (False, lambda v: True, ""),
+    "noisy": (True, lambda v: v >= 0, "σ must be >= 0"),
+    "stale": (True, lambda v: v >= 0 and v == int(v), "s must be a step >= 0"),
+    "adversarial": (None, lambda v: v > 0, "k must be > 0"),
+    "copycat": (True, lambda v: v >= 0 and v == int(v), "j must be an expert index"),
+    "slow": (True, lambda v: v >= 0, "ms must be >= 0"),
+    "flaky": (True, lambda v: 0 <= v <= 1, "p must be in [0, 1]"),
+    "crash": (True, lambda v: v >= 0 and v == int(v), "s must be a step >= 0"),
+}
+_INTEGER_KINDS = ("stale", "copycat", "crash")
+
+
+def parse_behaviour(spec: str, expert: int | None = None) -> Behaviour:
+    """`"noisy:0.1"` → Behaviour("noisy", 0.1); a bad spec raises ConfigError listing the valid ones."""
+    where = f" for expert {expert}" if expert is not None else ""
+    kind, _, raw_arg = str(spec).strip().partition(":")
+    kind = kind.strip().lower()
+    if kind not in _ARGUMENTS:
+        raise ConfigError(f"unknown behaviour '{spec}'{where}; valid specs: {', '.join(VALID_SPECS)}")
+    required, check, rule = _ARGUMENTS[kind]
+    if not raw_arg.strip():
+        if required:
+            raise ConfigError(f"behaviour '{spec}'{where} needs an argument: {_usage(kind)}")
+        return Behaviour(kind)
+    if required is False:
+        raise ConfigError(f"behaviour '{spec}'{where} takes no argument: {_usage(kind)}")
+    try:
+        value = float(raw_arg)
+    except ValueError:
+        raise ConfigError(f"behaviour '{spec}'{where}: '{raw_arg}' is not a number ({_usage(kind)})") from None
+    if not check(value):
+        raise ConfigError(f"behaviour '{spec}'{where}: {rule}")
+    return Behaviour(kind, value)
+
+
+def _usage(kind: str) -> str:
+    return next(s for s in VALID_SPECS if s.split(":")[0].removesuffix("[") == kind)
+
+
+def parse_behaviours(specs: Mapping | None, num_experts: int) -> dict[int, Behaviour]:
+    """Expert index → Behaviour for a layer of `num_experts` experts; honest experts are left out."""
+    behaviours = {}
+    for key, spec in (specs or {}).items():
+        expert = int(key)
+        if not 0 <= expert < num_experts:
+            raise ConfigError(f"experts.behaviours names expert {expert}; valid indices: 0..{num_experts - 1}")
+        behaviour = parse_behaviour(spec, expert)
+        if behaviour.kind == "copycat" and not (0 <= behaviour.arg < num_experts and behaviour.arg != expert):
+            raise ConfigError(
+                f"experts.behaviours: expert {expert} copies expert {int(behaviour.arg)}; "
+                f"it must be another expert in 0..{num_experts - 1}"
+            )
+        if behaviour != HONEST:
+            behaviours[expert] = behaviour
+    return behaviours
