@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from benchtools import median_seconds  # sibling module: scripts run as python benchmarks/<name>.py
+from benchtools import interleaved_medians  # sibling module: scripts run as python benchmarks/<name>.py
 
 import router
 from experts.modules import FFN
@@ -37,27 +37,36 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
     d, f = args.d_model, args.d_ff
     experts = [FFN(d, f) for _ in range(args.experts)]
-    layer = MoELayer("bench", router.build("topk", d, args.experts, top_k=args.top_k), LocalPool(experts))
-    dense = FFN(d, args.top_k * f)  # same activated FLOPs per token as k experts of width f
-    x_ND = torch.randn(args.tokens, d, requires_grad=True)
+    gate = router.build("topk", d, args.experts, top_k=args.top_k).to(device)
+    layer = MoELayer("bench", gate, LocalPool(experts, device=device)).to(device)
+    dense = FFN(d, args.top_k * f).to(device)  # same activated FLOPs per token as k experts of width f
+    x_ND = torch.randn(args.tokens, d, device=device, requires_grad=True)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def moe_step():
         y_BTD, _ = layer(x_ND[None])
         y_BTD.sum().backward()
+        sync()
 
     def dense_step():
         dense(x_ND).sum().backward()
+        sync()
 
     def naive_step():
         naive_loop(layer, x_ND).sum().backward()
+        sync()
 
-    print(f"T={args.tokens} d={d} f={f} E={args.experts} k={args.top_k} fp32, threads={torch.get_num_threads()}")
-    times = {name: median_seconds(fn, repeats=args.repeats) for name, fn in
-             [("dense", dense_step), ("moe", moe_step), ("naive", naive_step)]}
+    print(f"T={args.tokens} d={d} f={f} E={args.experts} k={args.top_k} fp32 on {device}, threads={torch.get_num_threads()}")
+    times = interleaved_medians({"dense": dense_step, "moe": moe_step, "naive": naive_step}, repeats=args.repeats)
     for name, seconds in times.items():
         print(f"  {name:6s} forward+backward {seconds * 1e3:8.2f} ms")
     print(f"dense / MoE = {times['dense'] / times['moe']:.3f}   (target >= 0.85)")

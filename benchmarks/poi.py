@@ -1,13 +1,15 @@
 """PoI cost, measured in one run: taylor's step-time overhead, and one loo and one shapley evaluation.
 
-For each scenario (the default `python train.py` byte LM, and `data=clusters`) it builds the same run
-three times, without PoI (`~poi`), with poi=taylor (first order + curvature, the default) and poi=taylor with
-`curvature=false`, and times training steps interleaved step by step, so load from other processes
-hits all alike; medians after warmup. Target: taylor ≤ 5 % of a training step. Then it times one
-loo view and one shapley view (`--samples` permutations) on a validation batch of the trained model.
+For each scenario (the default `python train.py` byte LM, and `data=clusters`; both with experts in
+process, `transport=local`, so that the numbers are PoI's and not the workers') it builds the same run
+three times: without PoI (`~poi`), with poi=taylor (first order + curvature, the default), and with
+poi=taylor `curvature=false`. Blocks of 10 training steps (one curvature step each) of the three are
+interleaved, so load from other processes hits all alike; medians over blocks after a warm-up block. Target: taylor ≤ 5 % of a training step. Then
+it times one loo view and one shapley view (`--samples` permutations) on a validation batch of the
+trained model, also as a multiple of one evaluation forward timed just before (robust to load).
 
-    python benchmarks/poi.py                       # both scenarios, 30 timed steps each
-    python benchmarks/poi.py --scenarios clusters --steps 50
+    python benchmarks/poi.py                       # both scenarios, 8 blocks of 10 steps each
+    python benchmarks/poi.py --scenarios clusters --blocks 20
 
 Legend: E experts, L MoE layers.
 """
@@ -30,8 +32,8 @@ sys.path.insert(0, str(REPO))
 
 TARGET_OVERHEAD = 0.05
 SCENARIOS = {
-    "lm": [],  # the default run: byte LM on the mixture corpus
-    "clusters": ["data=clusters"],
+    "lm": ["transport=local"],  # the default run's byte LM on the mixture corpus, experts in process
+    "clusters": ["data=clusters", "transport=local"],
 }
 VARIANTS = {"none": ["~poi"], "taylor": ["poi=taylor"], "taylor-1st": ["poi=taylor", "poi.curvature=false"]}
 
@@ -39,8 +41,8 @@ VARIANTS = {"none": ["~poi"], "taylor": ["poi=taylor"], "taylor-1st": ["poi=tayl
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--blocks", type=int, default=8, help="timed blocks of steps per variant")
+    parser.add_argument("--block", type=int, default=10, help="steps per block (taylor's curvature_every)")
     parser.add_argument("--samples", type=int, default=16, help="shapley permutations")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     return parser.parse_args()
@@ -72,25 +74,35 @@ def timed_step(run) -> float:
     return time.perf_counter() - start
 
 
-def step_times(runs: dict, steps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per training step of each run, steps interleaved across runs."""
+def step_times(runs: dict, blocks: int, block: int) -> dict[str, float]:
+    """Seconds per training step of each run: the median over blocks of `block` consecutive steps
+    (a block holds one curvature step, so its cost is in), blocks interleaved across runs, after one
+    warm-up block each."""
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for index in range(warmup + steps):
+    for index in range(1 + blocks):
         for name, run in runs.items():
-            seconds = timed_step(run)
-            if index >= warmup:
+            seconds = sum(timed_step(run) for _ in range(block)) / block
+            if index > 0:
                 times[name].append(seconds)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def view_seconds(run, scorer: str, samples: int) -> float:
+def view_seconds(run, scorer: str, samples: int) -> tuple[float, float]:
+    """(seconds of one view, seconds of one plain evaluation forward on the same batch just before it):
+    the ratio stays meaningful when other processes load the machine."""
     from moe import poi
 
     cfg = poi.ShapleyConfig(samples=samples) if scorer == "shapley" else poi.LooConfig()
     batch = run.data.val_batches()[0]
     model = run.accelerator.unwrap_model(run.model)
+    with poi.evaluation_mode(model):
+        forward = statistics.median(timed(lambda: poi.batch_loss(model, batch)) for _ in range(5))
+    return timed(lambda: poi.views_on_batch(cfg, model, batch, torch.Generator().manual_seed(0))), forward
+
+
+def timed(fn) -> float:
     start = time.perf_counter()
-    poi.views_on_batch(cfg, model, batch, torch.Generator().manual_seed(0))
+    fn()
     return time.perf_counter() - start
 
 
@@ -100,9 +112,10 @@ def report(name: str, scenario: list[str], args: argparse.Namespace, root: Path)
     try:
         layers = runs["none"].layers
         experts = layers[0].pool.num_experts
-        medians = step_times(runs, args.steps, args.warmup)
+        medians = step_times(runs, args.blocks, args.block)
         base = medians["none"]
-        print(f"[{name}] L={len(layers)} E={experts}, {args.steps} timed steps, threads={torch.get_num_threads()}")
+        print(f"[{name}] L={len(layers)} E={experts}, {args.blocks} interleaved blocks of {args.block} steps, "
+              f"threads={torch.get_num_threads()}")
         print(f"  training step, no PoI (~poi)  {base * 1e3:8.2f} ms")
         for variant in ("taylor", "taylor-1st"):
             overhead = medians[variant] / base - 1
@@ -111,12 +124,13 @@ def report(name: str, scenario: list[str], args: argparse.Namespace, root: Path)
             print(f"  {label:28s}  {medians[variant] * 1e3:8.2f} ms   overhead {overhead:+7.1%}   "
                   f"(target <= {TARGET_OVERHEAD:.0%}: {verdict})")
         trained = runs["taylor"]
-        loo = view_seconds(trained, "loo", args.samples)
-        shapley = view_seconds(trained, "shapley", args.samples)
-        print(f"  one loo view      {loo * 1e3:9.1f} ms  = {loo / base:6.1f} training steps "
-              f"(1 + L·E = {1 + len(layers) * experts} forwards)")
-        print(f"  one shapley view  {shapley * 1e3:9.1f} ms  = {shapley / base:6.1f} training steps "
-              f"({args.samples} permutations, at most 2 + L·{args.samples}·(E-1) forwards, memoised)")
+        for scorer, forwards in (
+            ("loo", f"1 + L·E = {1 + len(layers) * experts}"),
+            ("shapley", f"{args.samples} permutations: at most 1 + L·(1 + {args.samples}·(E-1)), memoised"),
+        ):
+            seconds, forward = view_seconds(trained, scorer, args.samples)
+            print(f"  one {scorer:7s} view  {seconds * 1e3:9.1f} ms = {seconds / base:6.1f} training steps "
+                  f"= {seconds / forward:6.1f} eval forwards ({forwards} forwards)")
     finally:
         for run in runs.values():
             run.transport.close()

@@ -6,6 +6,7 @@ Legend: B batch, T time, N tokens, E experts, G domains.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from moe.model import MoEModel
 
 LN2 = math.log(2.0)
+ROUTING_TABLES_FILE = "routing_tables.json"
 
 
 @torch.no_grad()
@@ -77,13 +79,53 @@ def _count_routing(model: MoEModel, domain_B: torch.Tensor, routing: dict) -> No
         routing[layer.name] = table_GE if previous.numel() == 0 else previous + table_GE
 
 
+def routing_mutual_information(table_GE: torch.Tensor) -> float:
+    """Mutual information (bits) between domain and chosen expert, from a domain × expert count table.
+
+    0 when routing ignores the domain; log2(min(G, E)) when every domain has experts of its own (the
+    most a G × E table can hold). A learned router that specialises by domain lands in between.
+    """
+    joint_GE = table_GE.double() / table_GE.sum().clamp_min(1e-12)
+    outer_GE = joint_GE.sum(1, keepdim=True) * joint_GE.sum(0, keepdim=True)
+    used = joint_GE > 0
+    return float((joint_GE[used] * torch.log2(joint_GE[used] / outer_GE[used])).sum())
+
+
+def specialisation_metrics(tables: dict[str, torch.Tensor]) -> dict[str, float]:
+    """`routing/<layer>/domain_mi` for each layer's domain × expert table."""
+    return {f"routing/{layer}/domain_mi": routing_mutual_information(t) for layer, t in tables.items()}
+
+
+def write_routing_tables(run_dir: Path, tables: dict[str, torch.Tensor], domains: list[str]) -> Path:
+    """Keep the final domain × expert counts in the run dir, so reports draw heatmaps without retraining."""
+    path = Path(run_dir) / ROUTING_TABLES_FILE
+    content = {"domains": list(domains), "layers": {layer: t.tolist() for layer, t in tables.items()}}
+    path.write_text(json.dumps(content))
+    return path
+
+
+def read_routing_tables(run_dir: Path) -> tuple[list[str], dict[str, torch.Tensor]] | None:
+    """(domains, {layer: [G, E] counts}) as `write_routing_tables` left them; None when absent."""
+    path = Path(run_dir) / ROUTING_TABLES_FILE
+    if not path.exists():
+        return None
+    content = json.loads(path.read_text())
+    tables = {layer: torch.tensor(rows, dtype=torch.float64) for layer, rows in content["layers"].items()}
+    return content["domains"], tables
+
+
 # ---------------------------------------------------------------- eval.py: reports on finished runs
 
 
 def main(cfg) -> dict:
-    """`eval.py ckpt=<run>` → report.md + plots; `eval.py compare=<multirun dir>` → comparison.md."""
+    """`eval.py ckpt=<run>` → report.md + plots; `eval.py compare=<multirun dir>` → comparison.md;
+    `eval.py report=<folder of sweeps>` → docs/results.md + docs/figures/ (or under `out`)."""
     from moe.errors import ConfigError
 
+    if cfg.report:
+        from moe.report import write_results_page
+
+        return {"results": str(write_results_page(Path(cfg.report), Path(cfg.out) if cfg.out else None))}
     if cfg.compare:
         from moe.comparison import compare_sweep
 
@@ -117,6 +159,7 @@ def load_trained(ckpt: str | Path, num_val_batches: int | None = None):
 
 def write_run_report(ckpt: str | Path, out_dir: str | Path | None = None, num_val_batches: int | None = None) -> dict:
     from moe.metrics import read_metrics
+    from moe.rewards import rewards_section
 
     run, state = load_trained(ckpt, num_val_batches)
     out = Path(out_dir) if out_dir else run.run_dir
@@ -126,6 +169,7 @@ def write_run_report(ckpt: str | Path, out_dir: str | Path | None = None, num_va
     figures = [plot_curves(events, out / "loss_curve.png")] if events else []
     report = render_report(state["step"], run, results, figures)
     report += poi_section(events, run.cfg, out)
+    report += "\n".join([*rewards_section(run.run_dir, out), ""])
     (out / "report.md").write_text(report)
     return {k: v for k, v in results.items() if not k.startswith("routing/")} | {"report": str(out / "report.md")}
 

@@ -78,7 +78,7 @@ class MoELayer(nn.Module):
         x_ND = rearrange(x_BTD, "b t d -> (b t) d")
         token_ids_N = None if token_ids_BT is None else rearrange(token_ids_BT, "b t -> (b t)")
         plan = self.router(x_ND, token_ids_N, selection_bias_E=self.selection_bias_E)
-        pooled = self.pool(x_ND[plan.token_idx], plan)
+        pooled = self.pool(x_ND.index_select(0, plan.token_idx), plan)
         out_ND, weight_A = combine(pooled.y_AD, plan, pooled.answered_E)
         self.last_plan = plan
         if self.keep_evidence and torch.is_grad_enabled():

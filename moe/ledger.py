@@ -1387,7 +1387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "verify":
             print(verify_ledger(args.path))
         elif args.command == "show":
-            print(_format_summary(Path(args.path), _read_summary(Path(args.path))))
+            print(_format_summary(Path(args.path), read_summary(Path(args.path))))
         else:
             for target in export_ledger(args.path, args.out):
                 print(target)
@@ -1397,7 +1397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _read_summary(path: Path) -> dict[str, Any]:
+def read_summary(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise LedgerError(f"ledger {path} does not exist")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)

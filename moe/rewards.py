@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from experts.behaviours import parse_behaviours
-from moe.ledger import RewardLedger, as_ledger_config
+from moe.ledger import TOKEN, RewardLedger, as_ledger_config
 
 LEDGER_FILE = "ledger.sqlite"
 
@@ -106,3 +106,43 @@ def reward_metrics(rewards: dict) -> dict[str, float]:
             for miner, value in enumerate(epoch.get(key, [])):
                 metrics[f"rewards/{key}/{subnet}/{miner}"] = value
     return metrics
+
+
+def rewards_section(run_dir: Path, out_dir: Path) -> list[str]:
+    """The report's rewards section: balances by role and behaviour, emission per block (plot), and
+    the last epoch's consensus and incentive per miner. Empty when the run kept no ledger."""
+    from moe.ledger import iter_blocks, read_summary
+
+    path = Path(run_dir) / LEDGER_FILE
+    if not path.exists():
+        return []
+    rewards = read_summary(path)
+    lines = ["", "## Rewards", "", f"{rewards['blocks']} blocks, {rewards['epochs']} epochs, issuance "
+             f"{rewards['issuance_tokens']:.3f} tokens, burned {rewards['burned_tokens']:.3f} tokens.", ""]
+    lines += ["| account | tokens |", "|---|---|"]
+    for group in ("by_role", "by_behaviour"):
+        lines += [f"| {name} | {amount['tokens']:.6f} |" for name, amount in sorted(rewards[group].items())]
+    for subnet, epoch in rewards.get("last_epoch", {}).items():
+        lines += ["", f"Last epoch of subnet `{subnet}` (block {epoch['block']}):", ""]
+        lines += ["| miner | consensus | incentive |", "|---|---|---|"]
+        lines += [f"| {m} | {c:.4f} | {i:.4f} |" for m, (c, i) in enumerate(zip(epoch["consensus"], epoch["incentive"], strict=True))]
+    figure = plot_emission(list(iter_blocks(path)), Path(out_dir) / "emission.png")
+    return [*lines, "", f"![emission per block]({figure.name})"]
+
+
+def plot_emission(blocks: list[tuple[int, int, int, int, int]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    height = [b[0] for b in blocks]
+    fig, (ax_emission, ax_issuance) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_emission.plot(height, [b[2] / TOKEN for b in blocks])
+    ax_emission.set(xlabel="block", ylabel="emission (tokens)", title="emission per block")
+    ax_issuance.plot(height, [b[3] / TOKEN for b in blocks])
+    ax_issuance.set(xlabel="block", ylabel="tokens", title="total issuance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -32,7 +32,7 @@ from experts.transport import Transport, open_transport
 from moe.checkpoint import load_checkpoint, run_dir_of, save_checkpoint
 from moe.data import build_data
 from moe.errors import ConfigError
-from moe.evaluation import evaluate
+from moe.evaluation import evaluate, specialisation_metrics, write_routing_tables
 from moe.layer import MoELayer
 from moe.metrics import MetricsLogger, truncate_after
 from moe.model import MoEModel, build_model
@@ -76,8 +76,9 @@ def train(cfg: DictConfig) -> dict:
         log.info("resuming from %s (step %d)", resume_path, resume_state["step"])
     run_dir = resolve_run_dir(cfg, resume_state, cfg.resume)
     seed_everything(cfg.seed)
-    if cfg.trainer.threads > 0:
-        torch.set_num_threads(cfg.trainer.threads)
+    threads = trainer_threads(cfg)
+    if threads > 0:
+        torch.set_num_threads(threads)
     run = build_run(cfg, run_dir)
     try:
         if resume_state is not None:
@@ -113,6 +114,17 @@ def resolve_run_dir(cfg: DictConfig, resume_state: dict | None, resume: str | No
         run_dir = Path(HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def trainer_threads(cfg: DictConfig) -> int:
+    """`trainer.threads` when set; with local worker processes, the cores they leave free (at least 1),
+    because oversubscribed cores make every parallel op wait for a descheduled thread; else 0 (torch's
+    default)."""
+    if cfg.trainer.threads > 0:
+        return cfg.trainer.threads
+    if cfg.transport.name != "process":
+        return 0
+    return max(1, _cpu_count() - cfg.transport.workers * cfg.transport.threads)
 
 
 def seed_everything(seed: int) -> None:
@@ -184,13 +196,15 @@ def loop(run: Run) -> dict:
     started = time.perf_counter()
     if run.step == 0:
         run.logger.log(0, validate(run))
-    window = Throughput()
+    window, simulated = Throughput(), Throughput()
     bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not cfg.progress, desc="train", unit="step")
     last_val: dict = {}
     while run.step < cfg.max_steps:
         run.step += 1
         step_metrics = train_step(run)
-        window.add(step_metrics.pop("tokens"), step_metrics.pop("seconds"))
+        tokens, seconds = step_metrics.pop("tokens"), step_metrics.pop("seconds")
+        window.add(tokens, seconds)
+        simulated.add(tokens, seconds + step_metrics.pop("virtual_seconds"))
         if run.ledger is not None:  # before any checkpoint of this step, so resume finds the block
             run.ledger.after_step(run.step, score_view(run), step_failures(run))
         bar.update(1)
@@ -198,10 +212,11 @@ def loop(run: Run) -> dict:
         if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
             poi_metrics = run.scorer.metrics() if run.scorer is not None else {}
             rewards = reward_metrics(run.ledger.summary()) if run.ledger is not None else {}
-            run.logger.log(run.step, {**step_metrics, **poi_metrics, **rewards, "perf/tokens_per_s": window.rate()})
-            window = Throughput()
+            perf = {"perf/tokens_per_s": window.rate(), "perf/sim_tokens_per_s": simulated.rate()}
+            run.logger.log(run.step, {**step_metrics, **poi_metrics, **rewards, **perf})
+            window, simulated = Throughput(), Throughput()
         if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
-            last_val = validate(run)
+            last_val = validate(run, final=run.step == cfg.max_steps)
             run.logger.log(run.step, last_val)
         if run.step % cfg.ckpt_every == 0 or run.step == cfg.max_steps:
             save_checkpoint(run.run_dir, run.step, checkpoint_state(run), keep=cfg.keep_checkpoints)
@@ -223,6 +238,7 @@ class Throughput:
 
 def train_step(run: Run) -> dict:
     tick = time.perf_counter()
+    virtual_start = virtual_clock_s(run.layers)
     for layer in run.layers:
         layer.pool.current_step = run.step  # behaviours (crash:s, stale:s, flaky draws) depend on it
     batch = run.data.train_batch(run.step)
@@ -253,7 +269,13 @@ def train_step(run: Run) -> dict:
         **simulated_latency(run.layers),
     }
     return {**metrics, "tokens": targets.numel() if run.model.task == "lm" else targets.shape[0],
-            "seconds": time.perf_counter() - tick}
+            "seconds": time.perf_counter() - tick, "virtual_seconds": virtual_clock_s(run.layers) - virtual_start}
+
+
+def virtual_clock_s(layers: list[MoELayer]) -> float:
+    """Virtual seconds the simulated network (local pools) has spent waiting, summed over layers: the
+    layers run one after another, so their waits add up. Wall-clock throughput does not see them."""
+    return sum(layer.pool.network.clock_s for layer in layers if getattr(layer.pool, "network", None) is not None)
 
 
 def simulated_latency(layers: list[MoELayer]) -> dict[str, float]:
@@ -274,8 +296,15 @@ def routing_metrics(layers: list[MoELayer]) -> dict[str, float]:
     }
 
 
-def validate(run: Run) -> dict:
-    return evaluate(run.model, run.data.val_batches(), run.data.domains, autocast=run.autocast)
+def validate(run: Run, final: bool = False) -> dict:
+    """Validation metrics; the final one also counts domain × expert routing, logs its mutual
+    information per layer (`routing/<layer>/domain_mi`, bits) and keeps the tables for reports."""
+    results = evaluate(run.model, run.data.val_batches(), run.data.domains, autocast=run.autocast, collect_routing=final)
+    tables = {key.removeprefix("routing/"): results.pop(key) for key in list(results) if key.startswith("routing/")}
+    if tables:
+        results.update(specialisation_metrics(tables))
+        write_routing_tables(run.run_dir, tables, run.data.domains)
+    return results
 
 
 def checkpoint_state(run: Run) -> dict:
@@ -315,6 +344,7 @@ def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
         "run_dir": str(run.run_dir),
         **last_val,
         "perf/tokens_per_s": sum(e["perf/tokens_per_s"] for e in events) / max(len(events), 1),
+        "perf/sim_tokens_per_s": sum(e.get("perf/sim_tokens_per_s", 0.0) for e in events) / max(len(events), 1),
         "perf/wall_s": wall_seconds,
         **(run.scorer.summary() if run.scorer is not None else {}),
         **({"rewards": run.ledger.summary()} if run.ledger is not None else {}),

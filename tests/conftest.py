@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
-TINY = ["debug=default"]
+TINY = ["debug=default", "transport=local"]  # in-process experts: fast; process transport has its own tests
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "train"):

@@ -17,6 +17,9 @@ def test_report_has_domains_expert_load_and_a_loss_curve(run_tiny):
     assert "Per-expert load" in report
     assert "loss_curve.png" in report
     assert (run_dir / "loss_curve.png").stat().st_size > 1000
+    assert "## Rewards" in report
+    assert "| miner/honest |" in report
+    assert (run_dir / "emission.png").stat().st_size > 1000
     assert results["val/bpb"] > 0
 
 

@@ -25,6 +25,7 @@ from tests.conftest import compose
 
 CLUSTERS = [
     "data=clusters",
+    "transport=local",
     "data.num_clusters=16",  # more clusters than experts, and small experts: every honest one is needed
     "experts.d_ff=32",
     "trainer.progress=false",
