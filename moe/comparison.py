@@ -199,17 +199,19 @@ def group_rows(runs: list[JobRun]) -> dict[tuple[str, ...], list[JobRun]]:
     return rows
 
 
-def table(rows: dict[tuple[str, ...], list[JobRun]]) -> list[str]:
+def table(rows: dict[tuple[str, ...], list[JobRun]], columns: list[Column] | None = None) -> list[str]:
+    """One row per override combination, mean ± std over seeds of each column (default `COLUMNS`)."""
+    columns = COLUMNS if columns is None else columns
     common = common_overrides(rows)
     lines = [f"Common to all rows: `{' '.join(common)}`", ""] if common else []
     lines += [
-        "| run | seeds | " + " | ".join(c.title for c in COLUMNS) + " |",
-        "|---|---|" + "---:|" * len(COLUMNS),
+        "| run | seeds | " + " | ".join(c.title for c in columns) + " |",
+        "|---|---|" + "---:|" * len(columns),
     ]
     for config, runs in rows.items():
         cells = [
             mean_pm_std([v for r in runs if (v := c.final(r.summary, r.events)) is not None], c.fmt)
-            for c in COLUMNS
+            for c in columns
         ]
         seeds = ", ".join(r.seed for r in runs)
         lines.append(f"| {config_label(config, common)} | {seeds} | " + " | ".join(cells) + " |")
