@@ -1,7 +1,8 @@
 """PoI cost, measured in one run: taylor's step-time overhead, and one loo and one shapley evaluation.
 
 For each scenario (the default `python train.py` byte LM, and `data=clusters`; both with experts in
-process, `transport=local`, so that the numbers are PoI's and not the workers') it builds the same run
+process, `transport=local`, and no ledger, `~ledger`, so that the numbers are PoI's own and not the
+workers' or the other validators' fresh views at each epoch) it builds the same run
 three times: without PoI (`~poi`), with poi=taylor (first order + curvature, the default), and with
 poi=taylor `curvature=false`. Blocks of 10 training steps (one curvature step each) of the three are
 interleaved, so load from other processes hits all alike; medians over blocks after a warm-up block. Target: taylor ≤ 5 % of a training step. Then
@@ -32,8 +33,8 @@ sys.path.insert(0, str(REPO))
 
 TARGET_OVERHEAD = 0.05
 SCENARIOS = {
-    "lm": ["transport=local"],  # the default run's byte LM on the mixture corpus, experts in process
-    "clusters": ["data=clusters", "transport=local"],
+    "lm": ["transport=local", "~ledger"],  # the default run's byte LM on the mixture corpus
+    "clusters": ["data=clusters", "transport=local", "~ledger"],
 }
 VARIANTS = {"none": ["~poi"], "taylor": ["poi=taylor"], "taylor-1st": ["poi=taylor", "poi.curvature=false"]}
 

@@ -38,6 +38,12 @@ class ExpertPool(ABC):
     last_failures: dict[int, str]
     failure_counts: Counter
     current_step: int = 0  # the training step, set by the trainer before each forward; behaviours use it
+    # PoI takes extra gradients to the MoE layer outputs (taylor's curvature, fresh views). While
+    # `input_gradients_only` is set, a backward through this pool must only return input gradients:
+    # leave every owner's parameter gradients alone and keep the forward for the training backward.
+    # Pools that honour it say so with `repeatable_backward`; PoI skips the layers above the others.
+    repeatable_backward: bool = False
+    input_gradients_only: bool = False
 
     @abstractmethod
     def forward(self, x_AD: torch.Tensor, plan: DispatchPlan) -> PoolOutput: ...
@@ -100,6 +106,8 @@ def invalid_outputs(y_slices: list[torch.Tensor], x_slices: list[torch.Tensor], 
 
 class LocalPool(ExpertPool):
     """Experts in this process: one gather (done by the layer), a matmul per contiguous slice."""
+
+    repeatable_backward = True  # autograd.grad to activations never touches parameter gradients
 
     def __init__(
         self,

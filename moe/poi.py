@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from experts.pool import LocalPool, PoolOutput
+from experts.pool import PoolOutput
 from moe.errors import ConfigError
 from moe.layer import LayerEvidence, MoELayer, renormalize_over_answered
 
@@ -224,11 +224,28 @@ def sampled_targets(task: str, pred: torch.Tensor, generator: torch.Generator) -
 
 
 def repeatable_layers(layers: list[MoELayer]) -> list[MoELayer]:
-    """Layers whose output gradient may be taken a second time: no remote pool comes after them (a
-    remote backward consumes the worker's kept forward and adds to its owner's gradients)."""
+    """Layers whose output gradient may be taken besides the training backward: every pool after them
+    can backpropagate input gradients only (`ExpertPool.repeatable_backward`). A pool that cannot,
+    such as a remote one whose backward consumes the worker's kept forward and adds to its owner's
+    gradients, hides the layers before it."""
     return [
-        layer for i, layer in enumerate(layers) if all(isinstance(later.pool, LocalPool) for later in layers[i + 1 :])
+        layer
+        for i, layer in enumerate(layers)
+        if all(getattr(later.pool, "repeatable_backward", False) for later in layers[i + 1 :])
     ]
+
+
+@contextmanager
+def input_gradients_only(layers: list[MoELayer]) -> Iterator[None]:
+    """Backward passes inside only ask the pools for input gradients (see `ExpertPool`)."""
+    pools = [layer.pool for layer in layers]
+    for pool in pools:
+        pool.input_gradients_only = True
+    try:
+        yield
+    finally:
+        for pool in pools:
+            pool.input_gradients_only = False
 
 
 def curvature_at_outputs(
@@ -242,7 +259,10 @@ def curvature_at_outputs(
         return None
     targets, scale = sampled_targets(model.task, pred, generator)
     loss = model.loss_per_example(pred, targets).mean()
-    grads = torch.autograd.grad(loss, [outputs[layer.name] for layer in wanted], retain_graph=True, allow_unused=True)
+    with input_gradients_only(model.moe_layers()):
+        grads = torch.autograd.grad(
+            loss, [outputs[layer.name] for layer in wanted], retain_graph=True, allow_unused=True
+        )
     grad_ND = {
         layer.name: grad.detach().reshape(-1, grad.shape[-1]).float()
         for layer, grad in zip(wanted, grads, strict=True)
@@ -324,7 +344,8 @@ def evidence_pass(
 
 def attach_output_grads(loss: torch.Tensor, model, outputs: dict[str, torch.Tensor]) -> None:
     wanted = [layer for layer in repeatable_layers(model.moe_layers()) if outputs[layer.name].requires_grad]
-    grads = torch.autograd.grad(loss, [outputs[layer.name] for layer in wanted], allow_unused=True)
+    with input_gradients_only(model.moe_layers()):
+        grads = torch.autograd.grad(loss, [outputs[layer.name] for layer in wanted], allow_unused=True)
     for layer, grad_BTD in zip(wanted, grads, strict=True):
         if grad_BTD is not None:
             layer.evidence.grad_out_ND = grad_BTD.detach().reshape(-1, grad_BTD.shape[-1]).float()
@@ -673,6 +694,13 @@ class PoIScorer:
             layer.keep_evidence = True  # every scorer needs each step's failures and loads
             if self._uses_curvature:
                 layer.register_forward_hook(output_keeper(self._outputs))
+        hidden = [layer.name for layer in self.layers if layer not in repeatable_layers(self.layers)]
+        if hidden and cfg.name == "taylor":
+            log.warning(
+                "poi=taylor: layer(s) %s sit below a pool without repeatable_backward: their training scores "
+                "are first order only (no curvature term) and fresh views (other validators) score them 0",
+                hidden,
+            )
 
     @property
     def _uses_curvature(self) -> bool:

@@ -34,9 +34,9 @@ from moe.data import build_data
 from moe.errors import ConfigError
 from moe.evaluation import evaluate, specialisation_metrics, write_routing_tables
 from moe.layer import MoELayer
+from moe.ledger import RewardLedger
 from moe.metrics import MetricsLogger, truncate_after
 from moe.model import MoEModel, build_model
-from moe.ledger import RewardLedger
 from moe.poi import PoIScorer, build_scorer
 from moe.rewards import open_run_ledger, reward_metrics, score_view, step_failures
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from moe.errors import CheckpointError, DataError
 from moe.metrics import read_metrics
