@@ -7,7 +7,9 @@ Trainer side:
 - `RemotePool`: an `ExpertPool` that sends one request per expert per call with every token routed
   to it, all in flight at once, and applies the `FaultPolicy` (timeouts, k_min, straggler cut-off,
   output validation, back-off). Autograd runs through the call (`RemoteExpertsCall`): backward sends
-  each expert its slice of grad_out and receives grad_in; the worker kept its forward graph.
+  each expert its slice of grad_out and receives grad_in; the worker kept its forward graph. While
+  the pool's `input_gradients_only` is set (PoI's extra backwards), BACKWARD says `input_only`: the
+  worker returns grad_in only, keeping its forward and its parameter gradients as they were.
 - `ProcessTransport`: spawns `workers` local workers, makes a pool per MoE layer, tears all down.
 
 Threading: none of our own. The coordinator runs in the trainer's thread and reads its socket only
@@ -459,6 +461,8 @@ class RemotePool(ExpertPool):
     expert that fails is masked for that call by the layer, and sits out calls per the back-off.
     """
 
+    repeatable_backward = True  # an `input_only` BACKWARD leaves the worker's forward and gradients be
+
     def __init__(
         self,
         coordinator: Coordinator,
@@ -641,14 +645,23 @@ class RemotePool(ExpertPool):
                 self.memory.succeeded(e)
 
     def backward_call(self, call: Call, grad_y_AD: torch.Tensor, device: torch.device, dtype: torch.dtype):
-        """Send each expert that answered its grad_out slice; returns grad_x_AD (zeros where none came)."""
-        # In-process, an expert called with no tokens still gets zero gradients (and AdamW steps its
-        # momentum); its owner is told to do the same at `step`, rather than sent an empty call.
-        self.touched.update(e for e, size in enumerate(call.sizes) if size == 0)
+        """Send each expert that answered its grad_out slice; returns grad_x_AD (zeros where none came).
+
+        With `input_gradients_only` set (read now, as backward runs) the owners only return input
+        gradients and keep the forward for the training backward; as `LocalPool`'s `autograd.grad`,
+        this touches no parameter gradient and no failure record, back-off or step bookkeeping."""
+        input_only = self.input_gradients_only
+        if input_only and not call.grad_input:
+            return None  # nothing is asked of the owners: their parameters are not ours to touch here
+        if not input_only:
+            # In-process, an expert called with no tokens still gets zero gradients (and AdamW steps its
+            # momentum); its owner is told to do the same at `step`, rather than sent an empty call.
+            self.touched.update(e for e, size in enumerate(call.sizes) if size == 0)
         grad_slices = grad_y_AD.detach().cpu().contiguous().split(call.sizes)
         pending, grads, failures = {}, {}, {}
+        meta = {"input_only": True} if input_only else {}
         for e in call.answered:
-            message = Message(Kind.BACKWARD, call.id, self.layer, e, tensors=[grad_slices[e]])
+            message = Message(Kind.BACKWARD, call.id, self.layer, e, meta=meta, tensors=[grad_slices[e]])
             if self.coordinator.send(self.owners[e], message):
                 pending[(call.id, self.layer, e)] = self.owners[e]
             else:
@@ -670,9 +683,13 @@ class RemotePool(ExpertPool):
         deadline = time.monotonic() + self.policy.backward_timeout
         self.coordinator.collect(pending, Kind.GRAD_INPUT, lambda: deadline, on_reply, on_fail)
         failures |= {key[2]: "backward: timeout" for key in pending}
-        for e in failures:
-            self.memory.failed(e, self.rounds)
-        self.record_failures(failures, replace=False)
+        if input_only:
+            if failures:
+                log.debug("input-only backward of %s: no input gradient from %s", self.layer_name, failures)
+        else:
+            for e in failures:
+                self.memory.failed(e, self.rounds)
+            self.record_failures(failures, replace=False)
         if not call.grad_input:
             return None
         grad_x_AD = torch.cat([grads.get(e, g.new_zeros(g.shape)) for e, g in enumerate(grad_slices)])

@@ -50,7 +50,7 @@ class Kind(IntEnum):
     HOSTED = 4  # →c: hosted: meta {restored}
     FORWARD = 5  # →w: tensors [x_aD] for one expert, one call; meta {keep, grad_input}
     OUTPUT = 6  # →c: tensors [y_aD]
-    BACKWARD = 7  # →w: tensors [grad_y_aD] for the call named by `step`
+    BACKWARD = 7  # →w: tensors [grad_y_aD] for the call named by `step`; meta {input_only} (optional)
     GRAD_INPUT = 8  # →c: tensors [grad_x_aD] (none when the trainer asked for no input gradient)
     STEP = 9  # →w: clip, step and zero this expert's optimizer
     STEPPED = 10  # →c: meta {skipped: reason or null, grad_norm}

@@ -354,24 +354,38 @@ class Worker:
             self.cache.popitem(last=False)
 
     def on_backward(self, message: Message) -> None:
+        """grad_in for a kept forward; parameter gradients accumulate and the forward is dropped, except
+        with meta `input_only` (PoI's extra backwards), which leaves both as they were."""
         hosted = self.expert_of(message)
         key = (message.step, message.layer, message.expert)
         if key not in self.cache:
             raise RequestError(f"no kept forward for call {message.step} (evicted or never made)")
-        x_aD, y_aD = self.cache.pop(key)
+        input_only = bool(message.meta.get("input_only", False))
+        x_aD, y_aD = self.cache[key] if input_only else self.cache.pop(key)
         grad_y_aD = self.single_tensor(message).to(self.device)
         self.check_gradient(grad_y_aD, y_aD)
-        if y_aD.requires_grad:  # not so when a behaviour answered without the expert (lazy, copycat)
-            torch.autograd.backward(y_aD, grad_y_aD)
-        tensors = []
-        if x_aD.requires_grad:
-            tensors = [x_aD.grad if x_aD.grad is not None else torch.zeros_like(x_aD)]
+        if input_only:
+            tensors = [self.input_gradient(x_aD, y_aD, grad_y_aD)] if x_aD.requires_grad else []
+        else:
+            if y_aD.requires_grad:  # not so when a behaviour answered without the expert (lazy, copycat)
+                torch.autograd.backward(y_aD, grad_y_aD)
+            tensors = []
+            if x_aD.requires_grad:
+                tensors = [x_aD.grad if x_aD.grad is not None else torch.zeros_like(x_aD)]
         delay = hosted.link.sample(
             grad_y_aD.numel() * grad_y_aD.element_size(), sum(t.numel() * t.element_size() for t in tensors)
         )
         self.reply(
             Message(Kind.GRAD_INPUT, message.step, message.layer, message.expert, tensors=tensors), delay
         )
+
+    @staticmethod
+    def input_gradient(x_aD: torch.Tensor, y_aD: torch.Tensor, grad_y_aD: torch.Tensor) -> torch.Tensor:
+        """d(y·grad_y)/dx with the graph kept and no `.grad` written (x's nor any parameter's)."""
+        if not y_aD.requires_grad:
+            return torch.zeros_like(x_aD)
+        (grad,) = torch.autograd.grad(y_aD, x_aD, grad_y_aD, retain_graph=True, allow_unused=True)
+        return grad if grad is not None else torch.zeros_like(x_aD)
 
     def check_gradient(self, grad_y_aD: torch.Tensor, y_aD: torch.Tensor) -> None:
         """Reject a gradient that would poison the optimizer: wrong shape, non-finite or absurdly large."""

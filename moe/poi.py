@@ -225,9 +225,8 @@ def sampled_targets(task: str, pred: torch.Tensor, generator: torch.Generator) -
 
 def repeatable_layers(layers: list[MoELayer]) -> list[MoELayer]:
     """Layers whose output gradient may be taken besides the training backward: every pool after them
-    can backpropagate input gradients only (`ExpertPool.repeatable_backward`). A pool that cannot,
-    such as a remote one whose backward consumes the worker's kept forward and adds to its owner's
-    gradients, hides the layers before it."""
+    can backpropagate input gradients only (`ExpertPool.repeatable_backward`). A pool that cannot (its
+    backward would consume its kept forward and add to its owners' gradients) hides the layers before it."""
     return [
         layer
         for i, layer in enumerate(layers)

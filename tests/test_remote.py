@@ -172,6 +172,55 @@ def test_evaluation_calls_need_no_backward_and_match_local(shared):
     torch.testing.assert_close(y_remote, y_local, atol=1e-6, rtol=0)
 
 
+def input_only_then_train(pool, x_ND: torch.Tensor, pairs, seed: int):
+    """pool → combine; two input-gradient-only backwards (as PoI takes) with their own grad_out, then
+    the training backward of `run_layer`'s loss and a step. Returns what must agree between pools."""
+    plan, gate_leaf = plan_of(pairs, x_ND.shape[0], seed)
+    x_ND = x_ND.detach().clone().requires_grad_()
+    pooled = pool(x_ND[plan.token_idx], plan)
+    out_ND, _ = combine(pooled.y_AD, plan, pooled.answered_E)
+    extra_ND = torch.randn(out_ND.shape, generator=torch.Generator().manual_seed(100 + seed))
+    pool.input_gradients_only = True
+    try:
+        (extra_grad_ND,) = torch.autograd.grad((out_ND * extra_ND).sum(), x_ND, retain_graph=True)
+        (again_ND,) = torch.autograd.grad((out_ND * extra_ND).sum(), x_ND, retain_graph=True)
+    finally:
+        pool.input_gradients_only = False
+    torch.testing.assert_close(again_ND, extra_grad_ND, atol=0, rtol=0)  # the forward was kept
+    assert x_ND.grad is None
+    assert gate_leaf.grad is None
+    weights_ND = torch.linspace(-1, 1, out_ND.numel()).reshape(out_ND.shape)
+    (out_ND * weights_ND).sum().backward()
+    pool.step()
+    return extra_grad_ND, x_ND.grad, gate_leaf.grad
+
+
+@pytest.mark.timeout(60)
+def test_an_input_only_backward_returns_local_input_gradients_and_leaves_the_owners_be(shared):
+    experts = make_experts(seed=3)
+    local = LocalPool(copy.deepcopy(experts), lr=EXPERTS_CFG.lr, grad_clip=EXPERTS_CFG.grad_clip)
+    plain = LocalPool(copy.deepcopy(experts), lr=EXPERTS_CFG.lr, grad_clip=EXPERTS_CFG.grad_clip)
+    remote = shared.make_pool("input-only", experts, EXPERTS_CFG)
+    assert remote.repeatable_backward
+    for step in range(3):
+        x_ND = torch.randn(NUM_TOKENS, D)
+        got_local = input_only_then_train(local, x_ND, PAIRS, seed=step)
+        got_remote = input_only_then_train(remote, x_ND, PAIRS, seed=step)
+        assert not any(reason.startswith("backward") for reason in remote.last_failures.values())
+        for a, b in zip(got_local, got_remote, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        assert got_remote[0].abs().sum() > 0
+        got_plain = run_layer(plain, x_ND, PAIRS, seed=step)  # no extra pass at all
+        torch.testing.assert_close(got_remote[1], got_plain[1], atol=1e-5, rtol=0)
+        plain.step()
+    # parameters after the training steps: as if the input-only passes never happened
+    remote_state, plain_state = remote.state_dict(), plain.state_dict()
+    for e in range(E):
+        for name, value in plain_state["experts"][e].items():
+            torch.testing.assert_close(remote_state["experts"][e][name], value, atol=1e-6, rtol=0)
+    assert not remote.failure_counts
+
+
 @pytest.mark.timeout(60)
 def test_behaviours_answer_the_same_in_workers_as_in_process(shared):
     behaviours = parse_behaviours({0: "noisy:0.5", 1: "lazy", 2: "crash:1", 3: "adversarial:2"}, E)
@@ -627,3 +676,38 @@ def test_resume_with_process_transport_continues_the_uninterrupted_trajectory(tm
     straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "interrupted")
     assert len(resumed) == len(straight) == 8
     assert max(abs(a - b) for a, b in zip(straight, resumed, strict=True)) < 1e-6
+
+
+@pytest.mark.timeout(180)
+def test_taylor_scores_layers_under_a_remote_pool_as_under_a_local_one(tmp_path, caplog):
+    """The curvature backward and fresh views pass through the remote pool above layer0 (input
+    gradients only), so nothing is skipped and layer0's scores match `transport=local`."""
+    import logging
+
+    from moe.training import train
+    from tests.conftest import compose
+
+    steps = 4
+    common = [
+        "debug=default",
+        "model.n_layers=2",
+        "poi.curvature_every=1",  # the curvature backward every step, through the pool above layer0
+        "trainer.threads=1",
+        f"trainer.max_steps={steps}",
+        f"trainer.eval_every={steps}",
+        f"trainer.ckpt_every={steps}",
+    ]
+    summaries = {}
+    for transport in ("local", "process"):
+        overrides = [*common, f"transport={transport}", f"run_dir={tmp_path / transport}"]
+        if transport == "process":
+            overrides.append("transport.threads=1")
+        with caplog.at_level(logging.WARNING, logger="moe.poi"):
+            summaries[transport] = train(compose(overrides))
+    assert summaries["process"]["poi/scorer"] == "taylor"
+    assert "repeatable_backward" not in caplog.text
+    local, remote = summaries["local"], summaries["process"]
+    keys = [k for k in local if k.startswith("poi/score/layer0/")]
+    assert len(keys) == 4
+    for key in keys:
+        assert remote[key] == pytest.approx(local[key], abs=1e-4, rel=1e-4), key

@@ -383,7 +383,7 @@ def test_expert_choice_gives_every_expert_exactly_c_tokens(num_tokens, num_exper
     capacity = expected_capacity(num_tokens, num_experts, factor)
     assert plan.counts.tolist() == [capacity] * num_experts
     unrouted = 1 - len(set(plan.token_idx.tolist())) / num_tokens
-    assert float(plan.metrics["unrouted_frac"]) == pytest.approx(unrouted)
+    assert float(plan.metrics["unrouted_frac"]) == pytest.approx(unrouted, abs=1e-6)  # an fp32 ratio
 
 
 def greedy_balanced(score_NE: torch.Tensor) -> list[int]:
