@@ -35,7 +35,7 @@ from moe.errors import ConfigError
 from moe.evaluation import evaluate, specialisation_metrics, write_routing_tables
 from moe.layer import MoELayer
 from moe.ledger import RewardLedger
-from moe.metrics import MetricsLogger, truncate_after
+from moe.metrics import MetricsLogger, read_metrics, truncate_after
 from moe.model import MoEModel, build_model
 from moe.poi import PoIScorer, build_scorer
 from moe.rewards import open_run_ledger, reward_metrics, score_view, step_failures
@@ -74,7 +74,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.resume:
         resume_path, resume_state = load_checkpoint(cfg.resume)
         log.info("resuming from %s (step %d)", resume_path, resume_state["step"])
-    run_dir = resolve_run_dir(cfg, resume_state, cfg.resume)
+    run_dir = run_dir_of(resume_path) if resume_state is not None else resolve_run_dir(cfg)
     seed_everything(cfg.seed)
     threads = trainer_threads(cfg)
     if threads > 0:
@@ -98,13 +98,9 @@ def train(cfg: DictConfig) -> dict:
         run.transport.close()
 
 
-def resolve_run_dir(cfg: DictConfig, resume_state: dict | None, resume: str | None) -> Path:
-    """A resumed run continues in its own dir; otherwise `run_dir`, else Hydra's output dir."""
-    if resume_state is not None:
-        from moe.checkpoint import find_checkpoint
-
-        run_dir = run_dir_of(find_checkpoint(resume))
-    elif cfg.run_dir:
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """`run_dir` when set, else Hydra's output dir (a resumed run continues in its own dir instead)."""
+    if cfg.run_dir:
         run_dir = Path(cfg.run_dir)
     else:
         from hydra.core.hydra_config import HydraConfig
@@ -338,7 +334,7 @@ def _as_random_state(saved) -> tuple:
 
 
 def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
-    events = [e for e in _read_events(run.run_dir) if "perf/tokens_per_s" in e]
+    events = [e for e in read_metrics(run.run_dir) if "perf/tokens_per_s" in e]
     summary = {
         "step": run.step,
         "run_dir": str(run.run_dir),
@@ -351,12 +347,6 @@ def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
     }
     (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _read_events(run_dir: Path) -> list[dict]:
-    from moe.metrics import read_metrics
-
-    return read_metrics(run_dir)
 
 
 def resolved(cfg: DictConfig) -> dict:
