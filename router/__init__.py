@@ -12,13 +12,12 @@ from router import (  # noqa: F401  (importing a strategy module registers it)
     topk,
 )
 from router.plan import DispatchPlan, build_plan, routing_metrics
-from router.registry import RouterConfig, build, build_from_config, lookup, names, register, strategies
+from router.registry import RouterConfig, build, lookup, names, register, strategies
 
 __all__ = [
     "DispatchPlan",
     "RouterConfig",
     "build",
-    "build_from_config",
     "build_plan",
     "lookup",
     "names",

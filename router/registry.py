@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 from torch import nn
 
 from moe.errors import ConfigError
@@ -80,14 +80,5 @@ def make_config(name: str, **options) -> RouterConfig:
 
 def build(name: str, d_model: int, num_experts: int, **options) -> nn.Module:
     """Build router `name` for `num_experts` experts on `d_model`-wide tokens."""
-    if isinstance(options.get("cfg"), DictConfig | RouterConfig):
-        raise TypeError("pass router options as keywords, or use build_from_config")
     config = make_config(name, **options)
     return lookup(name).factory(d_model, num_experts, config)
-
-
-def build_from_config(cfg, d_model: int, num_experts: int) -> nn.Module:
-    """Build from a Hydra node or dataclass holding `name` and the strategy's options."""
-    options = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dataclasses.asdict(cfg)
-    options = dict(options)
-    return build(options.pop("name"), d_model, num_experts, **options)
