@@ -10,7 +10,8 @@ Prints, from one run on one machine:
    worker processes of `threads` threads each (thread counts matched), with the overhead ratio;
 3. the same layer against hivemind's RemoteMixtureOfExperts (hidden 512, batch 128, 4 experts,
    k=2, forward+backward, samples/s) when hivemind is importable (`pip install .[compare]`),
-   otherwise why it was skipped.
+   otherwise why it was skipped; next to both, the compute floor: a worker's share of the expert
+   arithmetic alone, the rate no transport can beat on this machine.
 
 Legend: B batch, T tokens per sequence, D model width.
 """
@@ -23,19 +24,19 @@ import logging
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchtools import median_seconds  # sibling module: scripts run as python benchmarks/<name>.py
+
 import router
 from experts.modules import FFN, ExpertsConfig
-from experts.pool import LocalPool
+from experts.pool import LocalPool, make_optimizer
 from experts.remote import ProcessTransport, ProcessTransportConfig
 from experts.wire import Kind, Message, decode, encode
 from moe.layer import MoELayer
@@ -60,17 +61,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tick)
-    return statistics.median(times)
-
-
 # --- 1. round trips ----------------------------------------------------------------------------------
 
 
@@ -89,8 +79,8 @@ def bench_round_trips(transport: ProcessTransport) -> None:
     for label, size in MESSAGE_SIZES.items():
         payload = torch.randn(size // 4)
         repeats = 200 if size < 2**20 else 50 if size < 2**24 else 10
-        rtt = median_seconds(lambda p=payload: echo_once(transport, p), repeats, warmup=3)
-        framing = median_seconds(lambda p=payload: decode(encode(Message(Kind.ECHO, tensors=[p]))), repeats)
+        rtt = median_seconds(lambda p=payload: echo_once(transport, p), repeats=repeats, warmup=3)
+        framing = median_seconds(lambda p=payload: decode(encode(Message(Kind.ECHO, tensors=[p]))), repeats=repeats)
         bandwidth = size / (rtt / 2) / 1e9
         print(f"   {label:>6}  {rtt * 1e6:>9.0f}µs  {bandwidth:>9.2f} GB/s  {framing * 1e6:>10.0f}µs")
 
@@ -128,9 +118,9 @@ def bench_layer(args, transport: ProcessTransport) -> None:
         copy.deepcopy(experts), lr=experts_cfg.lr, grad_clip=experts_cfg.grad_clip, device=device
     )
     local = make_layer(args, local_pool).to(device)
-    local_s = median_seconds(lambda: layer_step(local, x_BTD.to(device)), args.repeats, warmup=2)
+    local_s = median_seconds(lambda: layer_step(local, x_BTD.to(device)), repeats=args.repeats)
     remote = make_layer(args, transport.make_pool("bench", experts, experts_cfg))  # trainer side on the CPU
-    remote_s = median_seconds(lambda: layer_step(remote, x_BTD), args.repeats, warmup=2)
+    remote_s = median_seconds(lambda: layer_step(remote, x_BTD), repeats=args.repeats)
     ratio = remote_s / local_s
     print(
         f"   local   (in the trainer on {args.device}, {compute_threads} torch threads)   {local_s * 1e3:8.1f} ms/step"
@@ -148,9 +138,12 @@ def bench_layer(args, transport: ProcessTransport) -> None:
 # --- 3. hivemind -------------------------------------------------------------------------------------
 
 
+# hivemind's "ffn" expert is hidden -> 4·hidden -> hidden, the shape of ours
+BATCH, HIDDEN, EXPERTS, TOP_K = 128, 512, 4, 2
+
+
 def bench_hivemind(args) -> float | None:
     """samples/s of hivemind's RemoteMixtureOfExperts, or None (with the reason printed)."""
-    print("\n3. against hivemind RemoteMixtureOfExperts (hidden 512, batch 128, 4 experts, k=2, fwd+bwd)")
     try:
         import hivemind
         from hivemind.moe.server import background_server
@@ -160,40 +153,76 @@ def bench_hivemind(args) -> float | None:
         )
         return None
     try:
-        # hivemind's "ffn" expert is 512 -> 4·512 -> 512, the same shape as ours; the uids must match
-        # the client's grid, and a client-mode DHT never finds them (the call then hangs).
-        uids = [f"expert.{i}" for i in range(4)]
+        # the uids must match the client's grid, and a client-mode DHT never finds them (the call hangs)
+        uids = [f"expert.{i}" for i in range(EXPERTS)]
         with background_server(
-            expert_uids=uids, expert_cls="ffn", hidden_dim=512, device="cpu", num_handlers=args.workers
+            expert_uids=uids, expert_cls="ffn", hidden_dim=HIDDEN, device=args.device, num_handlers=args.workers
         ) as server:
             dht = hivemind.DHT(initial_peers=server.addrs, start=True)
             moe = hivemind.RemoteMixtureOfExperts(
-                in_features=512, grid_size=(4,), dht=dht, k_best=2, uid_prefix="expert.",
+                in_features=HIDDEN, grid_size=(EXPERTS,), dht=dht, k_best=TOP_K, uid_prefix="expert.",
                 forward_timeout=30.0, backward_timeout=30.0,
-            )
-            x_BD = torch.randn(128, 512)
-            seconds = median_seconds(lambda: moe(x_BD).sum().backward(), args.repeats, warmup=2)
+            )  # fmt: skip
+            x_BD = torch.randn(BATCH, HIDDEN)
+            seconds = median_seconds(lambda: moe(x_BD).sum().backward(), repeats=args.repeats)
             dht.shutdown()
     except Exception as err:  # a third-party stack: report, never crash the benchmark
         print(f"   skipped: hivemind failed to run ({type(err).__name__}: {err})")
         return None
-    rate = 128 / seconds
+    rate = BATCH / seconds
     print(f"   hivemind: {rate:,.0f} samples/s")
     return rate
 
 
 def bench_ours_at_hivemind_shape(args, transport: ProcessTransport) -> float:
+    # the trainer takes the cores the workers leave free, as `python train.py` does (moe.training.trainer_threads)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers * args.threads))
     torch.manual_seed(0)
-    experts = [FFN(512, 2048) for _ in range(4)]
+    experts = [FFN(HIDDEN, 4 * HIDDEN) for _ in range(EXPERTS)]
     layer = MoELayer(
         "hivemind-shape",
-        router.build("topk", 512, 4, top_k=2),
-        transport.make_pool("hivemind-shape", experts, ExpertsConfig(num=4, d_ff=2048)),
+        router.build("topk", HIDDEN, EXPERTS, top_k=TOP_K),
+        transport.make_pool("hivemind-shape", experts, ExpertsConfig(num=EXPERTS, d_ff=4 * HIDDEN)),
     )
-    x_BTD = torch.randn(1, 128, 512)
-    seconds = median_seconds(lambda: layer_step(layer, x_BTD), max(args.repeats, 10), warmup=2)
-    rate = 128 / seconds
-    print(f"   poimoe process transport at that shape: {rate:,.0f} samples/s")
+    x_BTD = torch.randn(1, BATCH, HIDDEN)
+    seconds = median_seconds(lambda: layer_step(layer, x_BTD), repeats=max(args.repeats, 10))
+    rate = BATCH / seconds
+    print(
+        f"   poimoe process transport at that shape (trainer {torch.get_num_threads()} thread):"
+        f" {seconds * 1e3:.1f} ms → {rate:,.0f} samples/s"
+    )
+    return rate
+
+
+def bench_compute_floor(args) -> float:
+    """samples/s if messaging, the trunk and the router were free: one worker's share of the expert
+    arithmetic (forward, backward, clip and AdamW on ⌈E/workers⌉ experts, each with an even share of
+    the batch·k rows) on `threads` threads, the workers running side by side on their own cores."""
+    device = torch.device("cuda:0" if args.device == "cuda" else args.device)
+    share = -(-EXPERTS // args.workers)
+    rows = -(-BATCH * TOP_K // EXPERTS)
+    torch.manual_seed(0)
+    owned = [FFN(HIDDEN, 4 * HIDDEN).to(device) for _ in range(share)]
+    optimizers = [make_optimizer(expert, lr=1e-3, weight_decay=0.0) for expert in owned]
+    x_aD = torch.randn(rows, HIDDEN, device=device)
+    grad_aD = torch.randn(rows, HIDDEN, device=device)
+
+    def worker_share() -> None:
+        for expert, optimizer in zip(owned, optimizers, strict=True):
+            expert(x_aD.detach().requires_grad_()).backward(grad_aD)
+            torch.nn.utils.clip_grad_norm_(expert.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    torch.set_num_threads(args.threads)
+    seconds = median_seconds(worker_share, repeats=max(args.repeats, 10))
+    rate = BATCH / seconds
+    print(
+        f"   compute floor (a worker's share, {share} experts × {rows} rows fwd+bwd+clip+AdamW on"
+        f" {args.threads} thread; no messaging, trunk or router): {seconds * 1e3:.1f} ms → {rate:,.0f} samples/s"
+    )
     return rate
 
 
@@ -213,18 +242,28 @@ def main() -> None:
     try:
         bench_round_trips(transport)
         bench_layer(args, transport)
+        print(
+            f"\n3. against hivemind RemoteMixtureOfExperts (hidden {HIDDEN}, batch {BATCH}, {EXPERTS} experts,"
+            f" k={TOP_K}, forward + backward + owner steps, experts on {args.device})"
+        )
         ours = bench_ours_at_hivemind_shape(args, transport)
     finally:
         transport.close()
+    floor = bench_compute_floor(args)
+    print(f"   poimoe reaches {100 * ours / floor:.0f} % of the compute floor")
     theirs = hivemind_in_fresh_process(args)
     if theirs:
         print(f"   poimoe / hivemind = {ours / theirs:.1f}×  (target ≥ 50×)")
+        print(f"   compute floor / hivemind = {floor / theirs:.1f}×  (the most any transport reaches on this machine)")
 
 
 def hivemind_in_fresh_process(args, timeout_s: float = 300) -> float | None:
     """hivemind in its own interpreter: its server forks from a process that already runs our workers
     and ZeroMQ otherwise, and hangs there. Returns samples/s, or None with the reason printed."""
-    command = [sys.executable, __file__, "--hivemind-only", "--workers", str(args.workers), "--repeats", str(args.repeats)]
+    command = [
+        sys.executable, __file__, "--hivemind-only",
+        "--workers", str(args.workers), "--repeats", str(args.repeats), "--device", args.device,
+    ]  # fmt: skip
     # its own session, so a hang is ended with everything hivemind started (server, p2pd daemons)
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
@@ -232,7 +271,7 @@ def hivemind_in_fresh_process(args, timeout_s: float = 300) -> float | None:
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)
         child.communicate()
-        print(f"\n3. hivemind: skipped, no result within {timeout_s:.0f} s")
+        print(f"   hivemind: skipped, no result within {timeout_s:.0f} s")
         return None
     print(stdout.rstrip())
     found = re.search(r"hivemind: ([\d,]+) samples/s", stdout)

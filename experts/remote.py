@@ -53,7 +53,7 @@ from experts.network import (
     link_for,
     network_is_ideal,
 )
-from experts.pool import ExpertPool, PoolOutput, invalid_outputs, make_optimizer
+from experts.pool import ExpertPool, PoolOutput, all_finite, invalid_outputs, make_optimizer
 from experts.transport import LocalTransportConfig, Transport, register_transport
 from experts.wire import (
     Kind,
@@ -672,7 +672,7 @@ class RemotePool(ExpertPool):
             if not call.grad_input:
                 return
             grad = message.tensors[0] if len(message.tensors) == 1 else None
-            if grad is None or grad.shape != grad_slices[e].shape or not bool(torch.isfinite(grad).all()):
+            if grad is None or grad.shape != grad_slices[e].shape or not bool(all_finite(grad)):
                 failures[e] = "backward: invalid input gradient"
             else:
                 grads[e] = grad

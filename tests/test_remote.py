@@ -25,7 +25,7 @@ import zmq
 from experts.behaviours import parse_behaviours
 from experts.modules import FFN, ExpertsConfig
 from experts.network import FailureMemory, FaultPolicy, LinkSpec, NetworkConfig, Round, VirtualNetwork
-from experts.pool import LocalPool, invalid_outputs
+from experts.pool import LocalPool, all_finite, invalid_outputs
 from experts.remote import ProcessTransport, ProcessTransportConfig
 from experts.wire import HEADER, Kind, Message, encode
 from moe.errors import ConfigError
@@ -331,6 +331,17 @@ def test_outputs_of_the_wrong_shape_or_dtype_or_size_are_rejected():
     ]
     assert sorted(invalid_outputs(y_slices, x_slices, max_norm=1e4)) == [1, 2, 3, 4]
     assert sorted(invalid_outputs(y_slices, x_slices, max_norm=0)) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_all_finite_agrees_with_the_elementwise_check_for_one_bad_value_anywhere(dtype):
+    generator = torch.Generator().manual_seed(0)
+    for bad in (float("nan"), float("inf"), -float("inf"), 3e38 if dtype != torch.bfloat16 else 1e38):
+        for _ in range(20):
+            t_RC = torch.randn(7, 5, generator=generator).to(dtype)
+            t_RC.view(-1)[int(torch.randint(35, (1,), generator=generator))] = bad
+            assert bool(all_finite(t_RC)) == bool(torch.isfinite(t_RC).all())
+    assert bool(all_finite(torch.empty(0, D)))
 
 
 # --- faults ------------------------------------------------------------------------------------------
