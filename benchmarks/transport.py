@@ -221,7 +221,7 @@ def bench_compute_floor(args) -> float:
     rate = BATCH / seconds
     print(
         f"   compute floor (a worker's share, {share} experts × {rows} rows fwd+bwd+clip+AdamW on"
-        f" {args.threads} thread; no messaging, trunk or router): {seconds * 1e3:.1f} ms → {rate:,.0f} samples/s"
+        f" {args.threads} thread(s); no messaging, trunk or router): {seconds * 1e3:.1f} ms → {rate:,.0f} samples/s"
     )
     return rate
 
@@ -254,7 +254,7 @@ def main() -> None:
     theirs = hivemind_in_fresh_process(args)
     if theirs:
         print(f"   poimoe / hivemind = {ours / theirs:.1f}×  (target ≥ 50×)")
-        print(f"   compute floor / hivemind = {floor / theirs:.1f}×  (the most any transport reaches on this machine)")
+        print(f"   compute floor / hivemind = {floor / theirs:.1f}×  (the most any transport reaches with this worker layout here)")
 
 
 def hivemind_in_fresh_process(args, timeout_s: float = 300) -> float | None:
