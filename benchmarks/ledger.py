@@ -50,7 +50,7 @@ def blocks_per_second(num_blocks: int, synchronous: str, tempo: int) -> float:
     subnets = {"layer0": ["honest"] * 8, "layer1": ["honest"] * 8}
     scores = {name: torch.linspace(-0.5, 1.0, 8) for name in subnets}
     with tempfile.TemporaryDirectory() as folder:
-        ledger = RewardLedger.open(Path(folder) / "ledger.sqlite", cfg, subnets, seed=0)
+        ledger = RewardLedger(Path(folder) / "ledger.sqlite", cfg, subnets, seed=0)
         start = time.perf_counter()
         for step in range(1, num_blocks + 1):
             ledger.after_step(step, lambda validator: scores)

@@ -512,7 +512,7 @@ ScoreView = Callable[[int], Mapping[str, torch.Tensor]]
 
 
 class RewardLedger:
-    """Writes the reward ledger of one run; see the module docstring. Open with ``RewardLedger.open``.
+    """Writes the reward ledger of one run; see the module docstring. ``RewardLedger(path, …)`` opens it.
 
     Failure rule: over an epoch, a miner whose failure count exceeds the number of steps it answered
     (steps with no failure) gets zero weight from honest (and first-time lazy) validators for that epoch.
@@ -532,7 +532,13 @@ class RewardLedger:
         seed: int,
         resume_step: int | None = None,
     ) -> None:
-        """See ``open``."""
+        """Open (or create) the ledger at ``path`` for writing.
+
+        ``subnets`` maps each MoE layer to one behaviour label per miner (expert). A new file gets a
+        genesis block. An existing one needs ``resume_step`` (the step of the checkpoint the run resumes
+        from): blocks closed after that step are rolled back, so the run continues with no gap and no
+        duplicate. The file is locked against a second writer until ``close``.
+        """
         self._cfg = as_ledger_config(cfg)
         self._path = Path(path)
         self._seed = int(seed)
@@ -561,24 +567,6 @@ class RewardLedger:
         except BaseException:
             self.close()
             raise
-
-    @classmethod
-    def open(
-        cls,
-        path: str | os.PathLike[str],
-        cfg: LedgerConfig | Mapping[str, Any],
-        subnets: Mapping[str, Sequence[str]],
-        seed: int,
-        resume_step: int | None = None,
-    ) -> RewardLedger:
-        """Open (or create) the ledger at ``path`` for writing.
-
-        ``subnets`` maps each MoE layer to one behaviour label per miner (expert). A new file gets a
-        genesis block. An existing one needs ``resume_step`` (the step of the checkpoint the run resumes
-        from): blocks closed after that step are rolled back, so the run continues with no gap and no
-        duplicate. The file is locked against a second writer until ``close``.
-        """
-        return cls(path, cfg, subnets, seed, resume_step)
 
     def _load_or_create(self, resume_step: int | None) -> None:
         if not _has_tables(self._conn):

@@ -862,14 +862,10 @@ class PoIScorer:
     def metrics(self) -> dict[str, float]:
         """`poi/score|rank|load|bias/<layer>/<expert>`, failures and bans, fidelity measured since the
         last call, and the scorer's time this step (`perf/poi_ms`)."""
-        metrics: dict[str, float] = {"perf/poi_ms": self.last_ms}
+        metrics: dict[str, float] = {"perf/poi_ms": self.last_ms, **self.expert_table()}
         for name, state in self.state.items():
-            ranks = score_ranks(state.score_E).tolist()
-            for e, score in enumerate(state.score_E.tolist()):
-                metrics[f"poi/score/{name}/{e}"] = score
-                metrics[f"poi/rank/{name}/{e}"] = ranks[e]
-                metrics[f"poi/load/{name}/{e}"] = float(state.load_E[e])
-                metrics[f"poi/bias/{name}/{e}"] = float(state.bias_E[e])
+            for e, bias in enumerate(state.bias_E.tolist()):
+                metrics[f"poi/bias/{name}/{e}"] = bias
                 if state.failures_E[e] > 0:
                     metrics[f"poi/failures/{name}/{e}"] = int(state.failures_E[e])
             metrics[f"poi/banned/{name}"] = int((state.bias_E <= BAN_BIAS).sum())
@@ -879,14 +875,18 @@ class PoIScorer:
 
     def summary(self) -> dict:
         """Final per-expert score, rank and traffic share per layer, for summary.json."""
-        summary: dict = {"poi/scorer": self.cfg.name}
+        return {"poi/scorer": self.cfg.name, **self.expert_table()}
+
+    def expert_table(self) -> dict[str, float]:
+        """`poi/score|rank|load/<layer>/<expert>` for every layer and expert."""
+        table: dict[str, float] = {}
         for name, state in self.state.items():
             ranks = score_ranks(state.score_E).tolist()
             for e, score in enumerate(state.score_E.tolist()):
-                summary[f"poi/score/{name}/{e}"] = score
-                summary[f"poi/rank/{name}/{e}"] = ranks[e]
-                summary[f"poi/load/{name}/{e}"] = float(state.load_E[e])
-        return summary
+                table[f"poi/score/{name}/{e}"] = score
+                table[f"poi/rank/{name}/{e}"] = ranks[e]
+                table[f"poi/load/{name}/{e}"] = float(state.load_E[e])
+        return table
 
     def state_dict(self) -> dict:
         return {name: dataclasses.asdict(state) for name, state in self.state.items()}

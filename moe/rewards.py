@@ -24,7 +24,7 @@ def open_run_ledger(run, resume_step: int | None) -> RewardLedger | None:
     """The run's ledger (`run_dir/ledger.sqlite`), or None when `ledger=null` or `ledger.enabled=false`."""
     if run.cfg.get("ledger") is None or not run.cfg.ledger.enabled:
         return None
-    return RewardLedger.open(
+    return RewardLedger(
         Path(run.run_dir) / LEDGER_FILE,
         as_ledger_config(run.cfg.ledger),
         subnets=miner_labels(run),

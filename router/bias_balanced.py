@@ -13,7 +13,7 @@ from router.common import (
     LearnedRouter,
     check_config,
     check_top_k,
-    plan_from_choices,
+    plan_from_token_choices,
     renormalized,
     selection_key,
 )
@@ -66,7 +66,9 @@ class BiasBalancedRouter(LearnedRouter):
         if self.training:
             self._update_bias(expert_NK)
         losses = self.aux_losses(logits_NE, probs_NE, expert_NK)
-        return plan_from_choices(expert_NK, gate_NK, probs_NE, losses)
+        return plan_from_token_choices(
+            expert_NK, gate_NK, num_experts=self.num_experts, probs_NE=probs_NE, aux_losses=losses
+        )
 
     @torch.no_grad()
     def _update_bias(self, expert_NK: torch.Tensor) -> None:

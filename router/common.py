@@ -58,24 +58,6 @@ def z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_NE, dim=-1).square().mean()
 
 
-def plan_from_choices(
-    expert_NK: torch.Tensor,
-    gate_NK: torch.Tensor,
-    probs_NE: torch.Tensor,
-    aux_losses: dict[str, torch.Tensor] | None = None,
-    keep_NK: torch.Tensor | None = None,
-) -> DispatchPlan:
-    """A plan from per-token choices; `keep_NK` (bool) marks kept choices, the rest are dropped."""
-    return plan_from_token_choices(
-        expert_NK,
-        gate_NK,
-        num_experts=probs_NE.shape[-1],
-        probs_NE=probs_NE,
-        aux_losses=aux_losses,
-        kept_NK=keep_NK,
-    )
-
-
 def plan_from_token_choices(
     expert_NK: torch.Tensor,
     gate_NK: torch.Tensor,

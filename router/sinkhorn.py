@@ -13,7 +13,7 @@ from router.common import (
     LearnedRouter,
     check_config,
     check_top_k,
-    plan_from_choices,
+    plan_from_token_choices,
     selection_key,
     sinkhorn_expert_offsets,
 )
@@ -66,4 +66,6 @@ class SinkhornRouter(LearnedRouter):
         expert_NK = key_NE.topk(self.config.top_k, dim=-1).indices
         gate_NK = logits_NE.gather(-1, expert_NK).sigmoid()
         losses = self.aux_losses(logits_NE, probs_NE, expert_NK)
-        return plan_from_choices(expert_NK, gate_NK, probs_NE, losses)
+        return plan_from_token_choices(
+            expert_NK, gate_NK, num_experts=self.num_experts, probs_NE=probs_NE, aux_losses=losses
+        )

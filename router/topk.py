@@ -16,7 +16,7 @@ from router.common import (
     StepRng,
     check_config,
     check_top_k,
-    plan_from_choices,
+    plan_from_token_choices,
     renormalized,
     selection_key,
 )
@@ -73,7 +73,9 @@ class TopKRouter(LearnedRouter):
         expert_NK = key_NE.topk(self.config.top_k, dim=-1).indices
         gate_NK = renormalized(gate_logits_NE.softmax(-1).gather(-1, expert_NK))
         losses = self.aux_losses(logits_NE, probs_NE, expert_NK)
-        return plan_from_choices(expert_NK, gate_NK, probs_NE, losses)
+        return plan_from_token_choices(
+            expert_NK, gate_NK, num_experts=self.num_experts, probs_NE=probs_NE, aux_losses=losses
+        )
 
     def _learned_noise(self, x_ND: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         with torch.autocast(device_type=x_ND.device.type, enabled=False):

@@ -75,7 +75,7 @@ def drive(ledger: RewardLedger, first: int, last: int) -> None:
 
 def run_forever(path: str) -> None:
     """Child process: write a ledger until killed."""
-    ledger = RewardLedger.open(path, make_config(), SUBNETS, seed=7)
+    ledger = RewardLedger(path, make_config(), SUBNETS, seed=7)
     for step in range(1, 10**7):
         ledger.after_step(step, score_view_at(step), failures_at(step))
         time.sleep(0.0005)
@@ -84,7 +84,7 @@ def run_forever(path: str) -> None:
 def try_second_writer(path: str) -> None:
     """Child process: try to open a ledger another process holds; exit 3 with the error."""
     try:
-        RewardLedger.open(path, make_config(), SUBNETS, seed=7)
+        RewardLedger(path, make_config(), SUBNETS, seed=7)
     except LedgerError as error:
         print(error)
         sys.exit(3)
@@ -140,7 +140,7 @@ def block_hashes(path: Path) -> list[str]:
 
 
 def run_ledger(path: Path, last_step: int, cfg: LedgerConfig | None = None, subnets=SUBNETS) -> dict:
-    with RewardLedger.open(path, cfg or make_config(), subnets, seed=7) as ledger:
+    with RewardLedger(path, cfg or make_config(), subnets, seed=7) as ledger:
         for step in range(1, last_step + 1):
             ledger.after_step(
                 step, score_view_at(step, subnets), failures_at(step) if subnets is SUBNETS else None
@@ -223,7 +223,7 @@ def test_unknown_behaviour_is_a_config_error_listing_the_valid_names():
 
 def test_conservation_over_many_epochs(ledger_path):
     cfg = make_config(steps_per_block=1, tempo=3, subnet_shares={"layer0": 3.0, "layer1": 1.0})
-    with RewardLedger.open(ledger_path, cfg, SUBNETS, seed=1) as ledger:
+    with RewardLedger(ledger_path, cfg, SUBNETS, seed=1) as ledger:
         for step in range(1, 301):
             ledger.after_step(step, score_view_at(step), failures_at(step))
             if step % 50 == 0:
@@ -244,7 +244,7 @@ def test_conservation_over_many_epochs(ledger_path):
 
 
 def test_summary_reports_roles_behaviours_and_last_epoch(written_ledger):
-    with RewardLedger.open(written_ledger, make_config(), SUBNETS, seed=7, resume_step=60) as ledger:
+    with RewardLedger(written_ledger, make_config(), SUBNETS, seed=7, resume_step=60) as ledger:
         summary = ledger.summary()
     assert (summary["blocks"], summary["epochs"], summary["issuance"]) == (30, 6, 30 * TOKEN)
     assert summary["issuance_tokens"] == 30.0
@@ -264,7 +264,7 @@ def test_summary_reports_roles_behaviours_and_last_epoch(written_ledger):
 def test_no_usable_weights_burns_the_miner_pool_and_pays_validators_by_stake(ledger_path):
     cfg = make_config(validators=[ValidatorSpec(300.0, "honest"), ValidatorSpec(100.0, "honest")])
     subnets = {"layer0": ["honest", "honest"]}
-    with RewardLedger.open(ledger_path, cfg, subnets, seed=0) as ledger:
+    with RewardLedger(ledger_path, cfg, subnets, seed=0) as ledger:
         for step in range(1, 21):
             ledger.after_step(step, lambda validator: {"layer0": -torch.ones(2)})  # nobody helps
         summary = ledger.summary()
@@ -278,7 +278,7 @@ def test_no_usable_weights_burns_the_miner_pool_and_pays_validators_by_stake(led
 def test_miner_that_failed_more_than_it_answered_gets_no_weight(ledger_path):
     cfg = make_config(steps_per_block=1, tempo=6, validators=[ValidatorSpec(1.0, "honest")])
     subnets = {"layer0": ["honest", "flaky", "crash"]}
-    with RewardLedger.open(ledger_path, cfg, subnets, seed=0) as ledger:
+    with RewardLedger(ledger_path, cfg, subnets, seed=0) as ledger:
         for step in range(1, 7):
             failures = {"layer0": torch.tensor([0, step % 2, 1])}  # flaky: 3 of 6 steps; crash: all 6
             ledger.after_step(step, lambda validator: {"layer0": torch.ones(3)}, failures)
@@ -323,7 +323,7 @@ def test_minority_cabal_earns_its_miner_nothing_when_honest_validators_see_no_va
         validators=[ValidatorSpec(0.6, "honest"), ValidatorSpec(0.4, "cabal", cabal_miners=[2])]
     )
     subnets = {"layer0": ["honest", "honest", "cabal"]}
-    with RewardLedger.open(ledger_path, cfg, subnets, seed=0) as ledger:
+    with RewardLedger(ledger_path, cfg, subnets, seed=0) as ledger:
         for step in range(1, 41):
             ledger.after_step(step, lambda validator: {"layer0": torch.tensor([1.0, 2.0, 0.0])})
     assert balances(ledger_path)["miner/layer0/2"] == 0
@@ -331,7 +331,7 @@ def test_minority_cabal_earns_its_miner_nothing_when_honest_validators_see_no_va
 
 
 def test_steps_must_be_consecutive(ledger_path):
-    with RewardLedger.open(ledger_path, make_config(), SUBNETS, seed=7) as ledger:
+    with RewardLedger(ledger_path, make_config(), SUBNETS, seed=7) as ledger:
         ledger.after_step(1, score_view_at(1))
         with pytest.raises(LedgerError, match="expected step 2"):
             ledger.after_step(3, score_view_at(3))
@@ -340,7 +340,7 @@ def test_steps_must_be_consecutive(ledger_path):
 def test_wrong_score_view_shape_is_a_clear_error(ledger_path):
     cfg = make_config(steps_per_block=1, tempo=1)
     with (
-        RewardLedger.open(ledger_path, cfg, SUBNETS, seed=7) as ledger,
+        RewardLedger(ledger_path, cfg, SUBNETS, seed=7) as ledger,
         pytest.raises(LedgerError, match="layer1"),
     ):
         ledger.after_step(1, lambda validator: {"layer0": torch.zeros(4)})
@@ -429,17 +429,17 @@ def test_cli_show_and_export(written_ledger, tmp_path, capsys):
 
 def test_second_writer_in_this_process_is_refused(ledger_path):
     with (
-        RewardLedger.open(ledger_path, make_config(), SUBNETS, seed=7),
+        RewardLedger(ledger_path, make_config(), SUBNETS, seed=7),
         pytest.raises(LedgerError, match="already open for writing"),
     ):
-        RewardLedger.open(ledger_path, make_config(), SUBNETS, seed=7)
-    RewardLedger.open(ledger_path, make_config(), SUBNETS, seed=7).close()  # free again after close
+        RewardLedger(ledger_path, make_config(), SUBNETS, seed=7)
+    RewardLedger(ledger_path, make_config(), SUBNETS, seed=7).close()  # free again after close
 
 
 @pytest.mark.timeout(PROCESS_TIMEOUT_S)
 def test_second_writer_process_is_refused(ledger_path):
     with (
-        RewardLedger.open(ledger_path, make_config(), SUBNETS, seed=7),
+        RewardLedger(ledger_path, make_config(), SUBNETS, seed=7),
         child_process("try_second_writer", str(ledger_path)) as process,
     ):
         output, _ = process.communicate(timeout=PROCESS_TIMEOUT_S)
@@ -449,19 +449,19 @@ def test_second_writer_process_is_refused(ledger_path):
 
 def test_reopening_without_resume_step_is_refused(written_ledger):
     with pytest.raises(LedgerError, match="resume_step"):
-        RewardLedger.open(written_ledger, make_config(), SUBNETS, seed=7)
+        RewardLedger(written_ledger, make_config(), SUBNETS, seed=7)
 
 
 def test_resuming_with_other_settings_is_refused(written_ledger):
     with pytest.raises(LedgerError, match="different config"):
-        RewardLedger.open(written_ledger, make_config(kappa=0.6), SUBNETS, seed=7, resume_step=60)
+        RewardLedger(written_ledger, make_config(kappa=0.6), SUBNETS, seed=7, resume_step=60)
     with pytest.raises(LedgerError, match="different seed"):
-        RewardLedger.open(written_ledger, make_config(), SUBNETS, seed=8, resume_step=60)
+        RewardLedger(written_ledger, make_config(), SUBNETS, seed=8, resume_step=60)
 
 
 def test_resuming_past_the_ledger_is_refused(written_ledger):
     with pytest.raises(LedgerError, match="missing"):
-        RewardLedger.open(written_ledger, make_config(), SUBNETS, seed=7, resume_step=70)
+        RewardLedger(written_ledger, make_config(), SUBNETS, seed=7, resume_step=70)
 
 
 @pytest.mark.parametrize("resume_step", [40, 43, 50])
@@ -469,7 +469,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, resume_step):
     reference, resumed = tmp_path / "reference.sqlite", tmp_path / "resumed.sqlite"
     run_ledger(reference, 80)
     run_ledger(resumed, 66)  # overshoots the checkpoint, as a crash after it would
-    with RewardLedger.open(resumed, make_config(), SUBNETS, seed=7, resume_step=resume_step) as ledger:
+    with RewardLedger(resumed, make_config(), SUBNETS, seed=7, resume_step=resume_step) as ledger:
         assert ledger.height == resume_step // 2
         drive(ledger, resume_step + 1, 80)
     verify_ledger(resumed)
@@ -494,7 +494,7 @@ def _kill_writer_and_resume(tmp_path: Path, min_blocks: int) -> None:
     report_blocks = verify_ledger(killed).blocks if killed.exists() else 0
     last_step = report_blocks * 2
     resume_step = max(last_step - 5, 0)
-    with RewardLedger.open(killed, make_config(), SUBNETS, seed=7, resume_step=resume_step) as ledger:
+    with RewardLedger(killed, make_config(), SUBNETS, seed=7, resume_step=resume_step) as ledger:
         drive(ledger, resume_step + 1, last_step + 10)
     reference = tmp_path / f"reference-{min_blocks}.sqlite"
     run_ledger(reference, last_step + 10)
