@@ -5,13 +5,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import moe.config  # noqa: F401  (registers the typed config schemas)
+import moe.engine.config  # noqa: F401  (registers the typed config schemas)
 from moe.errors import PoimoeError
 
 
 @hydra.main(version_base=None, config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from moe.evaluation import main as evaluate_main
+    from moe.engine.validation import main as evaluate_main
 
     try:
         results = evaluate_main(cfg)

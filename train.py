@@ -5,13 +5,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import moe.config  # noqa: F401  (registers the typed config schemas)
+import moe.engine.config  # noqa: F401  (registers the typed config schemas)
 from moe.errors import PoimoeError
 
 
 @hydra.main(version_base=None, config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from moe.training import train  # imported here so `--help` and `--cfg` stay fast
+    from moe.engine.loop import train  # imported here so `--help` and `--cfg` stay fast
 
     try:
         summary = train(cfg)
@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> float:
 
 
 def print_summary(summary: dict) -> None:
-    from moe.poi import format_summary
+    from moe.incentives.poi.scorer import format_summary
 
     print(f"\nrun dir: {summary['run_dir']}")
     for key, value in summary.items():
@@ -31,7 +31,7 @@ def print_summary(summary: dict) -> None:
     for line in format_summary(summary):
         print(line)
     if "rewards" in summary:
-        from moe.rewards import format_rewards
+        from moe.incentives.rewards import format_rewards
 
         print("\n".join(format_rewards(summary["rewards"])))
 

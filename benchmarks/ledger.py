@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from moe.consensus import yuma_epoch
+from moe.incentives.consensus import yuma_epoch
 from moe.ledger import LedgerConfig, RewardLedger, ValidatorSpec
 
 YUMA_TARGETS_MS = {(256, 64): 10.0, (4096, 256): 200.0}  # (miners, validators) -> ms

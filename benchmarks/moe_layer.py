@@ -15,7 +15,7 @@ from benchtools import interleaved_medians  # sibling module: scripts run as pyt
 import router
 from experts.modules import FFN
 from experts.pool import LocalPool
-from moe.layer import MoELayer
+from moe.nn.layer import MoELayer
 
 
 def naive_loop(layer: MoELayer, x_ND: torch.Tensor) -> torch.Tensor:

@@ -53,21 +53,21 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import moe.config  # noqa: F401  (registers the schemas)
+    import moe.engine.config  # noqa: F401  (registers the schemas)
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
         return hydra_compose(config_name="train", overrides=overrides)
 
 
 def build(scenario: list[str], variant: list[str], run_dir: Path, threads: int):
-    from moe.training import build_run
+    from moe.engine.loop import build_run
 
     cfg = compose([*scenario, *variant, f"run_dir={run_dir}", "trainer.progress=false", f"trainer.threads={threads}"])
     return build_run(cfg, run_dir)
 
 
 def timed_step(run) -> float:
-    from moe.training import train_step
+    from moe.engine.loop import train_step
 
     run.step += 1
     start = time.perf_counter()
@@ -91,7 +91,7 @@ def step_times(runs: dict, blocks: int, block: int) -> dict[str, float]:
 def view_seconds(run, scorer: str, samples: int) -> tuple[float, float]:
     """(seconds of one view, seconds of one plain evaluation forward on the same batch just before it):
     the ratio stays meaningful when other processes load the machine."""
-    from moe import poi
+    from moe.incentives.poi import scorer as poi
 
     cfg = poi.ShapleyConfig(samples=samples) if scorer == "shapley" else poi.LooConfig()
     batch = run.data.val_batches()[0]

@@ -23,7 +23,7 @@ import torch
 import router
 from experts.modules import FFN
 from experts.pool import LocalPool
-from moe.layer import MoELayer
+from moe.nn.layer import MoELayer
 
 TARGET_FRACTION = 0.10
 EXEMPT = {"base"}  # an exact balanced assignment per step: its cost is reported, not held to the target

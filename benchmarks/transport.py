@@ -37,9 +37,9 @@ from benchtools import median_seconds  # sibling module: scripts run as python b
 import router
 from experts.modules import FFN, ExpertsConfig
 from experts.pool import LocalPool, make_optimizer
-from experts.remote import ProcessTransport, ProcessTransportConfig
-from experts.wire import Kind, Message, decode, encode
-from moe.layer import MoELayer
+from experts.remote.client import ProcessTransport, ProcessTransportConfig
+from experts.remote.wire import Kind, Message, decode, encode
+from moe.nn.layer import MoELayer
 
 MESSAGE_SIZES = {"16 KB": 16 * 2**10, "1 MB": 2**20, "16 MB": 16 * 2**20}
 
@@ -97,7 +97,7 @@ def make_layer(args, pool) -> MoELayer:
 def layer_step(layer: MoELayer, x_BTD: torch.Tensor) -> None:
     out_BTD, _ = layer(x_BTD)
     out_BTD.square().mean().backward()
-    layer.pool.step()
+    layer.pool.step(0)
     layer.router.zero_grad(set_to_none=True)
 
 
@@ -175,7 +175,7 @@ def bench_hivemind(args) -> float | None:
 
 
 def bench_ours_at_hivemind_shape(args, transport: ProcessTransport) -> float:
-    # the trainer takes the cores the workers leave free, as `python train.py` does (moe.training.trainer_threads)
+    # the trainer takes the cores the workers leave free, as `python train.py` does (moe.engine.loop.trainer_threads)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers * args.threads))
     torch.manual_seed(0)
     experts = [FFN(HIDDEN, 4 * HIDDEN) for _ in range(EXPERTS)]

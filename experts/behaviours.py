@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe.errors import ConfigError
+from experts.errors import ConfigError
 
 VALID_SPECS = (
     "honest",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.errors import ConfigError
+from experts.errors import ConfigError
 
 
 class FFN(nn.Module):

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from moe.errors import ConfigError
+from experts.errors import ConfigError
 
 DISTRIBUTIONS = ("constant", "normal", "lognormal", "exponential")
 

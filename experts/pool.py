@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -37,20 +39,21 @@ class ExpertPool(ABC):
     num_experts: int
     last_failures: dict[int, str]
     failure_counts: Counter
-    current_step: int = 0  # the training step, set by the trainer before each forward; behaviours use it
-    # PoI takes extra gradients to the MoE layer outputs (taylor's curvature, fresh views). While
-    # `input_gradients_only` is set, a backward through this pool must only return input gradients:
-    # leave every owner's parameter gradients alone and keep the forward for the training backward.
-    # Pools that honour it say so with `repeatable_backward`; PoI skips the layers above the others.
+    # PoI takes extra gradients to the MoE layer outputs (taylor's curvature, fresh views). Inside
+    # `only_input_gradients()`, a backward through this pool must only return input gradients: leave
+    # every owner's parameter gradients alone and keep the forward for the training backward. Pools
+    # that honour it say so with `repeatable_backward`; PoI skips the layers above the others.
     repeatable_backward: bool = False
-    input_gradients_only: bool = False
+    _input_gradients_only: bool = False
 
     @abstractmethod
-    def forward(self, x_AD: torch.Tensor, plan: DispatchPlan) -> PoolOutput: ...
+    def forward(self, x_AD: torch.Tensor, plan: DispatchPlan, step: int = 0) -> PoolOutput:
+        """Each expert's output for its slice of `x_AD`; `step` is the training step the call belongs to
+        (behaviours such as `crash:s`, `stale:s` and their random draws depend on it)."""
 
     @abstractmethod
-    def step(self) -> None:
-        """Each owner clips, steps and zeroes its experts' gradients."""
+    def step(self, training_step: int) -> None:
+        """Each owner clips, steps and zeroes its experts' gradients after training step `training_step`."""
 
     @abstractmethod
     def state_dict(self) -> dict: ...
@@ -64,8 +67,17 @@ class ExpertPool(ABC):
     def close(self) -> None:  # noqa: B027  (optional hook)
         """Release workers, sockets or files."""
 
-    def __call__(self, x_AD: torch.Tensor, plan: DispatchPlan) -> PoolOutput:
-        return self.forward(x_AD, plan)
+    def __call__(self, x_AD: torch.Tensor, plan: DispatchPlan, step: int = 0) -> PoolOutput:
+        return self.forward(x_AD, plan, step)
+
+    @contextmanager
+    def only_input_gradients(self) -> Iterator[None]:
+        """Backward passes inside ask the owners for input gradients only (see `repeatable_backward`)."""
+        self._input_gradients_only = True
+        try:
+            yield
+        finally:
+            self._input_gradients_only = False
 
     def set_behaviours(self, behaviours: dict[int, Behaviour], *, seed: int, layer: str) -> None:
         """Expert e answers as `behaviours[e]` (honest where absent), with draws from (seed, layer, step, e)."""
@@ -145,7 +157,7 @@ class LocalPool(ExpertPool):
         self.behaviour_seed, self.layer_name = 0, ""
         self.simulated_latency_ms = 0.0  # slowest behaviour delay this step, in virtual time (no sleeping)
 
-    def forward(self, x_AD: torch.Tensor, plan: DispatchPlan) -> PoolOutput:
+    def forward(self, x_AD: torch.Tensor, plan: DispatchPlan, step: int = 0) -> PoolOutput:
         sizes = plan.split_sizes()
         x_slices = x_AD.split(sizes)
         failures = {}
@@ -153,7 +165,7 @@ class LocalPool(ExpertPool):
             row_bytes = x_AD.shape[-1] * x_AD.element_size()
             failures = self.network.deliver(plan.token_idx, sizes, plan.num_tokens, row_bytes)
         y_slices = [
-            x_aD.new_zeros(x_aD.shape) if e in failures else self.answer(e, x_aD, failures)
+            x_aD.new_zeros(x_aD.shape) if e in failures else self.answer(e, x_aD, step, failures)
             for e, x_aD in enumerate(x_slices)
         ]
         self.simulated_latency_ms = max(
@@ -169,7 +181,7 @@ class LocalPool(ExpertPool):
         answered_E[list(failures)] = False
         return PoolOutput(torch.cat(y_slices), answered_E.to(x_AD.device))
 
-    def answer(self, e: int, x_aD: torch.Tensor, failures: dict[int, str]) -> torch.Tensor:
+    def answer(self, e: int, x_aD: torch.Tensor, step: int, failures: dict[int, str]) -> torch.Tensor:
         """Expert e's reply under its behaviour; a behaviour's failure is recorded in `failures`."""
         behaviour = self.behaviours.get(e, HONEST)
         if behaviour == HONEST or x_aD.shape[0] == 0:
@@ -177,15 +189,15 @@ class LocalPool(ExpertPool):
         try:
             return answer_call(
                 self.experts[e], behaviour, x_aD, seed=self.behaviour_seed, layer=self.layer_name,
-                step=self.current_step, expert_idx=e, peer=lambda j, x_jD: self.experts[j](x_jD),
+                step=step, expert_idx=e, peer=lambda j, x_jD: self.experts[j](x_jD),
             )
         except ExpertFailure as failure:
             failures[e] = f"behaviour: {failure}"
             return x_aD.new_zeros(x_aD.shape)
 
-    def step(self) -> None:
+    def step(self, training_step: int) -> None:
         for e, (expert, optimizer) in enumerate(zip(self.experts, self.optimizers, strict=True)):
-            if not self.behaviours.get(e, HONEST).learns_at(self.current_step):
+            if not self.behaviours.get(e, HONEST).learns_at(training_step):
                 optimizer.zero_grad(set_to_none=True)  # a stale owner stopped learning
                 continue
             if self.grad_clip > 0:

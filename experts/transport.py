@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from experts.errors import ConfigError
 from experts.modules import ExpertsConfig
 from experts.network import NetworkConfig, VirtualNetwork, fault_policy, network_is_ideal
 from experts.pool import ExpertPool, LocalPool
-from moe.errors import ConfigError
 
 
 @dataclass
@@ -80,7 +80,7 @@ _TRANSPORTS: dict[str, tuple[type[TransportConfig], TransportFactory]] = {
 }
 
 
-BUILTIN_TRANSPORT_MODULES = ("experts.remote",)  # each registers its transports when imported
+BUILTIN_TRANSPORT_MODULES = ("experts.remote.client",)  # each registers its transports when imported
 
 
 def _import_builtin_transports() -> None:

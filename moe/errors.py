@@ -1,25 +1,15 @@
-"""User-facing errors: raised for bad input, reported by the CLIs as one line without a traceback."""
+"""User-facing errors of every package, in one place for the CLIs: raised for bad input, reported as one
+line without a traceback. Each package defines its own (`router.errors`, `experts.errors`)."""
 
+from experts.errors import CheckpointError, WireError
+from router.errors import ConfigError, PoimoeError
 
-class PoimoeError(Exception):
-    """Base class for errors caused by the user's input (config, files, checkpoints, ledgers)."""
-
-
-class ConfigError(PoimoeError):
-    """A config value is invalid; the message names the key and the bad value."""
+__all__ = ["CheckpointError", "ConfigError", "DataError", "LedgerError", "PoimoeError", "WireError"]
 
 
 class DataError(PoimoeError):
     """A data file is missing, empty or unreadable; the message names the file."""
 
 
-class CheckpointError(PoimoeError):
-    """A checkpoint is missing or corrupt; the message names the path."""
-
-
 class LedgerError(PoimoeError):
     """A ledger is tampered, locked or inconsistent; the message names the block or invariant."""
-
-
-class WireError(PoimoeError):
-    """A malformed network frame; the message says what was wrong with it."""

@@ -1,7 +1,7 @@
 """How tokens choose experts: strategies by registry name, all returning a `DispatchPlan`."""
 
 from router import (  # noqa: F401  (importing a strategy module registers it)
-    base,
+    base_layers,
     bias_balanced,
     expert_choice,
     gshard,

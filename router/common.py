@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.errors import ConfigError
+from router.errors import ConfigError
 from router.plan import DispatchPlan, build_plan
 from router.registry import RouterConfig
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING, OmegaConf
 from torch import nn
 
-from moe.errors import ConfigError
+from router.errors import ConfigError
 
 
 @dataclass

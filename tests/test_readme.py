@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from tests.conftest import REPO, compose
+from tests.helpers import REPO, compose
 
 README = (REPO / "README.md").read_text()
 

@@ -1,0 +1,401 @@
+"""Message framing between the trainer and its workers: fixed headers and raw tensor bytes, no pickle.
+
+A message is a list of ZeroMQ frames made of (header, payload) pairs. The first pair carries the
+message itself: its header names the kind, step, layer and expert, and its payload is a small UTF-8
+JSON object (`meta`; JSON is data, never code). Every further pair is one tensor: a header with its
+dtype, shape and byte length, then its raw bytes. Every header carries a checksum of itself and of
+its payload, so a truncated, garbled, oversized or unknown frame raises `WireError` when decoded and
+is counted by the receiver, which then carries on: nothing received from a peer is ever unpickled.
+
+Parameters and optimizer state cross the wire (and go to worker checkpoint files) as named tensors:
+their names are listed in `meta["names"]`, their non-tensor parts (param groups) as JSON.
+
+Legend: none: tensors here have any shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+
+import torch
+
+from experts.errors import CheckpointError, WireError
+
+try:  # xxh3 checksums ~50 GB/s, crc32 ~4 GB/s; receivers accept both, the header says which
+    import xxhash
+except ImportError:  # pragma: no cover - xxhash comes with `datasets`
+    xxhash = None
+
+MAGIC = b"PMOE"
+VERSION = 1
+MAX_NDIM = 6
+
+# magic, version, kind, dtype, ndim, checksum kind, step, layer, expert, payload bytes, payload checksum,
+# shape (MAX_NDIM dims, unused ones zero), then the crc32 of all the bytes before it.
+HEADER = struct.Struct(f"<4sBBBBB3xQIIQQ{MAX_NDIM}QI")
+
+
+class Kind(IntEnum):
+    """Message kinds; `→w` is trainer to worker, `→c` worker to coordinator (the trainer)."""
+
+    HELLO = 1  # →c: a worker registers: meta {name, pid, device, threads}
+    WELCOME = 2  # →w: registration accepted: meta {checkpoint_dir, heartbeat_interval, ...}
+    HOST = 3  # →w: host expert (layer, expert): meta {spec, optim, link, restore}, tensors = parameters
+    HOSTED = 4  # →c: hosted: meta {restored}
+    FORWARD = 5  # →w: tensors [x_aD] for one expert, one call; meta {keep, grad_input}
+    OUTPUT = 6  # →c: tensors [y_aD]
+    BACKWARD = 7  # →w: tensors [grad_y_aD] for the call named by `step`; meta {input_only} (optional)
+    GRAD_INPUT = 8  # →c: tensors [grad_x_aD] (none when the trainer asked for no input gradient)
+    STEP = 9  # →w: clip, step and zero this expert's optimizer
+    STEPPED = 10  # →c: meta {skipped: reason or null, grad_norm}
+    GET_STATE = 11  # →w: send this expert's parameters and optimizer state
+    STATE = 12  # →c: named tensors + meta {param_groups}
+    LOAD_STATE = 13  # →w: replace parameters and optimizer state (named tensors + meta)
+    LOADED = 14  # →c
+    CHECKPOINT = 15  # →w: write all hosted experts to the worker's own checkpoint
+    CHECKPOINTED = 16  # →c: meta {path}
+    HEARTBEAT = 17  # →c: meta {rejected, errors}
+    ECHO = 18  # →w: send the tensors straight back (benchmarks, health checks)
+    ECHOED = 19  # →c
+    TRAIN_MODE = 20  # →w: meta {mode}
+    SHUTDOWN = 21  # →w: exit now
+    REGISTER_AGAIN = 22  # →w: the coordinator does not know this peer (it restarted): send HELLO
+    ERROR = 23  # either way: meta {reason}; the request named by (step, layer, expert) failed
+
+
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 1,
+    torch.float64: 2,
+    torch.float16: 3,
+    torch.bfloat16: 4,
+    torch.int64: 5,
+    torch.int32: 6,
+    torch.int16: 7,
+    torch.int8: 8,
+    torch.uint8: 9,
+    torch.bool: 10,
+    torch.complex64: 11,
+    torch.complex128: 12,
+    torch.float8_e4m3fn: 13,
+    torch.float8_e5m2: 14,
+    torch.uint16: 15,
+    torch.uint32: 16,
+    torch.uint64: 17,
+}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+JSON_CODE = 0  # the payload is UTF-8 JSON, not a tensor
+
+CRC32, XXH3 = 1, 2
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    """What a receiver accepts; anything beyond is rejected before it is interpreted."""
+
+    max_tensor_bytes: int = 1 << 30
+    max_meta_bytes: int = 1 << 20
+    max_tensors: int = 4096
+
+
+@dataclass
+class Message:
+    kind: Kind
+    step: int = 0
+    layer: int = 0
+    expert: int = 0
+    meta: dict = field(default_factory=dict)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+    def named(self) -> dict[str, torch.Tensor]:
+        """The tensors by the names listed in `meta["names"]`."""
+        names = self.meta.get("names", [])
+        if not isinstance(names, list) or len(names) != len(self.tensors):
+            raise WireError(f"{len(self.tensors)} tensors but meta names {names!r:.80}")
+        return dict(zip(names, self.tensors, strict=True))
+
+
+def named_message(kind: Kind, tensors: dict[str, torch.Tensor], **fields) -> Message:
+    """A message carrying `tensors` by name (parameters, optimizer state)."""
+    meta = {**fields.pop("meta", {}), "names": list(tensors)}
+    return Message(kind, meta=meta, tensors=list(tensors.values()), **fields)
+
+
+def checksum(data, kind: int) -> int:
+    if kind == XXH3:
+        if xxhash is None:
+            raise WireError("frame uses an xxh3 checksum but xxhash is not installed here")
+        return xxhash.xxh3_64_intdigest(data)
+    if kind == CRC32:
+        return zlib.crc32(data)
+    raise WireError(f"unknown checksum kind {kind}")
+
+
+DEFAULT_CHECKSUM = XXH3 if xxhash is not None else CRC32
+
+
+def _pack_header(message: Message, dtype_code: int, shape: tuple[int, ...], payload) -> bytes:
+    if len(shape) > MAX_NDIM:
+        raise WireError(f"tensor of {len(shape)} dims; the wire carries at most {MAX_NDIM}")
+    dims = list(shape) + [0] * (MAX_NDIM - len(shape))
+    nbytes = len(payload)
+    head = HEADER.pack(
+        MAGIC,
+        VERSION,
+        int(message.kind),
+        dtype_code,
+        len(shape),
+        DEFAULT_CHECKSUM,
+        message.step,
+        message.layer,
+        message.expert,
+        nbytes,
+        checksum(payload, DEFAULT_CHECKSUM),
+        *dims,
+        0,
+    )
+    return head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's raw bytes in C order, without a copy when it is already contiguous on the CPU."""
+    flat = tensor.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def encode(message: Message) -> list:
+    """The frames of `message`: (header, payload) pairs; payloads are zero-copy views of tensors."""
+    meta = json.dumps(message.meta, separators=(",", ":")).encode()
+    frames = [_pack_header(message, JSON_CODE, (), meta), meta]
+    for tensor in message.tensors:
+        if tensor.dtype not in DTYPE_CODES:
+            raise WireError(f"dtype {tensor.dtype} cannot cross the wire")
+        payload = tensor_bytes(tensor)
+        frames += [_pack_header(message, DTYPE_CODES[tensor.dtype], tuple(tensor.shape), payload), payload]
+    return frames
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    kind: int
+    dtype_code: int
+    shape: tuple[int, ...]
+    step: int
+    layer: int
+    expert: int
+    payload_len: int
+    checksum_kind: int
+    checksum: int
+
+
+def _buffer(part) -> memoryview:
+    """A zmq.Frame, bytes or memoryview as a flat byte view."""
+    buf = part.buffer if hasattr(part, "buffer") else part
+    return memoryview(buf).cast("B")
+
+
+def unpack_header(part) -> FrameHeader:
+    raw = _buffer(part)
+    if len(raw) != HEADER.size:
+        raise WireError(f"header of {len(raw)} bytes, expected {HEADER.size}")
+    (
+        magic,
+        version,
+        kind,
+        dtype_code,
+        ndim,
+        checksum_kind,
+        step,
+        layer,
+        expert,
+        payload_len,
+        payload_sum,
+        *rest,
+    ) = HEADER.unpack(raw)
+    dims, header_crc = rest[:MAX_NDIM], rest[MAX_NDIM]
+    if magic != MAGIC:
+        raise WireError(f"bad magic {magic!r}")
+    if zlib.crc32(raw[:-4]) != header_crc:
+        raise WireError("header checksum mismatch (garbled header)")
+    if version != VERSION:
+        raise WireError(f"wire version {version}, this side speaks {VERSION}")
+    if kind not in Kind._value2member_map_:
+        raise WireError(f"unknown message kind {kind}")
+    if dtype_code != JSON_CODE and dtype_code not in CODE_DTYPES:
+        raise WireError(f"unknown dtype code {dtype_code}")
+    if ndim > MAX_NDIM:
+        raise WireError(f"ndim {ndim} > {MAX_NDIM}")
+    return FrameHeader(
+        kind, dtype_code, tuple(dims[:ndim]), step, layer, expert, payload_len, checksum_kind, payload_sum
+    )
+
+
+def _check_payload(header: FrameHeader, payload: memoryview, limit: int) -> None:
+    if header.payload_len > limit:
+        raise WireError(f"payload of {header.payload_len} bytes exceeds the limit of {limit}")
+    if len(payload) != header.payload_len:
+        raise WireError(f"payload of {len(payload)} bytes, header says {header.payload_len} (truncated?)")
+    if checksum(payload, header.checksum_kind) != header.checksum:
+        raise WireError("payload checksum mismatch (garbled payload)")
+
+
+def _tensor_from(header: FrameHeader, payload: memoryview) -> torch.Tensor:
+    dtype = CODE_DTYPES[header.dtype_code]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = 1
+    for dim in header.shape:
+        numel *= dim
+    if numel * itemsize != header.payload_len:
+        raise WireError(
+            f"shape {header.shape} of {dtype} needs {numel * itemsize} bytes, got {header.payload_len}"
+        )
+    if numel == 0:
+        return torch.empty(header.shape, dtype=dtype)
+    if payload.readonly:
+        payload = memoryview(bytearray(payload))
+    flat = torch.frombuffer(payload, dtype=torch.uint8)
+    if flat.data_ptr() % itemsize:  # zmq may hand out unaligned views into its receive buffer
+        flat = flat.clone()
+    return flat.view(dtype).reshape(header.shape)
+
+
+def decode(parts: list, limits: WireLimits = WireLimits()) -> Message:
+    """Parse frames into a `Message`, or raise `WireError` saying what was wrong with them."""
+    if len(parts) < 2 or len(parts) % 2:
+        raise WireError(f"{len(parts)} frames; a message is (header, payload) pairs")
+    if len(parts) // 2 - 1 > limits.max_tensors:
+        raise WireError(f"{len(parts) // 2 - 1} tensors exceed the limit of {limits.max_tensors}")
+    head = unpack_header(parts[0])
+    if head.dtype_code != JSON_CODE:
+        raise WireError("the first frame pair must carry JSON meta")
+    meta_bytes = _buffer(parts[1])
+    _check_payload(head, meta_bytes, limits.max_meta_bytes)
+    try:
+        meta = json.loads(bytes(meta_bytes))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WireError(f"meta is not JSON: {err}") from None
+    if not isinstance(meta, dict):
+        raise WireError("meta must be a JSON object")
+    message = Message(Kind(head.kind), head.step, head.layer, head.expert, meta)
+    for header_part, payload_part in zip(parts[2::2], parts[3::2], strict=True):
+        header = unpack_header(header_part)
+        if (header.kind, header.step, header.layer, header.expert) != (
+            head.kind,
+            head.step,
+            head.layer,
+            head.expert,
+        ):
+            raise WireError("tensor frame belongs to a different message")
+        if header.dtype_code == JSON_CODE:
+            raise WireError("a tensor frame pair carries JSON")
+        payload = _buffer(payload_part)
+        _check_payload(header, payload, limits.max_tensor_bytes)
+        message.tensors.append(_tensor_from(header, payload))
+    return message
+
+
+# --- parameters and optimizer state as named tensors -------------------------------------------------
+
+
+def optimizer_state_to_named(state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Split `optimizer.state_dict()` into named tensors (`state.<param>.<key>`) and JSON param groups."""
+    tensors = {}
+    for param_id, param_state in state["state"].items():
+        for key, value in param_state.items():
+            tensors[f"state.{param_id}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    groups = [
+        {k: list(v) if isinstance(v, tuple) else v for k, v in group.items()}
+        for group in state["param_groups"]
+    ]
+    return tensors, groups
+
+
+def optimizer_state_from_named(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
+    """Inverse of `optimizer_state_to_named`; raises WireError on names it does not understand."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        prefix, param_id, key = (name.split(".", 2) + ["", ""])[:3]
+        if prefix != "state" or not param_id.isdigit() or not key:
+            raise WireError(f"unexpected optimizer tensor name {name!r}")
+        state.setdefault(int(param_id), {})[key] = value
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise WireError("optimizer param_groups must be a list of objects")
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in groups]
+    return {"state": state, "param_groups": groups}
+
+
+def expert_state_message(kind: Kind, params: dict, optim_state: dict, **fields) -> Message:
+    """Parameters (`param.<name>`) and optimizer state (`optim.<...>`) of one expert in one message."""
+    optim_tensors, groups = optimizer_state_to_named(optim_state)
+    tensors = {f"param.{k}": v for k, v in params.items()} | {
+        f"optim.{k}": v for k, v in optim_tensors.items()
+    }
+    meta = {**fields.pop("meta", {}), "param_groups": groups}
+    return named_message(kind, tensors, meta=meta, **fields)
+
+
+def expert_state_from(message: Message) -> tuple[dict[str, torch.Tensor], dict]:
+    """(parameters, optimizer state dict) from a message made by `expert_state_message`."""
+    params, optim = {}, {}
+    for name, tensor in message.named().items():
+        if name.startswith("param."):
+            params[name[len("param.") :]] = tensor
+        elif name.startswith("optim."):
+            optim[name[len("optim.") :]] = tensor
+        else:
+            raise WireError(f"unexpected state tensor name {name!r}")
+    return params, optimizer_state_from_named(optim, message.meta.get("param_groups", []))
+
+
+# --- files of messages (worker checkpoints) ----------------------------------------------------------
+
+FILE_MAGIC = b"PMOEFILE"
+
+
+def save_messages(path: Path, messages: list[Message]) -> None:
+    """Write messages to `path` atomically: length-prefixed frames, the same bytes as on the wire."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as out:
+        out.write(FILE_MAGIC + struct.pack("<I", len(messages)))
+        for message in messages:
+            frames = encode(message)
+            out.write(struct.pack("<I", len(frames)))
+            for frame in frames:
+                out.write(struct.pack("<Q", len(frame)))
+                out.write(frame)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+def load_messages(path: Path, limits: WireLimits = WireLimits()) -> list[Message]:
+    """Read a file written by `save_messages`; raises CheckpointError naming the path if it is corrupt."""
+    path = Path(path)
+    try:
+        data = memoryview(path.read_bytes())
+        if bytes(data[:8]) != FILE_MAGIC:
+            raise WireError("not a poimoe message file")
+        (count,), offset = struct.unpack_from("<I", data, 8), 12
+        messages = []
+        for _ in range(count):
+            (num_frames,), offset = struct.unpack_from("<I", data, offset), offset + 4
+            frames = []
+            for _ in range(num_frames):
+                (size,), offset = struct.unpack_from("<Q", data, offset), offset + 8
+                if offset + size > len(data):
+                    raise WireError("file is truncated")
+                frames.append(data[offset : offset + size])
+                offset += size
+            messages.append(decode(frames, limits))
+        return messages
+    except (OSError, struct.error, WireError) as err:
+        raise CheckpointError(f"worker checkpoint {path} is unreadable: {err}") from None

@@ -1,0 +1,572 @@
+"""The miner: a worker process that hosts experts, owns their parameters and optimizers, serves their
+forward and backward over the wire, steps its own optimizers and checkpoints itself.
+
+    python -m experts.worker --coordinator tcp://HOST:PORT [--device cuda:1] [--threads 1] [--name w1]
+
+starts one by hand, on this host or another; the trainer spawns its local workers with the same
+command. A worker registers with the coordinator (HELLO → WELCOME); the coordinator then ships it
+the experts it should host (HOST). A worker that restarts under the same `--name` registers again,
+is sent its experts again and restores them from its own last checkpoint (`<run_dir>/workers/<name>/`).
+
+One thread: a loop polls the coordinator socket, answers requests in arrival order, sends replies
+the simulated network has delayed once they are due, heartbeats, and exits when its parent (the
+trainer that spawned it) is gone. Malformed frames and bad requests are answered with ERROR and
+counted; nothing a peer sends can crash the loop, and nothing it sends is unpickled.
+
+Legend: a rows routed to one expert in one call, D model width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import heapq
+import itertools
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import zmq
+from torch import nn
+
+from experts.behaviours import (
+    HONEST,
+    Behaviour,
+    Call,
+    ExpertFailure,
+    call_generator,
+    parse_behaviour,
+    run_expert,
+)
+from experts.errors import ConfigError, WireError
+from experts.modules import FFN
+from experts.network import Link, LinkSpec
+from experts.pool import make_optimizer
+from experts.remote.wire import (
+    Kind,
+    Message,
+    WireLimits,
+    decode,
+    encode,
+    expert_state_from,
+    expert_state_message,
+    load_messages,
+    save_messages,
+    unpack_header,
+)
+
+log = logging.getLogger("experts.remote.worker")
+
+CHECKPOINT_FILE = "experts.pmoe"
+HELLO_RETRY_S = 1.0
+LOOP_TICK_S = 0.25  # longest sleep between parent checks and heartbeats
+
+
+class RequestError(Exception):
+    """A well-formed request this worker cannot serve; answered with ERROR, never fatal."""
+
+
+def build_expert(spec: dict) -> nn.Module:
+    """The expert module a HOST spec describes (the trainer's `expert_spec` is the inverse)."""
+    if spec.get("kind") != "ffn":
+        raise RequestError(f"unknown expert kind {spec.get('kind')!r}")
+    return FFN(int(spec["d_model"]), int(spec["d_ff"]), str(spec.get("activation", "gelu")))
+
+
+@dataclass
+class HostedExpert:
+    layer_name: str
+    spec: dict
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    grad_clip: float
+    link: Link
+    steps: int = 0
+
+
+@dataclass
+class Settings:
+    """What the coordinator tells a worker in WELCOME (with safe defaults until then)."""
+
+    heartbeat_interval: float = 1.0
+    cache_size: int = 256
+    max_grad_norm: float = 1e4
+    checkpoint_dir: str | None = None
+
+
+class Worker:
+    def __init__(
+        self,
+        coordinator: str,
+        *,
+        name: str,
+        device: str,
+        threads: int,
+        parent_pid: int | None = None,
+        checkpoint_dir: str | None = None,
+        max_frame_mb: float = 1024,
+    ):
+        self.name, self.device, self.threads = name, torch.device(device), threads
+        self.parent_pid = parent_pid
+        self.fixed_checkpoint_dir = checkpoint_dir
+        self.settings = Settings(checkpoint_dir=checkpoint_dir)
+        self.limits = WireLimits(max_tensor_bytes=int(max_frame_mb * 2**20))
+        self.experts: dict[tuple[int, int], HostedExpert] = {}
+        self.cache: OrderedDict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.delayed: list[tuple[float, int, list]] = []  # (due, seq, frames) heap of held-back replies
+        self.sequence = itertools.count()
+        self.rejected: Counter = Counter()
+        self.errors = 0
+        self.registered = False
+        self.running = True
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_tensor_bytes + 4096)
+        self.socket.connect(coordinator)
+        self.last_hello = -math.inf
+        self.last_heartbeat = time.monotonic()
+        self.handlers = {
+            Kind.WELCOME: self.on_welcome,
+            Kind.HOST: self.on_host,
+            Kind.FORWARD: self.on_forward,
+            Kind.BACKWARD: self.on_backward,
+            Kind.STEP: self.on_step,
+            Kind.GET_STATE: self.on_get_state,
+            Kind.LOAD_STATE: self.on_load_state,
+            Kind.CHECKPOINT: self.on_checkpoint,
+            Kind.ECHO: self.on_echo,
+            Kind.TRAIN_MODE: self.on_train_mode,
+            Kind.SHUTDOWN: self.on_shutdown,
+            Kind.REGISTER_AGAIN: self.on_register_again,
+        }
+
+    # --- loop ------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        log.info("worker %s (pid %d) on %s, %d threads", self.name, os.getpid(), self.device, self.threads)
+        warm_up(self.device)
+        try:
+            while self.running and self.parent_alive():
+                now = time.monotonic()
+                if not self.registered and now - self.last_hello >= HELLO_RETRY_S:
+                    self.send_hello()
+                if self.socket.poll(self.poll_timeout_ms(now), zmq.POLLIN):
+                    self.handle(self.socket.recv_multipart(copy=False))
+                self.send_due_replies()
+                self.heartbeat_if_due()
+        finally:
+            self.socket.close(linger=0)
+            self.context.term()
+            log.info("worker %s stopped", self.name)
+
+    def parent_alive(self) -> bool:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            log.warning("parent %d is gone: exiting", self.parent_pid)
+            return False
+        return True
+
+    def poll_timeout_ms(self, now: float) -> int:
+        wait = min(LOOP_TICK_S, self.last_heartbeat + self.settings.heartbeat_interval - now)
+        if self.delayed:
+            wait = min(wait, self.delayed[0][0] - now)
+        return max(0, int(wait * 1000))
+
+    def handle(self, parts: list) -> None:
+        try:
+            message = decode(parts, self.limits)
+        except WireError as err:
+            self.rejected[str(err).split(" ")[0]] += 1
+            log.warning("rejected frame: %s", err)
+            self.reply(Message(Kind.ERROR, *_address_of(parts), meta={"reason": f"wire: {err}"}))
+            return
+        handler = self.handlers.get(message.kind)
+        try:
+            if handler is None:
+                raise RequestError(f"a worker does not accept {message.kind.name}")
+            handler(message)
+        except ExpertFailure as failure:  # the simulated miner gives no answer: not the request's fault
+            self.reply_error(message, f"behaviour: {failure}")
+        except Exception as err:  # a bad request must never take the worker down
+            self.errors += 1
+            log.warning(
+                "%s for layer %d expert %d failed: %s", message.kind.name, message.layer, message.expert, err
+            )
+            self.reply_error(
+                message, str(err) if isinstance(err, RequestError) else f"{type(err).__name__}: {err}"
+            )
+
+    def reply_error(self, message: Message, reason: str) -> None:
+        meta = {"reason": reason[:500], "request": message.kind.name}
+        self.reply(Message(Kind.ERROR, message.step, message.layer, message.expert, meta=meta))
+
+    def send(self, frames: list) -> None:
+        try:
+            self.socket.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:  # the coordinator is not reading; it will time this reply out
+            log.debug("send queue full; reply dropped")
+
+    def reply(self, message: Message, delay: float | None = 0.0) -> None:
+        """Send now, after `delay` seconds of simulated network, or never when `delay` is None (dropped)."""
+        if delay is None:
+            return
+        frames = encode(message)
+        if delay <= 0:
+            self.send(frames)
+        else:
+            heapq.heappush(self.delayed, (time.monotonic() + delay, next(self.sequence), frames))
+
+    def send_due_replies(self) -> None:
+        now = time.monotonic()
+        while self.delayed and self.delayed[0][0] <= now:
+            self.send(heapq.heappop(self.delayed)[2])
+
+    def heartbeat_if_due(self) -> None:
+        now = time.monotonic()
+        if self.registered and now - self.last_heartbeat >= self.settings.heartbeat_interval:
+            meta = {"rejected": sum(self.rejected.values()), "errors": self.errors, "cached": len(self.cache)}
+            self.send(encode(Message(Kind.HEARTBEAT, meta=meta)))
+            self.last_heartbeat = now
+
+    def send_hello(self) -> None:
+        meta = {
+            "name": self.name,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "device": str(self.device),
+            "threads": self.threads,
+        }
+        self.send(encode(Message(Kind.HELLO, meta=meta)))
+        self.last_hello = time.monotonic()
+
+    # --- registration and hosting ------------------------------------------------------------------
+
+    def on_welcome(self, message: Message) -> None:
+        meta = message.meta
+        self.settings = Settings(
+            heartbeat_interval=float(meta.get("heartbeat_interval", 1.0)),
+            cache_size=int(meta.get("cache_size", 256)),
+            max_grad_norm=float(meta.get("max_grad_norm", 1e4)),
+            checkpoint_dir=self.fixed_checkpoint_dir or meta.get("checkpoint_dir"),
+        )
+        self.registered = True
+        log.info("registered with the coordinator; checkpoints in %s", self.settings.checkpoint_dir)
+
+    def on_register_again(self, message: Message) -> None:
+        self.registered = False
+        self.send_hello()
+
+    def on_host(self, message: Message) -> None:
+        meta = message.meta
+        module = build_expert(meta["spec"]).to(self.device)
+        module.load_state_dict(message.named(), strict=True)
+        optim = meta["optim"]
+        hosted = HostedExpert(
+            layer_name=str(meta["layer_name"]),
+            spec=meta["spec"],
+            module=module,
+            optimizer=make_optimizer(module, float(optim["lr"]), float(optim["weight_decay"])),
+            grad_clip=float(optim["grad_clip"]),
+            link=Link(
+                LinkSpec(**meta.get("link", {})),
+                f"{meta.get('link_seed', 0)}/{meta['layer_name']}/{message.expert}",
+            ),
+        )
+        restored = bool(meta.get("restore")) and self.restore(hosted, message.expert)
+        self.experts[(message.layer, message.expert)] = hosted
+        self.reply(
+            Message(Kind.HOSTED, message.step, message.layer, message.expert, meta={"restored": restored})
+        )
+
+    def restore(self, hosted: HostedExpert, expert: int) -> bool:
+        """Load `hosted` from this worker's own last checkpoint, if it has one for that expert."""
+        path = self.checkpoint_path()
+        if path is None or not path.exists():
+            return False
+        for saved in load_messages(path, self.limits):
+            if saved.meta.get("layer_name") == hosted.layer_name and saved.expert == expert:
+                if saved.meta.get("spec") != hosted.spec:
+                    log.warning(
+                        "checkpoint of %s/%d has another shape; starting fresh", hosted.layer_name, expert
+                    )
+                    return False
+                self.load_state(hosted, saved)
+                hosted.steps = int(saved.meta.get("steps", 0))
+                log.info("restored %s/%d from %s (step %d)", hosted.layer_name, expert, path, hosted.steps)
+                return True
+        return False
+
+    def checkpoint_path(self) -> Path | None:
+        folder = self.settings.checkpoint_dir
+        return None if folder is None else Path(folder) / CHECKPOINT_FILE
+
+    def expert_of(self, message: Message) -> HostedExpert:
+        hosted = self.experts.get((message.layer, message.expert))
+        if hosted is None:
+            raise RequestError(f"unknown expert {message.expert} of layer {message.layer}")
+        return hosted
+
+    # --- compute -----------------------------------------------------------------------------------
+
+    def on_forward(self, message: Message) -> None:
+        hosted = self.expert_of(message)
+        x_aD = self.single_tensor(message)
+        width = int(hosted.spec["d_model"])
+        if x_aD.ndim != 2 or x_aD.shape[1] != width or not x_aD.is_floating_point():
+            raise RequestError(f"input {x_aD.dtype}{tuple(x_aD.shape)}; expected a float [rows, {width}]")
+        x_aD = x_aD.to(self.device)
+        behaviour = behaviour_of(message.meta)
+        keep = bool(message.meta.get("keep", False))
+        if keep:
+            x_aD = x_aD.detach().requires_grad_(bool(message.meta.get("grad_input", True)))
+        with torch.set_grad_enabled(keep):
+            y_aD = self.answer(hosted, behaviour, x_aD, message)
+        if keep:
+            self.cache_put((message.step, message.layer, message.expert), x_aD, y_aD)
+        delay = hosted.link.sample(x_aD.numel() * x_aD.element_size(), y_aD.numel() * y_aD.element_size())
+        if delay is not None:
+            delay += behaviour.latency_ms / 1e3
+        self.reply(
+            Message(Kind.OUTPUT, message.step, message.layer, message.expert, tensors=[y_aD.detach()]), delay
+        )
+
+    def answer(self, hosted: HostedExpert, behaviour: Behaviour, x_aD: torch.Tensor, message: Message):
+        """The expert's output under the behaviour the simulation gives this miner (honest by default)."""
+        if behaviour == HONEST:
+            return hosted.module(x_aD)
+        step = int(message.meta.get("step", 0))
+        generator = call_generator(int(message.meta.get("seed", 0)), hosted.layer_name, step, message.expert)
+        peer = None
+        if behaviour.kind == "copycat" and (message.layer, int(behaviour.arg)) in self.experts:
+            peer = lambda j, x_jD: self.experts[(message.layer, j)].module(x_jD)  # only experts hosted here
+        return run_expert(hosted.module, behaviour, x_aD, Call(step, message.expert, generator, peer))
+
+    def cache_put(self, key: tuple[int, int, int], x_aD: torch.Tensor, y_aD: torch.Tensor) -> None:
+        self.cache[key] = (x_aD, y_aD)
+        while len(self.cache) > self.settings.cache_size:
+            self.cache.popitem(last=False)
+
+    def on_backward(self, message: Message) -> None:
+        """grad_in for a kept forward; parameter gradients accumulate and the forward is dropped, except
+        with meta `input_only` (PoI's extra backwards), which leaves both as they were."""
+        hosted = self.expert_of(message)
+        key = (message.step, message.layer, message.expert)
+        if key not in self.cache:
+            raise RequestError(f"no kept forward for call {message.step} (evicted or never made)")
+        input_only = bool(message.meta.get("input_only", False))
+        x_aD, y_aD = self.cache[key] if input_only else self.cache.pop(key)
+        grad_y_aD = self.single_tensor(message).to(self.device)
+        self.check_gradient(grad_y_aD, y_aD)
+        if input_only:
+            tensors = [self.input_gradient(x_aD, y_aD, grad_y_aD)] if x_aD.requires_grad else []
+        else:
+            if y_aD.requires_grad:  # not so when a behaviour answered without the expert (lazy, copycat)
+                torch.autograd.backward(y_aD, grad_y_aD)
+            tensors = []
+            if x_aD.requires_grad:
+                tensors = [x_aD.grad if x_aD.grad is not None else torch.zeros_like(x_aD)]
+        delay = hosted.link.sample(
+            grad_y_aD.numel() * grad_y_aD.element_size(), sum(t.numel() * t.element_size() for t in tensors)
+        )
+        self.reply(
+            Message(Kind.GRAD_INPUT, message.step, message.layer, message.expert, tensors=tensors), delay
+        )
+
+    @staticmethod
+    def input_gradient(x_aD: torch.Tensor, y_aD: torch.Tensor, grad_y_aD: torch.Tensor) -> torch.Tensor:
+        """d(y·grad_y)/dx with the graph kept and no `.grad` written (x's nor any parameter's)."""
+        if not y_aD.requires_grad:
+            return torch.zeros_like(x_aD)
+        (grad,) = torch.autograd.grad(y_aD, x_aD, grad_y_aD, retain_graph=True, allow_unused=True)
+        return grad if grad is not None else torch.zeros_like(x_aD)
+
+    def check_gradient(self, grad_y_aD: torch.Tensor, y_aD: torch.Tensor) -> None:
+        """Reject a gradient that would poison the optimizer: wrong shape, non-finite or absurdly large."""
+        if grad_y_aD.shape != y_aD.shape or grad_y_aD.dtype != y_aD.dtype:
+            raise RequestError(
+                f"gradient {grad_y_aD.dtype}{tuple(grad_y_aD.shape)} for output {y_aD.dtype}{tuple(y_aD.shape)}"
+            )
+        norm = float(grad_y_aD.float().norm())
+        if not math.isfinite(norm):
+            raise RequestError("non-finite gradient rejected")
+        if self.settings.max_grad_norm > 0 and norm > self.settings.max_grad_norm:
+            raise RequestError(f"gradient norm {norm:.3g} above max_grad_norm rejected")
+
+    def on_step(self, message: Message) -> None:
+        """The owner's step, as `LocalPool.step`: clip, step, zero; a non-finite gradient skips it."""
+        hosted = self.expert_of(message)
+        if not message.meta.get("learns", True):  # a stale miner has stopped stepping
+            hosted.optimizer.zero_grad(set_to_none=True)
+            self.reply(
+                Message(Kind.STEPPED, message.step, message.layer, message.expert, meta={"skipped": None})
+            )
+            return
+        if message.meta.get("zero_missing_grads"):  # called with no tokens: in-process it gets zeros
+            for param in hosted.module.parameters():
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+        params = [p for p in hosted.module.parameters() if p.grad is not None]
+        skipped, norm = None, 0.0
+        if params:
+            if hosted.grad_clip > 0:
+                norm = float(nn.utils.clip_grad_norm_(hosted.module.parameters(), hosted.grad_clip))
+            else:
+                norm = float(nn.utils.get_total_norm([p.grad for p in params]))
+            if not math.isfinite(norm):
+                skipped = "non-finite gradient"
+        if skipped is None:
+            hosted.optimizer.step()
+            hosted.steps += 1
+        hosted.optimizer.zero_grad(set_to_none=True)
+        meta = {"skipped": skipped, "grad_norm": norm if math.isfinite(norm) else None, "steps": hosted.steps}
+        self.reply(Message(Kind.STEPPED, message.step, message.layer, message.expert, meta=meta))
+
+    def single_tensor(self, message: Message) -> torch.Tensor:
+        if len(message.tensors) != 1:
+            raise RequestError(f"{message.kind.name} needs one tensor, got {len(message.tensors)}")
+        return message.tensors[0]
+
+    # --- state -------------------------------------------------------------------------------------
+
+    def on_get_state(self, message: Message) -> None:
+        hosted = self.expert_of(message)
+        self.reply(self.state_message(Kind.STATE, message.layer, message.expert, hosted, step=message.step))
+
+    def state_message(
+        self, kind: Kind, layer: int, expert: int, hosted: HostedExpert, step: int = 0
+    ) -> Message:
+        params = {k: v.detach().cpu() for k, v in hosted.module.state_dict().items()}
+        meta = {"layer_name": hosted.layer_name, "spec": hosted.spec, "steps": hosted.steps}
+        return expert_state_message(
+            kind, params, hosted.optimizer.state_dict(), meta=meta, step=step, layer=layer, expert=expert
+        )
+
+    def on_load_state(self, message: Message) -> None:
+        self.load_state(self.expert_of(message), message)
+        self.reply(Message(Kind.LOADED, message.step, message.layer, message.expert))
+
+    def load_state(self, hosted: HostedExpert, message: Message) -> None:
+        params, optimizer_state = expert_state_from(message)
+        hosted.module.load_state_dict({k: v.to(self.device) for k, v in params.items()}, strict=True)
+        hosted.optimizer.load_state_dict(optimizer_state)
+
+    def on_checkpoint(self, message: Message) -> None:
+        path = self.checkpoint_path()
+        if path is None:  # a run without a run dir keeps no checkpoints
+            self.reply(Message(Kind.CHECKPOINTED, message.step, meta={"path": None, "experts": 0}))
+            return
+        saved = [
+            self.state_message(Kind.STATE, layer, expert, hosted)
+            for (layer, expert), hosted in self.experts.items()
+        ]
+        save_messages(path, saved)
+        self.reply(Message(Kind.CHECKPOINTED, message.step, meta={"path": str(path), "experts": len(saved)}))
+
+    # --- control -----------------------------------------------------------------------------------
+
+    def on_echo(self, message: Message) -> None:
+        self.reply(
+            Message(
+                Kind.ECHOED,
+                message.step,
+                message.layer,
+                message.expert,
+                meta=message.meta,
+                tensors=message.tensors,
+            )
+        )
+
+    def on_train_mode(self, message: Message) -> None:
+        for (layer, _), hosted in self.experts.items():
+            if layer == message.layer:
+                hosted.module.train(bool(message.meta.get("mode", True)))
+
+    def on_shutdown(self, message: Message) -> None:
+        self.running = False
+
+
+def behaviour_of(meta: dict) -> Behaviour:
+    """The behaviour a FORWARD asks this miner to simulate; an unknown one is a bad request."""
+    spec = meta.get("behaviour")
+    if spec is None:
+        return HONEST
+    try:
+        return parse_behaviour(str(spec))
+    except ConfigError as err:
+        raise RequestError(str(err)) from None
+
+
+def warm_up(device: torch.device) -> None:
+    """Pay one-off costs (the optimizer's first use imports torch._dynamo: seconds) before registering,
+    so a worker serving its first request is never silent long enough to look dead."""
+    module = FFN(4, 4).to(device)
+    optimizer = make_optimizer(module, lr=1e-3, weight_decay=0.0)
+    module(torch.zeros(2, 4, device=device)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _address_of(parts: list) -> tuple[int, int, int]:
+    """(step, layer, expert) of a rejected message when its first header is readable, so the sender
+    can match the ERROR to its request; zeros otherwise."""
+    try:
+        header = unpack_header(parts[0])
+        return header.step, header.layer, header.expert
+    except (WireError, IndexError):
+        return 0, 0, 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m experts.worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--coordinator", required=True, help="tcp://HOST:PORT or ipc://PATH of the trainer")
+    parser.add_argument(
+        "--name", default=None, help="stable worker name; reuse it to rejoin (default host-pid)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:i")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--checkpoint-dir", default=None, help="own checkpoint folder (default: given by the trainer)"
+    )
+    parser.add_argument(
+        "--parent-pid", type=int, default=None, help="exit when this process is no longer the parent"
+    )
+    parser.add_argument("--max-frame-mb", type=float, default=1024.0, help="largest tensor frame accepted")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a worker until SHUTDOWN, Ctrl-C, or its parent's death; then exit at once with status 0."""
+    args = parse_args(argv)
+    name = args.name or f"{socket.gethostname()}-{os.getpid()}"
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s worker[{name}] %(levelname)s %(message)s")
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a stuck worker is
+    torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))
+    worker = Worker(
+        args.coordinator,
+        name=name,
+        device=args.device,
+        threads=args.threads,
+        parent_pid=args.parent_pid,
+        checkpoint_dir=args.checkpoint_dir,
+        max_frame_mb=args.max_frame_mb,
+    )
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        log.info("interrupted")
+    logging.shutdown()
+    os._exit(0)  # nothing is left to flush; skipping torch's interpreter teardown saves a second
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Glue between a training run and its reward ledger: who the miners are and what validators see.
+
+Each MoE layer is a subnet whose miners are its experts. Validator 0 is the training run itself and
+submits its running PoI scores; every other validator that needs a view measures one on its own
+evaluation batch. Without a PoI scorer (`poi=null`) validators see each expert's gate mass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from experts.behaviours import parse_behaviours
+from moe.incentives.ledger.writer import TOKEN, RewardLedger, as_ledger_config
+
+LEDGER_FILE = "ledger.sqlite"
+
+ScoreView = Callable[[int], dict[str, torch.Tensor]]
+
+
+def open_run_ledger(run, resume_step: int | None) -> RewardLedger | None:
+    """The run's ledger (`run_dir/ledger.sqlite`), or None when `ledger=null` or `ledger.enabled=false`."""
+    if run.cfg.get("ledger") is None or not run.cfg.ledger.enabled:
+        return None
+    return RewardLedger(
+        Path(run.run_dir) / LEDGER_FILE,
+        as_ledger_config(run.cfg.ledger),
+        subnets=miner_labels(run),
+        seed=run.cfg.seed,
+        resume_step=resume_step,
+    )
+
+
+def miner_labels(run) -> dict[str, list[str]]:
+    """Per layer, each expert's behaviour label (`honest`, `lazy`, ...), for reward-by-behaviour tables."""
+    behaviours = parse_behaviours(run.cfg.experts.behaviours, run.cfg.experts.num)
+    labels = [behaviours[e].kind if e in behaviours else "honest" for e in range(run.cfg.experts.num)]
+    return {layer.name: list(labels) for layer in run.layers}
+
+
+def score_view(run) -> ScoreView:
+    """Validator v's view per layer: v = 0 is the run's EMA PoI; others measure on their own batch."""
+    cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def view(validator: int) -> dict[str, torch.Tensor]:
+        if validator not in cache:
+            cache[validator] = _measure(run, validator)
+        return cache[validator]
+
+    return view
+
+
+def _measure(run, validator: int) -> dict[str, torch.Tensor]:
+    if run.scorer is None:
+        return gate_mass(run)
+    if validator == 0:
+        return run.scorer.scores()
+    batches = run.data.val_batches()
+    return run.scorer.view(batches[validator % len(batches)], step=run.step)
+
+
+def gate_mass(run) -> dict[str, torch.Tensor]:
+    """Each expert's share of this step's gate mass: the non-loss-based fallback view."""
+    views = {}
+    for layer in run.layers:
+        plan = layer.last_plan
+        views[layer.name] = torch.zeros(plan.num_experts).index_add(
+            0, plan.expert_idx.cpu(), plan.gate.detach().float().cpu()
+        )
+    return views
+
+
+def step_failures(run) -> dict[str, torch.Tensor]:
+    """Per layer, 1 for each expert that failed to answer this step (timeouts, rejected outputs)."""
+    failures = {}
+    for layer in run.layers:
+        evidence = layer.evidence
+        answered_E = evidence.answered_E if evidence is not None else torch.ones(layer.pool.num_experts, dtype=torch.bool)
+        failures[layer.name] = (~answered_E).long().cpu()
+    return failures
+
+
+def format_rewards(rewards: dict) -> list[str]:
+    """A short reward summary for the end of a run: issuance, blocks, balances by role and behaviour."""
+    lines = [
+        f"Rewards: {rewards['blocks']} blocks, {rewards['epochs']} epochs, issuance "
+        f"{rewards['issuance_tokens']:.3f} tokens, burned {rewards['burned_tokens']:.3f}"
+    ]
+    for title, table in (("by role", rewards["by_role"]), ("by behaviour", rewards["by_behaviour"])):
+        cells = "   ".join(f"{name} {amount['tokens']:.3f}" for name, amount in sorted(table.items()))
+        lines.append(f"  {title:13s} {cells}")
+    return lines
+
+
+def reward_metrics(rewards: dict) -> dict[str, float]:
+    """`rewards/...` metrics from a ledger summary: issuance, balances by role and behaviour (tokens),
+    and the last epoch's consensus and incentive per miner of every subnet."""
+    metrics = {"rewards/issuance": rewards["issuance_tokens"], "rewards/blocks": rewards["blocks"]}
+    for group in ("by_role", "by_behaviour"):
+        for name, amount in rewards[group].items():
+            metrics[f"rewards/balance/{name}"] = amount["tokens"]
+    for subnet, epoch in rewards.get("last_epoch", {}).items():
+        for key in ("consensus", "incentive"):
+            for miner, value in enumerate(epoch.get(key, [])):
+                metrics[f"rewards/{key}/{subnet}/{miner}"] = value
+    return metrics
+
+
+def rewards_section(run_dir: Path, out_dir: Path) -> list[str]:
+    """The report's rewards section: balances by role and behaviour, emission per block (plot), and
+    the last epoch's consensus and incentive per miner. Empty when the run kept no ledger."""
+    from moe.incentives.ledger.writer import iter_blocks, read_summary
+
+    path = Path(run_dir) / LEDGER_FILE
+    if not path.exists():
+        return []
+    rewards = read_summary(path)
+    lines = ["", "## Rewards", "", f"{rewards['blocks']} blocks, {rewards['epochs']} epochs, issuance "
+             f"{rewards['issuance_tokens']:.3f} tokens, burned {rewards['burned_tokens']:.3f} tokens.", ""]
+    lines += ["| account | tokens |", "|---|---|"]
+    for group in ("by_role", "by_behaviour"):
+        lines += [f"| {name} | {amount['tokens']:.6f} |" for name, amount in sorted(rewards[group].items())]
+    for subnet, epoch in rewards.get("last_epoch", {}).items():
+        lines += ["", f"Last epoch of subnet `{subnet}` (block {epoch['block']}):", ""]
+        lines += ["| miner | consensus | incentive |", "|---|---|---|"]
+        lines += [f"| {m} | {c:.4f} | {i:.4f} |" for m, (c, i) in enumerate(zip(epoch["consensus"], epoch["incentive"], strict=True))]
+    figure = plot_emission(list(iter_blocks(path)), Path(out_dir) / "emission.png")
+    return [*lines, "", f"![emission per block]({figure.name})"]
+
+
+def plot_emission(blocks: list[tuple[int, int, int, int, int]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    height = [b[0] for b in blocks]
+    fig, (ax_emission, ax_issuance) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_emission.plot(height, [b[2] / TOKEN for b in blocks])
+    ax_emission.set(xlabel="block", ylabel="emission (tokens)", title="emission per block")
+    ax_issuance.plot(height, [b[3] / TOKEN for b in blocks])
+    ax_issuance.set(xlabel="block", ylabel="tokens", title="total issuance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

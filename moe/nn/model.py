@@ -1,0 +1,162 @@
+"""Models: a small decoder-only byte LM whose FFNs are MoE layers, and an MLP with one MoE layer.
+
+Legend: B batch, T time, D model width, H heads, V vocab, I/O regression input/output width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from moe.errors import ConfigError
+from moe.nn.layer import MoELayer
+
+MoEFactory = Callable[[str, int], MoELayer]  # (layer name, d_model) -> layer
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "auto"  # auto (by the data's task) | transformer | mlp
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    moe_layers: list[int] | None = None  # transformer blocks with an MoE FFN; None = every block
+    dense_d_ff: int = 512  # FFN width of the blocks without MoE
+    max_seq_len: int = 512
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        if d_model % n_heads:
+            raise ConfigError(f"model.d_model={d_model} is not divisible by model.n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        q_BHTd, k_BHTd, v_BHTd = rearrange(
+            self.qkv(x_BTD), "b t (three h d) -> three b h t d", three=3, h=self.n_heads
+        )
+        y_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, is_causal=True)
+        return self.proj(rearrange(y_BHTd, "b h t d -> b t (h d)"))
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+
+    def forward(self, x_BTD: torch.Tensor, token_ids_BT=None, step: int = 0) -> tuple[torch.Tensor, dict]:
+        return self.net(x_BTD), {}
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(d_model)
+        self.attn = Attention(d_model, n_heads)
+        self.ln_ffn = nn.LayerNorm(d_model)
+        self.ffn = ffn
+
+    def forward(self, x_BTD: torch.Tensor, token_ids_BT: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, dict]:
+        x_BTD = x_BTD + self.attn(self.ln_attn(x_BTD))
+        y_BTD, aux = self.ffn(self.ln_ffn(x_BTD), token_ids_BT, step)
+        return x_BTD + y_BTD, aux
+
+
+class MoEModel(nn.Module):
+    """Common surface for the trainer: `forward(inputs, step=0) -> (prediction, aux losses)` and
+    `moe_layers()`. `step` is the training step, passed down to every expert pool call."""
+
+    task: str
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [m for m in self.modules() if isinstance(m, MoELayer)]
+
+    def loss_per_example(self, pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean loss per example [B]: next-byte cross-entropy (nats) or mean squared error."""
+        if self.task == "lm":
+            loss_BT = F.cross_entropy(
+                rearrange(pred.float(), "b t v -> b v t"), targets, reduction="none"
+            )
+            return loss_BT.mean(-1)
+        return (pred.float() - targets).square().mean(-1)
+
+
+class TransformerLM(MoEModel):
+    task = "lm"
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, make_moe: MoEFactory):
+        super().__init__()
+        moe_blocks = set(range(cfg.n_layers) if cfg.moe_layers is None else cfg.moe_layers)
+        bad = sorted(i for i in moe_blocks if not 0 <= i < cfg.n_layers)
+        if bad:
+            raise ConfigError(f"model.moe_layers {bad} out of range for model.n_layers={cfg.n_layers}")
+        self.max_seq_len = cfg.max_seq_len
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(
+            Block(
+                cfg.d_model,
+                cfg.n_heads,
+                make_moe(f"layer{i}", cfg.d_model) if i in moe_blocks else DenseFFN(cfg.d_model, cfg.dense_d_ff),
+            )
+            for i in range(cfg.n_layers)
+        )
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
+
+    def forward(self, tokens_BT: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        seq_len = tokens_BT.shape[1]
+        if seq_len > self.max_seq_len:
+            raise ConfigError(f"sequence length {seq_len} exceeds model.max_seq_len={self.max_seq_len}")
+        x_BTD = self.embed(tokens_BT) + self.pos(torch.arange(seq_len, device=tokens_BT.device))
+        aux_losses: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            x_BTD, aux = block(x_BTD, tokens_BT, step)
+            aux_losses.update({f"layer{i}/{name}": loss for name, loss in aux.items()})
+        logits_BTV = F.linear(self.ln_f(x_BTD), self.embed.weight)  # tied embedding
+        return logits_BTV, aux_losses
+
+
+class MixtureMLP(MoEModel):
+    """in-projection → one residual MoE layer → out-projection, for the `clusters` regression task."""
+
+    task = "regression"
+
+    def __init__(self, cfg: ModelConfig, input_dim: int, output_dim: int, make_moe: MoEFactory):
+        super().__init__()
+        self.inp = nn.Sequential(nn.Linear(input_dim, cfg.d_model), nn.GELU())
+        self.ln = nn.LayerNorm(cfg.d_model)
+        self.moe = make_moe("layer0", cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, output_dim)
+
+    def forward(self, x_BI: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        h_BD = self.inp(x_BI)
+        y_B1D, aux = self.moe(self.ln(h_BD)[:, None, :], None, step)
+        h_BD = h_BD + y_B1D[:, 0, :]
+        return self.out(h_BD), {f"layer0/{name}": loss for name, loss in aux.items()}
+
+
+ARCHS = {"transformer": "lm", "mlp": "regression"}
+
+
+def build_model(cfg: ModelConfig, data, make_moe: MoEFactory) -> MoEModel:
+    """The architecture follows the data's task unless `model.arch` names one explicitly."""
+    arch = cfg.arch
+    if arch == "auto":
+        arch = "transformer" if data.task == "lm" else "mlp"
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown model.arch '{cfg.arch}'; valid: auto, {', '.join(ARCHS)}")
+    if ARCHS[arch] != data.task:
+        raise ConfigError(f"model.arch={arch} does not fit data task '{data.task}'; use model.arch=auto")
+    if arch == "transformer":
+        return TransformerLM(cfg, data.vocab_size, make_moe)
+    return MixtureMLP(cfg, data.input_dim, data.output_dim, make_moe)

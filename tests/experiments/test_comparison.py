@@ -1,0 +1,142 @@
+"""Sweep comparison on synthetic Hydra multirun dirs: the table's numbers, the plots, and every odd run named."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from moe.errors import DataError
+from moe.experiments.comparison import compare_sweep
+
+LAYERS = ("layer0", "layer1")
+
+
+def write_job(
+    sweep: Path,
+    job: int,
+    overrides: list[str],
+    *,
+    final_loss: float,
+    load_cv: tuple[float, float] = (0.2, 0.4),
+    complete: bool = True,
+    metrics: bool = True,
+) -> Path:
+    """A job dir as the trainer leaves it: overrides, metrics.jsonl (train + val events), summary.json."""
+    job_dir = sweep / str(job)
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    events = []
+    for step in (10, 20, 30):
+        scale = 30 / step
+        train = {"step": step, "train/loss": final_loss * scale, "perf/tokens_per_s": 1000.0}
+        for layer, cv in zip(LAYERS, load_cv, strict=True):
+            train |= {
+                f"router/{layer}/load_cv": cv * scale,
+                f"router/{layer}/max_vio": 2 * cv * scale,
+                f"router/{layer}/dropped_frac": cv / 10,
+            }
+        events += [
+            train,
+            {"step": step, "val/loss": final_loss * scale, "val/bpb": final_loss * scale / 0.69},
+        ]
+    if metrics:
+        (job_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    if complete:
+        summary = {
+            "step": 30,
+            "val/loss": final_loss,
+            "val/bpb": final_loss / 0.69,
+            "perf/tokens_per_s": 1000.0 + job,
+        }
+        (job_dir / "summary.json").write_text(json.dumps(summary))
+    return job_dir
+
+
+def table_rows(report: str) -> dict[str, list[str]]:
+    """Rows of the comparison table keyed by their run label, as lists of cells."""
+    lines = report.split("| run | seeds |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    return {
+        cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)
+    }
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    losses = {"switch": [2.0, 2.2, 2.4], "topk": [1.5, 1.6, 1.7]}
+    job = 0
+    for router, per_seed in losses.items():
+        for seed, loss in enumerate(per_seed):
+            write_job(tmp_path, job, [f"router={router}", f"seed={seed}"], final_loss=loss)
+            job += 1
+    return tmp_path
+
+
+def test_one_row_per_config_with_mean_and_std_over_seeds(sweep):
+    out = compare_sweep(sweep)
+    assert out == sweep / "comparison.md"
+    report = out.read_text()
+    rows = table_rows(report)
+    assert set(rows) == {"router=switch", "router=topk"}
+    seeds, val_loss, bpb, load_cv, max_vio, dropped, tokens = rows["router=switch"]
+    assert seeds == "0, 1, 2"
+    assert val_loss == f"{statistics.fmean([2.0, 2.2, 2.4]):.4f} ± {statistics.stdev([2.0, 2.2, 2.4]):.4f}"
+    assert bpb.startswith(f"{2.2 / 0.69:.4f} ±")
+    assert load_cv == "0.300 ± 0.000"  # the last logged value, averaged over the two layers
+    assert max_vio == "0.600 ± 0.000"
+    assert dropped == "3.00 ± 0.00"
+    assert tokens == "1001 ± 1"
+    assert "Found 6 job dirs: 6 complete, 0 failed" in report
+
+
+def test_plots_are_written_next_to_the_report(sweep):
+    report = compare_sweep(sweep).read_text()
+    for plot in ("val_loss.png", "load_cv.png"):
+        assert (sweep / plot).stat().st_size > 1000
+        assert f"({plot})" in report
+
+
+def test_failed_and_metricless_runs_are_named_not_skipped(sweep):
+    write_job(sweep, 6, ["router=base", "seed=0"], final_loss=9.0, complete=False)
+    write_job(sweep, 7, ["router=base", "seed=1"], final_loss=3.0, metrics=False)
+    (sweep / "8").mkdir()  # a job that died before Hydra wrote anything
+    report = compare_sweep(sweep).read_text()
+    assert "Found 9 job dirs: 7 complete, 2 failed (jobs 6, 8)" in report
+    assert "1 complete without metrics (jobs 7)" in report
+    rows = table_rows(report)
+    assert rows["router=base"][0] == "1"  # only the complete seed
+    assert rows["router=base"][1] == "3.0000"
+    assert rows["router=base"][3] == "n/a"  # no routing metrics were logged
+    problems = report.split("## Runs with problems", 1)[1]
+    assert "job 6 (router=base seed=0): failed: no summary.json" in problems
+    assert "job 7 (router=base seed=1): no metrics" in problems
+    assert "job 8 (overrides unknown): overrides unreadable" in problems
+
+
+def test_seed_only_sweep_is_one_defaults_row_and_a_truncated_line_is_tolerated(tmp_path):
+    for seed in range(2):
+        job_dir = write_job(tmp_path, seed, [f"seed={seed}"], final_loss=1.0 + seed)
+        with (job_dir / "metrics.jsonl").open("a") as f:
+            f.write('{"step": 40, "val/lo')  # killed mid-write
+    rows = table_rows(compare_sweep(tmp_path).read_text())
+    assert list(rows) == ["(defaults)"]
+    assert rows["(defaults)"][1] == "1.5000 ± 0.7071"
+
+
+def test_not_a_sweep_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        compare_sweep(tmp_path / "missing")
+    with pytest.raises(DataError, match="no job dirs"):
+        compare_sweep(tmp_path)
+
+
+def test_overrides_shared_by_every_row_are_stated_once(tmp_path):
+    for job, router in enumerate(("switch", "topk")):
+        write_job(
+            tmp_path, job, ["experiment=routing_comparison", f"router={router}", "seed=0"], final_loss=1.0
+        )
+    report = compare_sweep(tmp_path).read_text()
+    assert "Common to all rows: `experiment=routing_comparison`" in report
+    assert set(table_rows(report)) == {"router=switch", "router=topk"}

@@ -1,0 +1,114 @@
+"""The MoE layer against a dense reference: each token through its chosen experts, gate-weighted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import router
+from experts.modules import FFN
+from experts.pool import LocalPool
+from moe.nn.layer import MoELayer, combine
+from router.plan import build_plan
+
+D, F, E = 16, 32, 4
+
+
+def make_layer(top_k: int = 2, activation: str = "gelu", seed: int = 0) -> MoELayer:
+    torch.manual_seed(seed)
+    experts = [FFN(D, F, activation) for _ in range(E)]
+    return MoELayer("layer0", router.build("topk", D, E, top_k=top_k), LocalPool(experts, lr=1e-2))
+
+
+def dense_reference(layer: MoELayer, x_ND: torch.Tensor) -> torch.Tensor:
+    """Plain loop: for every assignment, run one token through one expert and add gate · output."""
+    plan = layer.router(x_ND)
+    out_ND = torch.zeros_like(x_ND)
+    for token, expert, gate in zip(plan.token_idx.tolist(), plan.expert_idx.tolist(), plan.gate, strict=True):
+        out_ND[token] = out_ND[token] + gate * layer.pool.experts[expert](x_ND[token : token + 1])[0]
+    return out_ND
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_layer_matches_dense_reference_outputs_and_gradients(top_k, activation):
+    layer = make_layer(top_k, activation)
+    x_BTD = torch.randn(3, 7, D, requires_grad=True)
+    y_BTD, _ = layer(x_BTD)
+    y_BTD.square().sum().backward()
+    grads = [x_BTD.grad.clone()] + [p.grad.clone() for p in layer.pool.parameters()]
+    grads += [layer.router.gate.weight.grad.clone()]
+
+    x_BTD.grad = None
+    layer.router.zero_grad()
+    for p in layer.pool.parameters():
+        p.grad = None
+    ref_ND = dense_reference(layer, x_BTD.reshape(-1, D))
+    ref_ND.square().sum().backward()
+    ref_grads = [x_BTD.grad] + [p.grad for p in layer.pool.parameters()] + [layer.router.gate.weight.grad]
+
+    torch.testing.assert_close(y_BTD.reshape(-1, D), ref_ND, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_failed_expert_is_masked_and_gates_renormalised():
+    token_A = torch.tensor([0, 1, 0, 2])
+    expert_A = torch.tensor([0, 0, 1, 1])
+    gate_A = torch.tensor([0.6, 1.0, 0.4, 0.5])
+    plan = build_plan(token_A, expert_A, gate_A, num_tokens=4, num_experts=2)
+    y_AD = torch.arange(8.0).reshape(4, 2) + 1
+    out_ND, _ = combine(y_AD, plan, answered_E=torch.tensor([True, False]))
+    # token 0: expert 1 failed, expert 0 keeps the token's whole gate mass 0.6 + 0.4
+    torch.testing.assert_close(out_ND[0], 1.0 * y_AD[0])
+    torch.testing.assert_close(out_ND[1], 1.0 * y_AD[1])
+    # token 2: its only expert failed -> zero (residual only); token 3: no expert at all -> zero
+    assert torch.equal(out_ND[2], torch.zeros(2))
+    assert torch.equal(out_ND[3], torch.zeros(2))
+    assert torch.isfinite(out_ND).all()
+
+
+def test_all_answered_keeps_gates_exactly():
+    plan = build_plan(
+        torch.tensor([0, 0]), torch.tensor([0, 1]), torch.tensor([0.3, 0.2]), num_tokens=1, num_experts=2
+    )
+    out_ND, weight_A = combine(torch.ones(2, 3), plan, torch.tensor([True, True]))
+    assert torch.equal(weight_A, plan.gate)
+    torch.testing.assert_close(out_ND, torch.full((1, 3), 0.5))
+
+
+def test_expert_parameters_are_stepped_by_their_owner_only():
+    layer = make_layer()
+    trunk_params = {id(p) for p in layer.parameters()}
+    expert_params = list(layer.pool.parameters())
+    assert not trunk_params & {id(p) for p in expert_params}, "experts must not be trunk parameters"
+    before = [p.detach().clone() for p in expert_params]
+    y_BTD, _ = layer(torch.randn(2, 5, D))
+    y_BTD.sum().backward()
+    layer.pool.step(0)
+    changed = [not torch.equal(b, p) for b, p in zip(before, expert_params, strict=True)]
+    used_E = layer.last_plan.counts > 0
+    assert any(changed)
+    assert all(p.grad is None for p in expert_params), "owner step zeroes gradients"
+    for e, expert in enumerate(layer.pool.experts):
+        moved = any(
+            not torch.equal(b, p)
+            for b, p in zip(before, expert_params, strict=True)
+            if any(p is q for q in expert.parameters())
+        )
+        assert moved == bool(used_E[e])
+
+
+def test_plan_metrics_describe_load():
+    plan = build_plan(
+        torch.arange(6),
+        torch.tensor([0, 0, 0, 0, 1, 1]),
+        torch.ones(6),
+        num_tokens=6,
+        num_experts=3,
+        dropped_D=torch.tensor([5, 5]),
+    )
+    assert plan.counts.tolist() == [4, 2, 0]
+    torch.testing.assert_close(plan.metrics["max_vio"], torch.tensor(4 / 2 - 1))
+    assert plan.metrics["unused_experts"].item() == 1
+    torch.testing.assert_close(plan.metrics["dropped_frac"], torch.tensor(2 / 8))
