@@ -45,6 +45,14 @@ class ExpertPool(ABC):
     # that honour it say so with `repeatable_backward`; PoI skips the layers above the others.
     repeatable_backward: bool = False
     _input_gradients_only: bool = False
+    # What a simulated network and `slow:ms` behaviours cost, in virtual time (nothing sleeps): the
+    # trainer adds them to wall time for `perf/sim_tokens_per_s`. Pools without simulation keep 0.
+    simulated_latency_ms: float = 0.0  # slowest behaviour delay among this step's called experts
+
+    @property
+    def network_clock_s(self) -> float:
+        """Virtual seconds this pool's simulated network has waited so far (0 without one)."""
+        return 0.0
 
     @abstractmethod
     def forward(self, x_AD: torch.Tensor, plan: DispatchPlan, step: int = 0) -> PoolOutput:
@@ -155,7 +163,7 @@ class LocalPool(ExpertPool):
         self.failure_counts: Counter = Counter()
         self.behaviours: dict[int, Behaviour] = {}
         self.behaviour_seed, self.layer_name = 0, ""
-        self.simulated_latency_ms = 0.0  # slowest behaviour delay this step, in virtual time (no sleeping)
+        self.simulated_latency_ms = 0.0
 
     def forward(self, x_AD: torch.Tensor, plan: DispatchPlan, step: int = 0) -> PoolOutput:
         sizes = plan.split_sizes()
@@ -204,6 +212,10 @@ class LocalPool(ExpertPool):
                 nn.utils.clip_grad_norm_(expert.parameters(), self.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def network_clock_s(self) -> float:
+        return self.network.clock_s if self.network is not None else 0.0
 
     def parameters(self):
         return self.experts.parameters()

@@ -269,7 +269,7 @@ def train_step(run: Run) -> dict:
 def virtual_clock_s(layers: list[MoELayer]) -> float:
     """Virtual seconds the simulated network (local pools) has spent waiting, summed over layers: the
     layers run one after another, so their waits add up. Wall-clock throughput does not see them."""
-    return sum(layer.pool.network.clock_s for layer in layers if getattr(layer.pool, "network", None) is not None)
+    return sum(layer.pool.network_clock_s for layer in layers)
 
 
 def simulated_latency(layers: list[MoELayer]) -> dict[str, float]:
@@ -277,7 +277,7 @@ def simulated_latency(layers: list[MoELayer]) -> dict[str, float]:
     return {
         f"behaviours/{layer.name}/simulated_latency_ms": layer.pool.simulated_latency_ms
         for layer in layers
-        if getattr(layer.pool, "simulated_latency_ms", 0.0) > 0
+        if layer.pool.simulated_latency_ms > 0
     }
 
 
