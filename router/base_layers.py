@@ -13,7 +13,6 @@ import torch
 from router.common import (
     LearnedRouter,
     check_config,
-    plan_from_token_choices,
     rank_within_bucket,
     selection_key,
 )
@@ -56,14 +55,7 @@ class BaseRouter(LearnedRouter):
         )
         super().__init__(d_model, num_experts, config)
 
-    def forward(
-        self,
-        x_ND: torch.Tensor,
-        token_ids_N: torch.Tensor | None = None,
-        selection_bias_E: torch.Tensor | None = None,
-    ) -> DispatchPlan:
-        logits_NE = self.logits(x_ND)
-        probs_NE = logits_NE.softmax(-1)
+    def route(self, x_ND, logits_NE, probs_NE, selection_bias_E) -> DispatchPlan:
         if self.training:
             expert_N = balanced_assignment(
                 logits_NE.detach(), self.config.auction_epsilon, self.config.auction_phase_rounds
@@ -72,10 +64,7 @@ class BaseRouter(LearnedRouter):
             expert_N = selection_key(logits_NE, selection_bias_E).argmax(-1)
         expert_N1 = expert_N[:, None]
         gate_N1 = logits_NE.gather(-1, expert_N1).sigmoid()
-        losses = self.aux_losses(logits_NE, probs_NE, expert_N1)
-        return plan_from_token_choices(
-            expert_N1, gate_N1, num_experts=self.num_experts, probs_NE=probs_NE, aux_losses=losses
-        )
+        return self.token_choice_plan(expert_N1, gate_N1, logits_NE, probs_NE)
 
 
 def balanced_assignment(score_NE: torch.Tensor, epsilon: float, phase_rounds: int) -> torch.Tensor:

@@ -13,7 +13,6 @@ from router.common import (
     LearnedRouter,
     check_config,
     check_top_k,
-    plan_from_token_choices,
     renormalized,
     selection_key,
 )
@@ -50,14 +49,7 @@ class BiasBalancedRouter(LearnedRouter):
         super().__init__(d_model, num_experts, config)
         self.register_buffer("expert_bias_E", torch.zeros(num_experts))
 
-    def forward(
-        self,
-        x_ND: torch.Tensor,
-        token_ids_N: torch.Tensor | None = None,
-        selection_bias_E: torch.Tensor | None = None,
-    ) -> DispatchPlan:
-        logits_NE = self.logits(x_ND)
-        probs_NE = logits_NE.softmax(-1)
+    def route(self, x_ND, logits_NE, probs_NE, selection_bias_E) -> DispatchPlan:
         key_NE = selection_key(logits_NE, selection_bias_E) + self.expert_bias_E
         expert_NK = key_NE.topk(self.config.top_k, dim=-1).indices
         gate_NK = probs_NE.gather(-1, expert_NK)
@@ -65,10 +57,7 @@ class BiasBalancedRouter(LearnedRouter):
             gate_NK = renormalized(gate_NK)
         if self.training:
             self._update_bias(expert_NK)
-        losses = self.aux_losses(logits_NE, probs_NE, expert_NK)
-        return plan_from_token_choices(
-            expert_NK, gate_NK, num_experts=self.num_experts, probs_NE=probs_NE, aux_losses=losses
-        )
+        return self.token_choice_plan(expert_NK, gate_NK, logits_NE, probs_NE)
 
     @torch.no_grad()
     def _update_bias(self, expert_NK: torch.Tensor) -> None:

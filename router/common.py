@@ -16,6 +16,7 @@ from torch import nn
 from router.errors import ConfigError
 from router.plan import DispatchPlan, build_plan
 from router.registry import RouterConfig
+from router.seeds import derive_seed
 
 
 class LearnedRouter(nn.Module):
@@ -32,9 +33,49 @@ class LearnedRouter(nn.Module):
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=d_model**-0.5)
 
+    def forward(
+        self,
+        x_ND: torch.Tensor,
+        token_ids_N: torch.Tensor | None = None,
+        selection_bias_E: torch.Tensor | None = None,
+    ) -> DispatchPlan:
+        logits_NE = self.logits(self.router_input(x_ND))
+        return self.route(x_ND, logits_NE, logits_NE.softmax(-1), selection_bias_E)
+
+    def route(
+        self,
+        x_ND: torch.Tensor,
+        logits_NE: torch.Tensor,
+        probs_NE: torch.Tensor,
+        selection_bias_E: torch.Tensor | None,
+    ) -> DispatchPlan:
+        """The strategy: which experts each token goes to, with which gates (fp32 logits given)."""
+        raise NotImplementedError
+
+    def router_input(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """What the gate sees; the experts always get the clean `x_ND` (Switch jitters this)."""
+        return x_ND
+
     def logits(self, x_ND: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x_ND.device.type, enabled=False):
             return F.linear(x_ND.float(), self.gate.weight.float())
+
+    def token_choice_plan(
+        self,
+        expert_NK: torch.Tensor,
+        gate_NK: torch.Tensor,
+        logits_NE: torch.Tensor,
+        probs_NE: torch.Tensor,
+        *,
+        balanced_NK: torch.Tensor | None = None,
+        **choices: torch.Tensor,
+    ) -> DispatchPlan:
+        """The plan of per-token choices with this router's aux losses, whose load term counts
+        `balanced_NK` (default: every choice). `choices` go to `plan_from_token_choices`."""
+        losses = self.aux_losses(logits_NE, probs_NE, expert_NK if balanced_NK is None else balanced_NK)
+        return plan_from_token_choices(
+            expert_NK, gate_NK, num_experts=self.num_experts, probs_NE=probs_NE, aux_losses=losses, **choices
+        )
 
     def aux_losses(self, logits_NE: torch.Tensor, probs_NE: torch.Tensor, expert_NK: torch.Tensor):
         losses = {}
@@ -211,9 +252,8 @@ class StepRng(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def generator(self, device: torch.device, advance: bool) -> torch.Generator:
-        mixed_seed = (self.seed * 0x9E3779B97F4A7C15 + int(self.step)) % 2**63
         generator = torch.Generator(device=device)
-        generator.manual_seed(mixed_seed)
+        generator.manual_seed(derive_seed(self.seed, "router", int(self.step)))
         if advance:
             self.step += 1
         return generator

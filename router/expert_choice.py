@@ -42,15 +42,8 @@ class ExpertChoiceRouter(LearnedRouter):
         )
         super().__init__(d_model, num_experts, config)
 
-    def forward(
-        self,
-        x_ND: torch.Tensor,
-        token_ids_N: torch.Tensor | None = None,
-        selection_bias_E: torch.Tensor | None = None,
-    ) -> DispatchPlan:
+    def route(self, x_ND, logits_NE, probs_NE, selection_bias_E) -> DispatchPlan:
         num_tokens = x_ND.shape[0]
-        logits_NE = self.logits(x_ND)
-        probs_NE = logits_NE.softmax(-1)
         key_NE = selection_key(logits_NE, selection_bias_E).softmax(-1)
         capacity = expert_capacity(num_tokens, self.num_experts, self.config.capacity_factor)
         key_EC, token_EC = key_NE.T.topk(capacity, dim=-1)

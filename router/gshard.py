@@ -15,7 +15,6 @@ from router.common import (
     check_config,
     clip_to_capacity,
     expert_capacity,
-    plan_from_token_choices,
     renormalized,
     selection_key,
 )
@@ -54,15 +53,8 @@ class GShardRouter(LearnedRouter):
         super().__init__(d_model, num_experts, config)
         self.rng = StepRng(config.seed)
 
-    def forward(
-        self,
-        x_ND: torch.Tensor,
-        token_ids_N: torch.Tensor | None = None,
-        selection_bias_E: torch.Tensor | None = None,
-    ) -> DispatchPlan:
+    def route(self, x_ND, logits_NE, probs_NE, selection_bias_E) -> DispatchPlan:
         num_tokens = x_ND.shape[0]
-        logits_NE = self.logits(x_ND)
-        probs_NE = logits_NE.softmax(-1)
         expert_N2 = selection_key(logits_NE, selection_bias_E).topk(2, dim=-1).indices
         gate_N2 = renormalized(probs_NE.gather(-1, expert_N2))
         wanted_N2 = self._wanted(gate_N2.detach())
@@ -73,15 +65,8 @@ class GShardRouter(LearnedRouter):
         kept_N2 = clip_to_capacity(
             expert_N2, self.num_experts, capacity, group_N=group_N, wanted_NK=wanted_N2
         )
-        losses = self.aux_losses(logits_NE, probs_NE, expert_N2[:, :1])
-        return plan_from_token_choices(
-            expert_N2,
-            gate_N2,
-            num_experts=self.num_experts,
-            probs_NE=probs_NE,
-            aux_losses=losses,
-            wanted_NK=wanted_N2,
-            kept_NK=kept_N2,
+        return self.token_choice_plan(
+            expert_N2, gate_N2, logits_NE, probs_NE, balanced_NK=expert_N2[:, :1], wanted_NK=wanted_N2, kept_NK=kept_N2
         )
 
     def _wanted(self, gate_N2: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,11 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 from torch import nn
 
 from router.errors import ConfigError
+from router.typed_config import typed_config
 
 
 @dataclass
@@ -70,12 +71,7 @@ def make_config(name: str, **options) -> RouterConfig:
         raise ConfigError(
             f"unknown option(s) {unknown} for router '{name}'; valid options: {sorted(valid - {'name'})}"
         )
-    try:
-        typed = OmegaConf.merge(OmegaConf.structured(strategy.config_cls), {"name": name, **options})
-    except Exception as err:  # OmegaConf's validation errors carry the key
-        reason = str(err).splitlines()[0]
-        raise ConfigError(f"bad option router.{getattr(err, 'key', '?')} for '{name}': {reason}") from None
-    return OmegaConf.to_object(typed)
+    return typed_config(strategy.config_cls, {**options, "name": name}, "router")
 
 
 def build(name: str, d_model: int, num_experts: int, **options) -> nn.Module:

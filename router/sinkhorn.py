@@ -7,13 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from router.common import (
     LearnedRouter,
     check_config,
     check_top_k,
-    plan_from_token_choices,
     selection_key,
     sinkhorn_expert_offsets,
 )
@@ -50,14 +47,7 @@ class SinkhornRouter(LearnedRouter):
         )
         super().__init__(d_model, num_experts, config)
 
-    def forward(
-        self,
-        x_ND: torch.Tensor,
-        token_ids_N: torch.Tensor | None = None,
-        selection_bias_E: torch.Tensor | None = None,
-    ) -> DispatchPlan:
-        logits_NE = self.logits(x_ND)
-        probs_NE = logits_NE.softmax(-1)
+    def route(self, x_ND, logits_NE, probs_NE, selection_bias_E) -> DispatchPlan:
         key_NE = selection_key(logits_NE, selection_bias_E)
         if self.training:
             key_NE = key_NE + sinkhorn_expert_offsets(
@@ -65,7 +55,4 @@ class SinkhornRouter(LearnedRouter):
             )
         expert_NK = key_NE.topk(self.config.top_k, dim=-1).indices
         gate_NK = logits_NE.gather(-1, expert_NK).sigmoid()
-        losses = self.aux_losses(logits_NE, probs_NE, expert_NK)
-        return plan_from_token_choices(
-            expert_NK, gate_NK, num_experts=self.num_experts, probs_NE=probs_NE, aux_losses=losses
-        )
+        return self.token_choice_plan(expert_NK, gate_NK, logits_NE, probs_NE)

@@ -15,7 +15,6 @@ from router.common import (
     check_config,
     clip_to_capacity,
     expert_capacity,
-    plan_from_token_choices,
     selection_key,
 )
 from router.plan import DispatchPlan
@@ -50,30 +49,15 @@ class SwitchRouter(LearnedRouter):
         super().__init__(d_model, num_experts, config)
         self.rng = StepRng(config.seed)
 
-    def forward(
-        self,
-        x_ND: torch.Tensor,
-        token_ids_N: torch.Tensor | None = None,
-        selection_bias_E: torch.Tensor | None = None,
-    ) -> DispatchPlan:
-        logits_NE = self.logits(self._jittered(x_ND))
-        probs_NE = logits_NE.softmax(-1)
+    def route(self, x_ND, logits_NE, probs_NE, selection_bias_E) -> DispatchPlan:
         expert_N1 = selection_key(logits_NE, selection_bias_E).argmax(-1, keepdim=True)
         gate_N1 = probs_NE.gather(-1, expert_N1)
         factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
         capacity = expert_capacity(x_ND.shape[0], self.num_experts, factor)
         kept_N1 = clip_to_capacity(expert_N1, self.num_experts, capacity)
-        losses = self.aux_losses(logits_NE, probs_NE, expert_N1)
-        return plan_from_token_choices(
-            expert_N1,
-            gate_N1,
-            num_experts=self.num_experts,
-            probs_NE=probs_NE,
-            aux_losses=losses,
-            kept_NK=kept_N1,
-        )
+        return self.token_choice_plan(expert_N1, gate_N1, logits_NE, probs_NE, kept_NK=kept_N1)
 
-    def _jittered(self, x_ND: torch.Tensor) -> torch.Tensor:
+    def router_input(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Router input times U(1-ε, 1+ε) noise; only the router sees it, the experts get the clean x."""
         if not (self.training and self.config.jitter_eps > 0):
             return x_ND

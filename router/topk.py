@@ -16,7 +16,6 @@ from router.common import (
     StepRng,
     check_config,
     check_top_k,
-    plan_from_token_choices,
     renormalized,
     selection_key,
 )
@@ -54,14 +53,7 @@ class TopKRouter(LearnedRouter):
             self.noise_gate = nn.Linear(d_model, num_experts, bias=False)
             nn.init.zeros_(self.noise_gate.weight)
 
-    def forward(
-        self,
-        x_ND: torch.Tensor,
-        token_ids_N: torch.Tensor | None = None,
-        selection_bias_E: torch.Tensor | None = None,
-    ) -> DispatchPlan:
-        logits_NE = self.logits(x_ND)
-        probs_NE = logits_NE.softmax(-1)
+    def route(self, x_ND, logits_NE, probs_NE, selection_bias_E) -> DispatchPlan:
         noisy = self.training and (self.config.noise_std > 0 or self.noise_gate is not None)
         generator = self.rng.generator(x_ND.device, advance=True) if noisy else None
         gate_logits_NE = logits_NE
@@ -72,10 +64,7 @@ class TopKRouter(LearnedRouter):
             key_NE = key_NE + self.config.noise_std * gaussian_like(key_NE, generator)
         expert_NK = key_NE.topk(self.config.top_k, dim=-1).indices
         gate_NK = renormalized(gate_logits_NE.softmax(-1).gather(-1, expert_NK))
-        losses = self.aux_losses(logits_NE, probs_NE, expert_NK)
-        return plan_from_token_choices(
-            expert_NK, gate_NK, num_experts=self.num_experts, probs_NE=probs_NE, aux_losses=losses
-        )
+        return self.token_choice_plan(expert_NK, gate_NK, logits_NE, probs_NE)
 
     def _learned_noise(self, x_ND: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         with torch.autocast(device_type=x_ND.device.type, enabled=False):

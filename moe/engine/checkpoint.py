@@ -1,15 +1,22 @@
-"""Checkpoints: atomic writes, tensors-only loading (`weights_only=True`), clear errors."""
+"""Checkpoints: what a run's state is (`checkpoint_state`/`restore`), atomic writes, tensors-only loading
+(`weights_only=True`), clear errors."""
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from omegaconf import OmegaConf
 
 from moe.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from moe.engine.build import Run
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +74,33 @@ def load_checkpoint(run_dir_or_file: str | Path) -> tuple[Path, dict]:
 
 def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else checkpoint.parent
+
+
+def checkpoint_state(run: Run) -> dict:
+    return {
+        "model": run.accelerator.unwrap_model(run.model).state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "pools": {layer.name: layer.pool.state_dict() for layer in run.layers},
+        "poi": run.scorer.state_dict() if run.scorer is not None else None,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "config": OmegaConf.to_container(run.cfg, resolve=True),
+    }
+
+
+def restore(run: Run, state: dict) -> None:
+    run.accelerator.unwrap_model(run.model).load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    for layer in run.layers:
+        layer.pool.load_state_dict(state["pools"][layer.name])
+    if run.scorer is not None and state.get("poi"):
+        run.scorer.load_state_dict(state["poi"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(_as_random_state(state["rng"]["python"]))
+    run.step = int(state["step"])
+
+
+def _as_random_state(saved) -> tuple:
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss

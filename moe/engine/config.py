@@ -17,7 +17,7 @@ from omegaconf import MISSING
 import router
 from experts.modules import ExpertsConfig
 from experts.transport import transport_configs
-from moe.data.corpus import data_configs
+from moe.data import data_configs
 from moe.incentives.ledger.writer import LedgerConfig
 from moe.incentives.poi.scorer import poi_configs
 from moe.nn.model import ModelConfig

@@ -7,65 +7,26 @@ its own experts (`pool.step(step)`), exactly as a remote miner would.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
-import platform
 import random
-import subprocess
 import time
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-import router
-from experts.behaviours import parse_behaviours
-from experts.modules import build_experts
-from experts.transport import Transport, open_transport
-from moe.data.corpus import build_data
-from moe.engine.checkpoint import load_checkpoint, run_dir_of, save_checkpoint
+from moe.engine.build import Run, build_run, trainer_threads
+from moe.engine.checkpoint import checkpoint_state, load_checkpoint, restore, run_dir_of, save_checkpoint
 from moe.engine.metrics import MetricsLogger, read_metrics, truncate_after
+from moe.engine.run_info import resolved, write_run_info
 from moe.engine.validation import evaluate, specialisation_metrics, write_routing_tables
 from moe.errors import ConfigError
-from moe.incentives.ledger.writer import RewardLedger
-from moe.incentives.poi.scorer import PoIScorer, build_scorer
 from moe.incentives.rewards import open_run_ledger, reward_metrics, score_view, step_failures
 from moe.nn.layer import MoELayer
-from moe.nn.model import MoEModel, build_model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Run:
-    """Everything a training run holds, so the loop's helpers take one argument."""
-
-    cfg: DictConfig
-    run_dir: Path
-    accelerator: Accelerator
-    data: object
-    model: MoEModel
-    transport: Transport
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    logger: MetricsLogger | None = None
-    step: int = 0
-    scorer: PoIScorer | None = None  # per-expert PoI and its routing feedback (poi=null: none)
-    ledger: RewardLedger | None = None  # rewards by Yuma consensus (ledger=null: none)
-
-    @property
-    def layers(self) -> list[MoELayer]:
-        return self.model.moe_layers()
-
-    def autocast(self):
-        return self.accelerator.autocast() if self.cfg.trainer.precision == "bf16" else contextlib.nullcontext()
 
 
 def train(cfg: DictConfig) -> dict:
@@ -112,79 +73,9 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def trainer_threads(cfg: DictConfig) -> int:
-    """`trainer.threads` when set; with local worker processes, the cores they leave free (at least 1),
-    because oversubscribed cores make every parallel op wait for a descheduled thread; else 0 (torch's
-    default)."""
-    if cfg.trainer.threads > 0:
-        return cfg.trainer.threads
-    if cfg.transport.name != "process":
-        return 0
-    return max(1, _cpu_count() - cfg.transport.workers * cfg.transport.threads)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_run(cfg: DictConfig, run_dir: Path) -> Run:
-    # Sweeps run many jobs in one process; each job may ask for a different precision or device.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(
-        cpu=cfg.trainer.device == "cpu",
-        mixed_precision="bf16" if cfg.trainer.precision == "bf16" else "no",
-    )
-    if cfg.trainer.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}; valid: fp32, bf16")
-    data = build_data(cfg.data, seed=cfg.seed)
-    transport = open_transport(cfg.transport, device=accelerator.device, run_dir=run_dir, seed=cfg.seed)
-    try:
-        model = build_model(cfg.model, data, moe_factory(cfg, transport))
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, betas=(0.9, 0.95)
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_schedule(cfg.trainer))
-        model, optimizer = accelerator.prepare(model, optimizer)
-        scorer = build_scorer(cfg.get("poi"), accelerator.unwrap_model(model), data.val_batches())
-    except BaseException:
-        transport.close()
-        raise
-    return Run(cfg, run_dir, accelerator, data, model, transport, optimizer, scheduler, scorer=scorer)
-
-
-def moe_factory(cfg: DictConfig, transport: Transport):
-    """Builds each MoE layer: its router from the registry and its pool from the transport."""
-
-    def make(layer_name: str, d_model: int) -> MoELayer:
-        layer_router = router.build(**router_options(cfg.router, layer_name), d_model=d_model, num_experts=cfg.experts.num)
-        experts = build_experts(cfg.experts, d_model)
-        pool = transport.make_pool(layer_name, experts, cfg.experts)
-        pool.set_behaviours(parse_behaviours(cfg.experts.behaviours, cfg.experts.num), seed=cfg.seed, layer=layer_name)
-        return MoELayer(layer_name, layer_router, pool)
-
-    return make
-
-
-def router_options(router_cfg, layer_name: str) -> dict:
-    """The router's options; a seeded router gets a per-layer seed so layers draw different noise."""
-    options = OmegaConf.to_container(router_cfg, resolve=True)
-    if "seed" in options:
-        options["seed"] += zlib.crc32(layer_name.encode()) % 100_003
-    return options
-
-
-def lr_schedule(trainer_cfg):
-    """Linear warmup, then cosine decay to 10 % of the peak learning rate."""
-    warmup, total = max(trainer_cfg.warmup_steps, 0), max(trainer_cfg.max_steps, 1)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def loop(run: Run) -> dict:
@@ -301,36 +192,6 @@ def validate(run: Run, final: bool = False) -> dict:
     return results
 
 
-def checkpoint_state(run: Run) -> dict:
-    return {
-        "model": run.accelerator.unwrap_model(run.model).state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "pools": {layer.name: layer.pool.state_dict() for layer in run.layers},
-        "poi": run.scorer.state_dict() if run.scorer is not None else None,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        "config": OmegaConf.to_container(run.cfg, resolve=True),
-    }
-
-
-def restore(run: Run, state: dict) -> None:
-    run.accelerator.unwrap_model(run.model).load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    for layer in run.layers:
-        layer.pool.load_state_dict(state["pools"][layer.name])
-    if run.scorer is not None and state.get("poi"):
-        run.scorer.load_state_dict(state["poi"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(_as_random_state(state["rng"]["python"]))
-    run.step = int(state["step"])
-
-
-def _as_random_state(saved) -> tuple:
-    version, internal, gauss = saved
-    return version, tuple(internal), gauss
-
-
 def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
     events = [e for e in read_metrics(run.run_dir) if "perf/tokens_per_s" in e]
     summary = {
@@ -345,36 +206,3 @@ def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
     }
     (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def resolved(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
-def write_run_info(run: Run) -> None:
-    """Resolved config, seed, git commit and machine: what a reader needs to reproduce the run."""
-    info = {
-        "seed": run.cfg.seed,
-        "git_commit": git_commit(),
-        "config": resolved(run.cfg),
-        "device": str(run.accelerator.device),
-        "machine": {"platform": platform.platform(), "cpus": _cpu_count(), "torch": torch.__version__},
-    }
-    (run.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None

@@ -1,4 +1,4 @@
-"""Tests for moe.data.corpus: determinism, held-out splits, domain balance, the corpus cache, text files, clusters."""
+"""Tests for moe.data: determinism, held-out splits, domain balance, the corpus cache, text files, clusters."""
 
 import logging
 import os
@@ -10,16 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-import moe.data.corpus as data
-from moe.data.corpus import (
-    Batch,
-    ClustersDataConfig,
-    DomainSpec,
-    MixtureDataConfig,
-    TextDataConfig,
-    build_data,
-    load_or_build_corpus,
-)
+import moe.data.corpus as corpus
+from moe.data import Batch, build_data, data_configs
+from moe.data.clusters import ClustersDataConfig
+from moe.data.corpus import DomainSpec, load_or_build_corpus
+from moe.data.sources import balanced_domains_B
+from moe.data.streams import MixtureDataConfig, TextDataConfig
 from moe.errors import ConfigError, DataError
 from tests.helpers import CONFIGS
 
@@ -144,10 +140,10 @@ def test_batches_are_balanced_across_domains(mixture):
 
 @given(first=st.integers(0, 10_000), batch_size=st.integers(1, 64), num_domains=st.integers(1, 12))
 def test_round_robin_domains_differ_by_at_most_one(first, batch_size, num_domains):
-    counts = torch.bincount(data._balanced_domains_B(first, batch_size, num_domains), minlength=num_domains)
+    counts = torch.bincount(balanced_domains_B(first, batch_size, num_domains), minlength=num_domains)
     assert int(counts.max() - counts.min()) <= 1
     over_steps = torch.cat(
-        [data._balanced_domains_B(step * batch_size, batch_size, num_domains) for step in range(num_domains)]
+        [balanced_domains_B(step * batch_size, batch_size, num_domains) for step in range(num_domains)]
     )
     assert torch.bincount(over_steps, minlength=num_domains).tolist() == [batch_size] * num_domains
 
@@ -156,7 +152,7 @@ def test_warm_mixture_cache_is_reused(mixture, mixture_cache, monkeypatch):
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the corpus was rebuilt although its cache is warm")
 
-    monkeypatch.setattr(data, "corpus_dataset", no_rebuild)
+    monkeypatch.setattr(corpus, "corpus_dataset", no_rebuild)
     cfg = MixtureDataConfig(
         max_bytes_per_domain=SMALL_CAP, seq_len=32, batch_size=8, cache_dir=str(mixture_cache)
     )
@@ -173,18 +169,18 @@ def test_too_small_cap_names_the_cap(mixture_cache):
 
 
 def _spec_of(paths: list[Path]) -> list[DomainSpec]:
-    return [DomainSpec("notes", paths[0].parent, tuple(paths), data._whole_file)]
+    return [DomainSpec("notes", paths[0].parent, tuple(paths), corpus.whole_file)]
 
 
 def _count_builds(monkeypatch) -> list[int]:
     builds = []
-    real_corpus_dataset = data.corpus_dataset
+    real_corpus_dataset = corpus.corpus_dataset
 
     def counting(*args, **kwargs):
         builds.append(1)
         return real_corpus_dataset(*args, **kwargs)
 
-    monkeypatch.setattr(data, "corpus_dataset", counting)
+    monkeypatch.setattr(corpus, "corpus_dataset", counting)
     return builds
 
 
@@ -236,7 +232,7 @@ def test_damaged_cache_is_rebuilt(tmp_path, caplog):
 
 def test_cache_root_follows_xdg_cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert data.default_cache_root() == tmp_path / "poimoe"
+    assert corpus.default_cache_root() == tmp_path / "poimoe"
 
 
 def test_cap_selects_whole_documents_across_files(tmp_path):
@@ -248,10 +244,10 @@ def test_cap_selects_whole_documents_across_files(tmp_path):
 
     def counting_reader(path):
         files_read.append(path)
-        return data._whole_file(path)
+        return corpus.whole_file(path)
 
     spec = DomainSpec("notes", tmp_path, tuple(paths), counting_reader)
-    documents = data._select_documents(spec, 550)
+    documents = corpus.select_documents(spec, 550)
     assert len(files_read) == 6, "only as many files are read as the cap needs"
     assert sum(len(body) for _, body in documents) == 550
     names = [name for name, _ in documents]
@@ -433,4 +429,36 @@ def test_unknown_key_and_wrong_type_are_named():
 def test_yaml_defaults_match_the_config_dataclass(name):
     from_yaml = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
     from_yaml.pop("defaults", None)  # the Hydra schema line; the values are what must match
-    assert from_yaml == OmegaConf.structured(data.data_configs()[name])
+    assert from_yaml == OmegaConf.structured(data_configs()[name])
+
+
+# ---------------------------------------------------------------------------------------------- install location
+
+
+def _source_tree(root: Path) -> list[Path]:
+    """Forty small files in nested folders: enough that a byte cap must choose among them."""
+    paths = []
+    for index in range(40):
+        path = root / f"pkg{index % 4}" / f"module_{index:02d}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"# module {index}\n".encode() * (5 + index % 7))
+        paths.append(path)
+    return sorted(paths)
+
+
+def test_corpus_does_not_depend_on_where_its_source_tree_is_installed(tmp_path):
+    """Two copies of one tree at different (and differently long) paths give the same capped corpus and
+    the same train/val split: choices depend on relative names, never on absolute paths."""
+    here = _source_tree(tmp_path / "a")
+    there = _source_tree(tmp_path / "elsewhere" / "deeper" / "venv-copy")
+    cap = 2_000  # well under the tree's ~4.6 kB, so the cap has to pick files
+    datasets = [
+        corpus.corpus_dataset([DomainSpec("python", paths[0].parents[1], tuple(paths), corpus.whole_file)], cap)
+        for paths in (here, there)
+    ]
+    rows = [list(zip(d["name"], d["data"], strict=True)) for d in datasets]
+    assert rows[0] == rows[1]
+    assert 0 < sum(len(data) for _, data in rows[0]) <= cap
+    assert len(rows[0]) < len(here), "the cap must leave some files out for this test to mean anything"
+    splits = [corpus.split_corpus(d, ["python"], seed=3, val_fraction=0.2) for d in datasets]
+    assert splits[0] == splits[1]

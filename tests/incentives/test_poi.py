@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import router
-from moe.data.corpus import Batch
+from moe.data import Batch
 from moe.engine.metrics import read_metrics
 from moe.errors import ConfigError
 from moe.incentives.poi import scorer as poi

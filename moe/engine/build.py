@@ -1,0 +1,130 @@
+"""Build a run from its config: data → model (router, expert pools) → optimizer → PoI scorer.
+
+`Run` holds everything a training run needs so the loop's helpers take one argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from omegaconf import DictConfig, OmegaConf
+
+import router
+from experts.behaviours import parse_behaviours
+from experts.modules import build_experts
+from experts.transport import Transport, open_transport
+from moe.data import build_data
+from moe.engine.metrics import MetricsLogger
+from moe.errors import ConfigError
+from moe.incentives.ledger.writer import RewardLedger
+from moe.incentives.poi.scorer import PoIScorer, build_scorer
+from moe.nn.layer import MoELayer
+from moe.nn.model import MoEModel, build_model
+from router.seeds import derive_seed
+
+
+@dataclass
+class Run:
+    """Everything a training run holds, so the loop's helpers take one argument."""
+
+    cfg: DictConfig
+    run_dir: Path
+    accelerator: Accelerator
+    data: object
+    model: MoEModel
+    transport: Transport
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    logger: MetricsLogger | None = None
+    step: int = 0
+    scorer: PoIScorer | None = None  # per-expert PoI and its routing feedback (poi=null: none)
+    ledger: RewardLedger | None = None  # rewards by Yuma consensus (ledger=null: none)
+
+    @property
+    def layers(self) -> list[MoELayer]:
+        return self.model.moe_layers()
+
+    def autocast(self):
+        return self.accelerator.autocast() if self.cfg.trainer.precision == "bf16" else contextlib.nullcontext()
+
+
+def trainer_threads(cfg: DictConfig) -> int:
+    """`trainer.threads` when set; with local worker processes, the cores they leave free (at least 1),
+    because oversubscribed cores make every parallel op wait for a descheduled thread; else 0 (torch's
+    default)."""
+    if cfg.trainer.threads > 0:
+        return cfg.trainer.threads
+    if cfg.transport.name != "process":
+        return 0
+    return max(1, cpu_count() - cfg.transport.workers * cfg.transport.threads)
+
+
+def build_run(cfg: DictConfig, run_dir: Path) -> Run:
+    # Sweeps run many jobs in one process; each job may ask for a different precision or device.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(
+        cpu=cfg.trainer.device == "cpu",
+        mixed_precision="bf16" if cfg.trainer.precision == "bf16" else "no",
+    )
+    if cfg.trainer.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}; valid: fp32, bf16")
+    data = build_data(cfg.data, seed=cfg.seed)
+    transport = open_transport(cfg.transport, device=accelerator.device, run_dir=run_dir, seed=cfg.seed)
+    try:
+        model = build_model(cfg.model, data, moe_factory(cfg, transport))
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, betas=(0.9, 0.95)
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_schedule(cfg.trainer))
+        model, optimizer = accelerator.prepare(model, optimizer)
+        scorer = build_scorer(cfg.get("poi"), accelerator.unwrap_model(model), data.val_batches())
+    except BaseException:
+        transport.close()
+        raise
+    return Run(cfg, run_dir, accelerator, data, model, transport, optimizer, scheduler, scorer=scorer)
+
+
+def moe_factory(cfg: DictConfig, transport: Transport):
+    """Builds each MoE layer: its router from the registry and its pool from the transport."""
+
+    def make(layer_name: str, d_model: int) -> MoELayer:
+        layer_router = router.build(**router_options(cfg.router, layer_name), d_model=d_model, num_experts=cfg.experts.num)
+        experts = build_experts(cfg.experts, d_model)
+        pool = transport.make_pool(layer_name, experts, cfg.experts)
+        pool.set_behaviours(parse_behaviours(cfg.experts.behaviours, cfg.experts.num), seed=cfg.seed, layer=layer_name)
+        return MoELayer(layer_name, layer_router, pool)
+
+    return make
+
+
+def router_options(router_cfg, layer_name: str) -> dict:
+    """The router's options; a seeded router gets a per-layer seed so layers draw different noise."""
+    options = OmegaConf.to_container(router_cfg, resolve=True)
+    if "seed" in options:
+        options["seed"] = derive_seed(options["seed"], layer_name)
+    return options
+
+
+def lr_schedule(trainer_cfg):
+    """Linear warmup, then cosine decay to 10 % of the peak learning rate."""
+    warmup, total = max(trainer_cfg.warmup_steps, 0), max(trainer_cfg.max_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def cpu_count() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
