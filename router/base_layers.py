@@ -1,6 +1,7 @@
 """BASE layers (Lewis et al. 2021): a balanced assignment, every expert exactly N/E tokens, while training.
 
-Legend: N tokens, D model width, E experts, F free (unassigned) tokens, M candidates (held + bidding).
+Legend: N tokens, D model width, E experts, U unassigned tokens, P tokens holding a slot,
+Q candidates (holding + bidding).
 """
 
 from __future__ import annotations
@@ -136,36 +137,36 @@ def auction_phase(
     owner_N = torch.full((num_tokens,), -1, dtype=torch.long, device=score_NE.device)
     bid_N = score_NE.new_zeros(num_tokens)
     for _ in range(max_rounds):
-        free_F = (owner_N < 0).nonzero().squeeze(1)
-        if free_F.numel() == 0:
+        free_U = (owner_N < 0).nonzero().squeeze(1)
+        if free_U.numel() == 0:
             break
         price_E = expert_prices(owner_N, bid_N, reserve_E, capacity_E)
-        top_values_F2, top_experts_F2 = (score_NE[free_F] - price_E).topk(2, dim=-1)
-        best_F = top_experts_F2[:, 0]
-        new_bid_F = price_E[best_F] + top_values_F2[:, 0] - top_values_F2[:, 1] + epsilon
-        held_H = (owner_N >= 0).nonzero().squeeze(1)
-        candidate_M = torch.cat([held_H, free_F])
-        expert_M = torch.cat([owner_N[held_H], best_F])
-        bid_M = torch.cat([bid_N[held_H], new_bid_F])
-        accept_highest(owner_N, bid_N, candidate_M, expert_M, bid_M, capacity_E)
+        top_values_U2, top_experts_U2 = (score_NE[free_U] - price_E).topk(2, dim=-1)
+        best_U = top_experts_U2[:, 0]
+        new_bid_U = price_E[best_U] + top_values_U2[:, 0] - top_values_U2[:, 1] + epsilon
+        held_P = (owner_N >= 0).nonzero().squeeze(1)
+        candidate_Q = torch.cat([held_P, free_U])
+        expert_Q = torch.cat([owner_N[held_P], best_U])
+        bid_Q = torch.cat([bid_N[held_P], new_bid_U])
+        accept_highest(owner_N, bid_N, candidate_Q, expert_Q, bid_Q, capacity_E)
     return owner_N, bid_N
 
 
 def accept_highest(
     owner_N: torch.Tensor,
     value_N: torch.Tensor,
-    candidate_M: torch.Tensor,
-    expert_M: torch.Tensor,
-    value_M: torch.Tensor,
+    candidate_Q: torch.Tensor,
+    expert_Q: torch.Tensor,
+    value_Q: torch.Tensor,
     capacity_E: torch.Tensor,
 ) -> None:
     """Each expert keeps its highest-valued candidates up to its capacity; the rest become free (-1).
     Updates `owner_N` and `value_N` in place."""
-    order_M = torch.argsort(value_M, descending=True, stable=True)
-    candidate_M, expert_M, value_M = candidate_M[order_M], expert_M[order_M], value_M[order_M]
-    kept_M = rank_within_bucket(expert_M, capacity_E.numel()) < capacity_E[expert_M]
-    owner_N[candidate_M] = torch.where(kept_M, expert_M, -1)
-    value_N[candidate_M] = value_M
+    order_Q = torch.argsort(value_Q, descending=True, stable=True)
+    candidate_Q, expert_Q, value_Q = candidate_Q[order_Q], expert_Q[order_Q], value_Q[order_Q]
+    kept_Q = rank_within_bucket(expert_Q, capacity_E.numel()) < capacity_E[expert_Q]
+    owner_N[candidate_Q] = torch.where(kept_Q, expert_Q, -1)
+    value_N[candidate_Q] = value_Q
 
 
 def expert_prices(
@@ -185,9 +186,9 @@ def fill_open_slots(score_NE: torch.Tensor, owner_N: torch.Tensor, capacity_E: t
     Every round fills at least one slot, so it ends within E rounds."""
     owner_N, score_N = owner_N.clone(), score_NE.new_zeros(owner_N.shape)
     while bool((owner_N < 0).any()):
-        free_F = (owner_N < 0).nonzero().squeeze(1)
+        free_U = (owner_N < 0).nonzero().squeeze(1)
         room_E = capacity_E - torch.bincount(owner_N[owner_N >= 0], minlength=capacity_E.numel())
-        key_FE = score_NE[free_F].masked_fill(room_E <= 0, float("-inf"))
-        best_score_F, best_F = key_FE.max(-1)
-        accept_highest(owner_N, score_N, free_F, best_F, best_score_F, room_E)
+        key_UE = score_NE[free_U].masked_fill(room_E <= 0, float("-inf"))
+        best_score_U, best_U = key_UE.max(-1)
+        accept_highest(owner_N, score_N, free_U, best_U, best_score_U, room_E)
     return owner_N

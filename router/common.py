@@ -1,8 +1,8 @@
 """Pieces shared by the routing strategies: fp32 logits, auxiliary losses, selection keys, capacity
 clipping, Sinkhorn balancing, reproducible randomness, and turning per-token choices into a plan.
 
-Legend: N tokens, D model width, E experts, K choices per token, M requests (choices in priority order),
-B buckets (group × expert).
+Legend: N tokens, D model width, E experts, K choices per token, R requests (choices in priority order),
+Z buckets (group × expert), X dropped choices.
 """
 
 from __future__ import annotations
@@ -115,11 +115,11 @@ def plan_from_token_choices(
     the wanted choices that fit: a wanted choice that is not kept is reported in `dropped`."""
     num_tokens = expert_NK.shape[0]
     token_NK = torch.arange(num_tokens, device=expert_NK.device)[:, None].expand_as(expert_NK)
-    dropped_D = None
+    dropped_X = None
     if wanted_NK is not None or kept_NK is not None:
         wanted_NK = torch.ones_like(expert_NK, dtype=torch.bool) if wanted_NK is None else wanted_NK
         kept_NK = wanted_NK if kept_NK is None else kept_NK & wanted_NK
-        dropped_D = token_NK[wanted_NK & ~kept_NK]
+        dropped_X = token_NK[wanted_NK & ~kept_NK]
         token_NK, expert_NK, gate_NK = token_NK[kept_NK], expert_NK[kept_NK], gate_NK[kept_NK]
     return build_plan(
         token_NK.flatten(),
@@ -127,7 +127,7 @@ def plan_from_token_choices(
         gate_NK.flatten(),
         num_tokens=num_tokens,
         num_experts=num_experts,
-        dropped_D=dropped_D,
+        dropped_X=dropped_X,
         probs_NE=probs_NE,
         aux_losses=aux_losses,
         extra_metrics=extra_metrics,
@@ -181,13 +181,13 @@ def expert_capacity(
     return max(1, min(slots, num_tokens))
 
 
-def rank_within_bucket(bucket_M: torch.Tensor, num_buckets: int) -> torch.Tensor:
+def rank_within_bucket(bucket_R: torch.Tensor, num_buckets: int) -> torch.Tensor:
     """For each request, how many earlier requests (in input order) fell into the same bucket."""
-    order_M = torch.argsort(bucket_M, stable=True)
-    counts_B = torch.bincount(bucket_M, minlength=num_buckets)
-    start_B = torch.cumsum(counts_B, 0) - counts_B
-    rank_sorted_M = torch.arange(bucket_M.numel(), device=bucket_M.device) - start_B[bucket_M[order_M]]
-    return torch.empty_like(rank_sorted_M).scatter_(0, order_M, rank_sorted_M)
+    order_R = torch.argsort(bucket_R, stable=True)
+    counts_Z = torch.bincount(bucket_R, minlength=num_buckets)
+    start_Z = torch.cumsum(counts_Z, 0) - counts_Z
+    rank_sorted_R = torch.arange(bucket_R.numel(), device=bucket_R.device) - start_Z[bucket_R[order_R]]
+    return torch.empty_like(rank_sorted_R).scatter_(0, order_R, rank_sorted_R)
 
 
 def clip_to_capacity(

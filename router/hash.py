@@ -1,6 +1,6 @@
 """Hash routing (Roller et al. 2021): each token id always goes to the same expert; no parameters.
 
-Legend: N tokens, D model width, E experts, V vocabulary.
+Legend: N tokens, D model width, E experts, Y vocabulary.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ class HashRouter(nn.Module):
         self.config = config
         self.num_experts = num_experts
         generator = torch.Generator().manual_seed(config.seed)
-        permutation_V = torch.randperm(config.vocab_size, generator=generator)
+        permutation_Y = torch.randperm(config.vocab_size, generator=generator)
         # A function of the config, rebuilt on construction; not part of the checkpoint.
-        self.register_buffer("expert_of_id_V", permutation_V % num_experts, persistent=False)
+        self.register_buffer("expert_of_id_Y", permutation_Y % num_experts, persistent=False)
 
     def forward(
         self,
@@ -53,7 +53,7 @@ class HashRouter(nn.Module):
         selection_bias_E: torch.Tensor | None = None,
     ) -> DispatchPlan:
         self._check_ids(token_ids_N, x_ND.shape[0])
-        expert_N1 = self.expert_of_id_V[token_ids_N][:, None]
+        expert_N1 = self.expert_of_id_Y[token_ids_N][:, None]
         gate_N1 = torch.ones(expert_N1.shape, dtype=torch.float32, device=x_ND.device)
         return plan_from_token_choices(expert_N1, gate_N1, num_experts=self.num_experts)
 

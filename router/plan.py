@@ -44,7 +44,7 @@ def build_plan(
     *,
     num_tokens: int,
     num_experts: int,
-    dropped_D: torch.Tensor | None = None,
+    dropped_X: torch.Tensor | None = None,
     probs_NE: torch.Tensor | None = None,
     aux_losses: dict[str, torch.Tensor] | None = None,
     extra_metrics: dict[str, torch.Tensor] | None = None,
@@ -53,9 +53,9 @@ def build_plan(
     order_A = torch.argsort(expert_idx_A, stable=True)
     token_idx_A, expert_idx_A, gate_A = token_idx_A[order_A], expert_idx_A[order_A], gate_A[order_A]
     counts_E = torch.bincount(expert_idx_A, minlength=num_experts)
-    if dropped_D is None:
-        dropped_D = token_idx_A.new_empty(0)
-    metrics = routing_metrics(counts_E, dropped_D.numel(), probs_NE)
+    if dropped_X is None:
+        dropped_X = token_idx_A.new_empty(0)
+    metrics = routing_metrics(counts_E, dropped_X.numel(), probs_NE)
     metrics.update(extra_metrics or {})
     losses = dict(aux_losses or {})
     for name, loss in losses.items():
@@ -65,7 +65,7 @@ def build_plan(
         expert_idx=expert_idx_A,
         gate=gate_A,
         counts=counts_E,
-        dropped=dropped_D,
+        dropped=dropped_X,
         num_tokens=num_tokens,
         aux_losses=losses,
         metrics=metrics,

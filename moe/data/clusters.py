@@ -1,6 +1,6 @@
 """The synthetic `clusters` regression task: a problem with known expert structure.
 
-Shape legend: B batch, I input dim, O output dim, K clusters, H hidden units of a cluster's target function.
+Shape legend: B batch, I input dim, O output dim, L clusters, J hidden units of a cluster's target function.
 """
 
 from __future__ import annotations
@@ -45,19 +45,19 @@ class ClustersSource:
         self.batch_size, self.noise, self.seed = cfg.batch_size, cfg.noise, seed
         k, d_in, hidden, d_out = cfg.num_clusters, cfg.input_dim, _CLUSTER_HIDDEN, cfg.output_dim
         generator = torch_generator(seed, "clusters-task")
-        self.center_KI = _CLUSTER_SPREAD * torch.randn(k, d_in, generator=generator)
-        self.w_in_KIH = _CLUSTER_GAIN / math.sqrt(d_in) * torch.randn(k, d_in, hidden, generator=generator)
-        self.bias_KH = torch.randn(k, hidden, generator=generator)
-        self.w_out_KHO = 1 / math.sqrt(hidden) * torch.randn(k, hidden, d_out, generator=generator)
+        self.center_LI = _CLUSTER_SPREAD * torch.randn(k, d_in, generator=generator)
+        self.w_in_LIJ = _CLUSTER_GAIN / math.sqrt(d_in) * torch.randn(k, d_in, hidden, generator=generator)
+        self.bias_LJ = torch.randn(k, hidden, generator=generator)
+        self.w_out_LJO = 1 / math.sqrt(hidden) * torch.randn(k, hidden, d_out, generator=generator)
         self._val_batches = [self._batch("val", index) for index in range(cfg.num_val_batches)]
 
     def target_function(self, x_BI: torch.Tensor, cluster_B: torch.Tensor) -> torch.Tensor:
         """The noiseless target of each input under its cluster's function."""
-        offset_BI = x_BI - self.center_KI[cluster_B]
-        hidden_BH = torch.tanh(
-            torch.einsum("bi,bih->bh", offset_BI, self.w_in_KIH[cluster_B]) + self.bias_KH[cluster_B]
+        offset_BI = x_BI - self.center_LI[cluster_B]
+        hidden_BJ = torch.tanh(
+            torch.einsum("bi,bij->bj", offset_BI, self.w_in_LIJ[cluster_B]) + self.bias_LJ[cluster_B]
         )
-        return torch.einsum("bh,bho->bo", hidden_BH, self.w_out_KHO[cluster_B])
+        return torch.einsum("bj,bjo->bo", hidden_BJ, self.w_out_LJO[cluster_B])
 
     def train_batch(self, step: int) -> Batch:
         return self._batch("train", step)
@@ -68,7 +68,7 @@ class ClustersSource:
     def _batch(self, purpose: str, index: int) -> Batch:
         generator = torch_generator(self.seed, purpose, index)
         cluster_B = balanced_domains_B(index * self.batch_size, self.batch_size, len(self.domains))
-        x_BI = self.center_KI[cluster_B] + torch.randn(self.batch_size, self.input_dim, generator=generator)
+        x_BI = self.center_LI[cluster_B] + torch.randn(self.batch_size, self.input_dim, generator=generator)
         noise_BO = self.noise * torch.randn(self.batch_size, self.output_dim, generator=generator)
         return Batch(x_BI, self.target_function(x_BI, cluster_B) + noise_BO, cluster_B)
 

@@ -1,6 +1,6 @@
 """Models: a small decoder-only byte LM whose FFNs are MoE layers, and an MLP with one MoE layer.
 
-Legend: B batch, T time, D model width, H heads, V vocab, I/O regression input/output width.
+Legend: B batch, T time, D model width, H heads, Y vocabulary, I/O regression input/output width.
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ class TransformerLM(MoEModel):
         for i, block in enumerate(self.blocks):
             x_BTD, aux = block(x_BTD, tokens_BT, step)
             aux_losses.update({f"layer{i}/{name}": loss for name, loss in aux.items()})
-        logits_BTV = F.linear(self.ln_f(x_BTD), self.embed.weight)  # tied embedding
-        return logits_BTV, aux_losses
+        logits_BTY = F.linear(self.ln_f(x_BTD), self.embed.weight)  # tied embedding
+        return logits_BTY, aux_losses
 
 
 class MixtureMLP(MoEModel):

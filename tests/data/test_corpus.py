@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 import moe.data.corpus as corpus
-from moe.data import Batch, build_data, data_configs
+from moe.data import Batch, build_data
 from moe.data.clusters import ClustersDataConfig
 from moe.data.corpus import DomainSpec, load_or_build_corpus
 from moe.data.sources import balanced_domains_B
@@ -381,7 +381,7 @@ def test_clusters_have_different_target_functions():
     outputs = []
     for cluster in range(8):
         cluster_B = torch.full((256,), cluster)
-        outputs.append(source.target_function(source.center_KI[cluster_B] + offset_BI, cluster_B))
+        outputs.append(source.target_function(source.center_LI[cluster_B] + offset_BI, cluster_B))
     scale = torch.stack(outputs).std()
     for first in range(8):
         for second in range(first + 1, 8):
@@ -392,7 +392,7 @@ def test_clusters_are_separable_and_reward_an_expert_per_cluster():
     """A linear map per cluster fits far better than one shared linear map: the structure an MoE exploits."""
     source = build_data(ClustersDataConfig(num_clusters=4, noise=0.0, batch_size=512), seed=0)
     batch = source.train_batch(0)
-    nearest_B = torch.cdist(batch.inputs, source.center_KI).argmin(dim=1)
+    nearest_B = torch.cdist(batch.inputs, source.center_LI).argmin(dim=1)
     assert torch.equal(nearest_B, batch.domain_B)
 
     def linear_fit_error(x_BI, y_BO):
@@ -423,13 +423,6 @@ def test_unknown_key_and_wrong_type_are_named():
         build_data(OmegaConf.create({"name": "clusters", "batch_size": "many"}), seed=0)
     with pytest.raises(ConfigError, match=r"data\.val_fraction"):
         build_data(TextDataConfig(files=["x.txt"], val_fraction=1.5), seed=0)
-
-
-@pytest.mark.parametrize("name", ["mixture", "text", "clusters"])
-def test_yaml_defaults_match_the_config_dataclass(name):
-    from_yaml = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
-    from_yaml.pop("defaults", None)  # the Hydra schema line; the values are what must match
-    assert from_yaml == OmegaConf.structured(data_configs()[name])
 
 
 # ---------------------------------------------------------------------------------------------- install location

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from tests.helpers import CONFIGS, TINY, compose, run_cli
@@ -20,6 +21,29 @@ EXPERIMENTS = sorted(path.stem for path in CONFIGS.glob("experiment/*.yaml"))
 def test_every_group_option_composes(group, option):
     cfg = compose([f"{group}={option}"])
     assert cfg.trainer.max_steps > 0
+
+
+SCHEMA_FILES = [(group, option) for group, option in GROUP_FILES if group != "debug"]
+
+
+@pytest.mark.parametrize(("group", "option"), SCHEMA_FILES)
+def test_group_files_hold_only_what_differs_from_their_schema(group, option):
+    """The dataclass is the one source of defaults: a YAML line repeating a default would let the two drift."""
+    from hydra.core.config_store import ConfigStore
+
+    import moe.engine.config  # noqa: F401  (registers the schemas)
+
+    text = OmegaConf.load(CONFIGS / group / f"{option}.yaml")
+    schema_name = next(d for d in text.defaults if isinstance(d, str) and d.endswith("_schema"))
+    schema = OmegaConf.to_container(ConfigStore.instance().load(f"{group}/{schema_name}.yaml").node)
+    values = OmegaConf.to_container(text)
+    values.pop("defaults")
+    for key, value in values.items():
+        assert key in schema, f"configs/{group}/{option}.yaml: {key} is not in {schema_name}"
+        is_interpolation = isinstance(value, str) and value.startswith("${")
+        assert is_interpolation or value != schema[key], (
+            f"configs/{group}/{option}.yaml repeats the schema default {key}: {value!r}; delete the line"
+        )
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

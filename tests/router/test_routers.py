@@ -464,8 +464,8 @@ def test_hash_is_a_fixed_balanced_function_of_token_ids():
     again = make_router("hash", num_experts=5, seed=123)(other_x_ND, ids_N)  # same config, new module
     assert experts_of_tokens(again) == experts_of_tokens(plan)
     for token, token_id in enumerate(ids_N.tolist()):
-        assert expert_of_token[token] == int(module.expert_of_id_V[token_id])
-    owned_E = torch.bincount(module.expert_of_id_V, minlength=5)
+        assert expert_of_token[token] == int(module.expert_of_id_Y[token_id])
+    owned_E = torch.bincount(module.expert_of_id_Y, minlength=5)
     assert int(owned_E.max() - owned_E.min()) <= 1
     assert list(module.state_dict()) == []  # nothing learned, nothing to checkpoint
 
