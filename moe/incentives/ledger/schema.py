@@ -1,5 +1,10 @@
 """The ledger's SQLite schema, how each row is written, and the hash that chains the blocks.
 
+Tables: ``meta`` (config, subnets, seed), ``accounts`` (with their balances), ``blocks``, ``payouts``
+(every movement of units, signed), ``epochs`` (pools, paid, carried, burned), ``epoch_values``
+(consensus, incentive, dividends, validator trust in units of 1e-9), ``weights`` (u16 rows as on
+chain), ``bonds`` (1e-9) and ``failures`` (per block and miner).
+
 Each block's SHA-256 covers the block's fields, the previous block's hash and every row written in
 that block in every table (rows of the genesis block: ``meta`` and ``accounts``), so a change to any
 row breaks the chain. Account balances are not hashed; they are checked by replaying ``payouts``.
