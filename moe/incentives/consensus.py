@@ -134,15 +134,6 @@ def yuma_epoch(
     )
 
 
-def stake_weighted_median(weights_VM: torch.Tensor, stake_V: torch.Tensor, kappa: float) -> torch.Tensor:
-    """Per miner, the largest weight supported (weight ≥ it) by validators holding ≥ κ of the stake.
-
-    Step 2 of ``yuma_epoch`` on its own: ``weights_VM`` rows and ``stake_V`` are normalised here.
-    """
-    weights_np, stake_np, _ = _validated(weights_VM, stake_V, None, kappa, 0.0, 0.0)
-    return torch.from_numpy(_stake_weighted_median(_normalise_rows(weights_np), _normalise(stake_np), kappa))
-
-
 def _stake_weighted_median(weights_VM: np.ndarray, stake_V: np.ndarray, kappa: float) -> np.ndarray:
     """Sort-based κ-median of each column (``stake_V`` normalised, zero-stake validators never decide).
 

@@ -1,0 +1,280 @@
+"""One block's draft and one subnet's epoch: collect the weight rows, run Yuma, pay the pending pools.
+
+A block is built as a ``BlockDraft`` (rows and balance deltas) before its transaction and applied to
+memory only after the commit, so a failed write leaves the ledger's state untouched. At an epoch each
+validator submits a row (see ``validators``), ``yuma_epoch`` turns the rows into incentive and
+dividends, and the subnet's pending pools are paid: miner j gets ``floor(pool·I_j)``, validator i
+``floor(pool·D_i)`` (by stake when no validator earned dividends), the owner everything. The rounding
+remainder stays pending; a pool nobody may receive is burned.
+
+Shape legend: V = validators, M = miners of one subnet.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moe.errors import LedgerError
+from moe.incentives.consensus import YumaResult, yuma_epoch
+from moe.incentives.ledger.config import LedgerConfig
+from moe.incentives.ledger.emission import FIXED_ONE, pro_rata_floor, to_fixed, to_u16_row
+from moe.incentives.ledger.validators import WEIGHT_SETTERS, EpochInputs
+
+logger = logging.getLogger(__name__)
+
+POOLS = ("owner", "miners", "validators")
+
+# Validator v's PoI scores per subnet (MoE layer): ``score_view(v) -> {layer: Tensor[M]}``.
+ScoreView = Callable[[int], Mapping[str, torch.Tensor]]
+
+
+@dataclass
+class SubnetState:
+    """What a subnet's next epoch needs from the past; rebuilt from the database when a ledger reopens.
+
+    Failures are counted per miner since the subnet's last epoch: ``failed_M`` over closed blocks,
+    ``open_failed_M`` over the steps of the block still open (``*_steps_M``: steps with any failure).
+    """
+
+    name: str
+    miner_labels: list[str]
+    epochs_run: int = 0
+    prev_bonds_VM: torch.Tensor | None = None
+    last_consensus_fixed: list[int] | None = None
+    last_rows_u16: dict[int, list[int]] = field(default_factory=dict)
+    failed_M: list[int] = field(default_factory=list)
+    failed_steps_M: list[int] = field(default_factory=list)
+    open_failed_M: list[int] = field(default_factory=list)
+    open_failed_steps_M: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for counts in (self.failed_M, self.failed_steps_M, self.open_failed_M, self.open_failed_steps_M):
+            counts[:] = counts or [0] * self.num_miners
+
+    @property
+    def num_miners(self) -> int:
+        return len(self.miner_labels)
+
+    def record_failures(self, counts_M: Sequence[int]) -> None:
+        """Add one step's failure counts to the open block."""
+        for miner, count in enumerate(counts_M):
+            if count > 0:
+                self.open_failed_M[miner] += count
+                self.open_failed_steps_M[miner] += 1
+
+    def open_failure_rows(self, height: int) -> list[tuple[Any, ...]]:
+        """The ``failures`` rows of the block being closed."""
+        return [
+            (height, self.name, miner, failed, steps)
+            for miner, (failed, steps) in enumerate(
+                zip(self.open_failed_M, self.open_failed_steps_M, strict=True)
+            )
+            if failed
+        ]
+
+    def failing_miners(self, epoch_steps: int) -> torch.Tensor:
+        """Miners that failed more often than they answered during this epoch's steps."""
+        return torch.tensor(
+            [
+                failed + open_failed > epoch_steps - (steps + open_steps)
+                for failed, steps, open_failed, open_steps in zip(
+                    self.failed_M,
+                    self.failed_steps_M,
+                    self.open_failed_M,
+                    self.open_failed_steps_M,
+                    strict=True,
+                )
+            ],
+            dtype=torch.bool,
+        )
+
+    def close_block(self) -> None:
+        """The open block was committed: its failures now count as closed."""
+        for miner in range(self.num_miners):
+            self.failed_M[miner] += self.open_failed_M[miner]
+            self.failed_steps_M[miner] += self.open_failed_steps_M[miner]
+        self.open_failed_M[:] = [0] * self.num_miners
+        self.open_failed_steps_M[:] = [0] * self.num_miners
+
+    def apply_epoch(self, update: Mapping[str, Any], num_validators: int) -> None:
+        """The epoch was committed: keep what the next one needs and restart the failure counts."""
+        self.epochs_run += 1
+        self.last_consensus_fixed = update["consensus"]
+        self.last_rows_u16 = dict(enumerate(update["rows"]))
+        # The same integer-to-float path as on reopening, so a resumed run computes identical bonds.
+        bonds = torch.tensor(update["bonds"], dtype=torch.int64).reshape(num_validators, self.num_miners)
+        self.prev_bonds_VM = bonds.to(torch.float64) / FIXED_ONE
+        self.failed_M[:] = [0] * self.num_miners
+        self.failed_steps_M[:] = [0] * self.num_miners
+
+
+@dataclass
+class BlockDraft:
+    """Everything one block writes, built before the transaction and applied to memory after it.
+
+    ``balances`` are the committed balances by account id; ``deltas`` what this block moves.
+    """
+
+    height: int
+    step: int
+    emission: int
+    account_ids: Mapping[str, int]
+    balances: Mapping[int, int]
+    rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=lambda: defaultdict(list))
+    deltas: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    burned: int = 0
+    subnet_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def move(self, subnet: str, account_name: str, reason: str, amount: int) -> None:
+        """Record a signed movement of ``amount`` units on an account (a ``payouts`` row)."""
+        if amount:
+            account = self.account_ids[account_name]
+            self.rows["payouts"].append((self.height, subnet, account, reason, amount))
+            self.deltas[account] += amount
+
+    def balance(self, account_name: str) -> int:
+        """The account's balance including what this block has moved so far."""
+        account = self.account_ids[account_name]
+        return self.balances[account] + self.deltas[account]
+
+    def pay(
+        self, subnet: str, pool: str, recipients: Sequence[str], shares: Sequence[int], reason: str
+    ) -> tuple[int, int, int]:
+        """Pay a pending pool pro rata to ``shares``; burn it if nobody has a share.
+
+        Returns (pool, paid, burned); the rest stays pending (carried to the next epoch).
+        """
+        source = f"pending/{subnet}/{pool}"
+        amount = self.balance(source)
+        if amount == 0:
+            return 0, 0, 0
+        if sum(shares) == 0:
+            self.move(subnet, source, "burn", -amount)
+            self.burned += amount
+            return amount, 0, amount
+        payouts = pro_rata_floor(amount, shares)
+        for recipient, payout in zip(recipients, payouts, strict=True):
+            self.move(subnet, recipient, reason, payout)
+        self.move(subnet, source, "distribute", -sum(payouts))
+        return amount, sum(payouts), 0
+
+
+class CachedViews:
+    """Calls ``score_view(v)`` at most once per validator per epoch block and checks its shape."""
+
+    def __init__(self, score_view: ScoreView) -> None:
+        self._score_view = score_view
+        self._cache: dict[int, Mapping[str, torch.Tensor]] = {}
+
+    def layer(self, validator: int, subnet: str, num_miners: int) -> torch.Tensor:
+        if validator not in self._cache:
+            self._cache[validator] = self._score_view(validator)
+        view = self._cache[validator]
+        if subnet not in view:
+            raise LedgerError(
+                f"score_view({validator}) has no scores for subnet {subnet!r}; it has {sorted(view)}"
+            )
+        scores_M = torch.as_tensor(view[subnet]).reshape(-1)
+        if scores_M.numel() != num_miners:
+            raise LedgerError(
+                f"score_view({validator})[{subnet!r}] has {scores_M.numel()} scores, subnet has {num_miners} miners"
+            )
+        return scores_M
+
+
+def run_epoch(
+    draft: BlockDraft,
+    state: SubnetState,
+    cfg: LedgerConfig,
+    stake_V: torch.Tensor,
+    seed: int,
+    views: CachedViews,
+) -> None:
+    """Collect weights, run Yuma, pay the subnet's pending pools; record everything in ``draft``."""
+    epoch = draft.height // cfg.tempo
+    rows_u16 = _weight_rows(state, cfg, seed, epoch, views)
+    weights_VM = torch.tensor(rows_u16, dtype=torch.float64).reshape(len(rows_u16), state.num_miners)
+    result = yuma_epoch(
+        weights_VM,
+        stake_V,
+        state.prev_bonds_VM,
+        kappa=cfg.kappa,
+        bond_alpha=cfg.bond_alpha,
+        bonds_penalty=cfg.bonds_penalty,
+        yuma3=cfg.yuma3,
+        liquid_alpha=cfg.liquid_alpha,
+    )
+    bonds_VM = to_fixed(result.bonds.reshape(-1))
+    consensus = _pay_epoch(draft, state, epoch, result)
+    height, name = draft.height, state.name
+    draft.rows["weights"] += [
+        (height, name, i, j, value) for i, row in enumerate(rows_u16) for j, value in enumerate(row) if value
+    ]
+    num_miners = max(state.num_miners, 1)
+    draft.rows["bonds"] += [
+        (height, name, flat // num_miners, flat % num_miners, value)
+        for flat, value in enumerate(bonds_VM)
+        if value
+    ]
+    draft.subnet_updates[name] = {"consensus": consensus, "bonds": bonds_VM, "rows": rows_u16}
+
+
+def _weight_rows(
+    state: SubnetState, cfg: LedgerConfig, seed: int, epoch: int, views: CachedViews
+) -> list[list[int]]:
+    """Every validator's u16 row over the subnet's miners, by its behaviour."""
+    failing_M = state.failing_miners(cfg.tempo * cfg.steps_per_block)
+    rows_u16 = []
+    for validator, spec in enumerate(cfg.validators):
+        inputs = EpochInputs(
+            validator=validator,
+            spec=spec,
+            subnet=state.name,
+            num_miners=state.num_miners,
+            epoch=epoch,
+            epochs_run=state.epochs_run,
+            seed=seed,
+            last_consensus_fixed=state.last_consensus_fixed,
+            last_row_u16=state.last_rows_u16.get(validator),
+            view_M=lambda validator=validator: views.layer(validator, state.name, state.num_miners),
+            failing_M=failing_M,
+        )
+        rows_u16.append(to_u16_row(WEIGHT_SETTERS[spec.behaviour](inputs)))
+    return rows_u16
+
+
+def _pay_epoch(draft: BlockDraft, state: SubnetState, epoch: int, result: YumaResult) -> list[int]:
+    """Pay the three pending pools and record the ``epochs`` and ``epoch_values`` rows; return consensus."""
+    height, name = draft.height, state.name
+    consensus = to_fixed(result.consensus)
+    incentive = to_fixed(result.incentive)
+    dividends = to_fixed(result.dividends)
+    miners = [f"miner/{name}/{j}" for j in range(state.num_miners)]
+    validators = [f"validator/{i}" for i in range(len(dividends))]
+    miner_pool, miner_paid, miner_burned = draft.pay(name, "miners", miners, incentive, "incentive")
+    dividends_by_stake = sum(dividends) == 0
+    validator_shares = to_fixed(result.stake) if dividends_by_stake else dividends
+    validator_pool, validator_paid, validator_burned = draft.pay(
+        name, "validators", validators, validator_shares, "dividend"
+    )
+    owner_pool, _, _ = draft.pay(name, "owner", ["owner"], [1], "owner")
+    carried = (miner_pool - miner_paid - miner_burned) + (validator_pool - validator_paid - validator_burned)
+    burned = miner_burned + validator_burned
+
+    pools = (miner_pool, miner_paid, validator_pool, validator_paid, owner_pool, carried, burned)
+    draft.rows["epochs"].append((height, name, epoch, *pools, int(dividends_by_stake)))
+    values = draft.rows["epoch_values"]
+    values += [(height, name, "consensus", j, v) for j, v in enumerate(consensus)]
+    values += [(height, name, "incentive", j, v) for j, v in enumerate(incentive)]
+    values += [(height, name, "dividends", i, v) for i, v in enumerate(dividends)]
+    values += [
+        (height, name, "validator_trust", i, v) for i, v in enumerate(to_fixed(result.validator_trust))
+    ]
+    logger.debug("epoch %d of subnet %s: incentive %s, dividends %s", epoch, name, incentive, dividends)
+    return consensus

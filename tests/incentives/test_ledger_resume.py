@@ -1,0 +1,119 @@
+"""The ledger writer's file life (moe.incentives.ledger.writer): single writer, resume, kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from moe.errors import LedgerError
+from moe.ledger import RewardLedger, verify_ledger
+from tests.incentives.ledger_drivers import (
+    PROCESS_TIMEOUT_S,
+    SUBNETS,
+    balances,
+    block_count,
+    block_hashes,
+    child_process,
+    drive,
+    make_config,
+    run_ledger,
+    write_ledger,
+)
+
+
+@pytest.fixture
+def written_ledger(tmp_path: Path) -> Path:
+    return write_ledger(tmp_path / "ledger.sqlite")
+
+
+def test_second_writer_in_this_process_is_refused(tmp_path):
+    ledger_path = tmp_path / "ledger.sqlite"
+    with (
+        RewardLedger(ledger_path, make_config(), SUBNETS, seed=7),
+        pytest.raises(LedgerError, match="already open for writing"),
+    ):
+        RewardLedger(ledger_path, make_config(), SUBNETS, seed=7)
+    RewardLedger(ledger_path, make_config(), SUBNETS, seed=7).close()  # free again after close
+
+
+@pytest.mark.timeout(PROCESS_TIMEOUT_S)
+def test_second_writer_process_is_refused(tmp_path):
+    ledger_path = tmp_path / "ledger.sqlite"
+    with (
+        RewardLedger(ledger_path, make_config(), SUBNETS, seed=7),
+        child_process("try_second_writer", str(ledger_path)) as process,
+    ):
+        output, _ = process.communicate(timeout=PROCESS_TIMEOUT_S)
+        assert process.returncode == 3, output
+        assert f"already open for writing by another process (pid {os.getpid()})" in output
+
+
+def test_reopening_without_resume_step_is_refused(written_ledger):
+    with pytest.raises(LedgerError, match="resume_step"):
+        RewardLedger(written_ledger, make_config(), SUBNETS, seed=7)
+
+
+def test_resuming_with_other_settings_is_refused(written_ledger):
+    with pytest.raises(LedgerError, match="different config"):
+        RewardLedger(written_ledger, make_config(kappa=0.6), SUBNETS, seed=7, resume_step=60)
+    with pytest.raises(LedgerError, match="different seed"):
+        RewardLedger(written_ledger, make_config(), SUBNETS, seed=8, resume_step=60)
+
+
+def test_resuming_past_the_ledger_is_refused(written_ledger):
+    with pytest.raises(LedgerError, match="missing"):
+        RewardLedger(written_ledger, make_config(), SUBNETS, seed=7, resume_step=70)
+
+
+@pytest.mark.parametrize("resume_step", [40, 43, 50])
+def test_resume_matches_an_uninterrupted_run(tmp_path, resume_step):
+    reference, resumed = tmp_path / "reference.sqlite", tmp_path / "resumed.sqlite"
+    run_ledger(reference, 80)
+    run_ledger(resumed, 66)  # overshoots the checkpoint, as a crash after it would
+    with RewardLedger(resumed, make_config(), SUBNETS, seed=7, resume_step=resume_step) as ledger:
+        assert ledger.height == resume_step // 2
+        drive(ledger, resume_step + 1, 80)
+    verify_ledger(resumed)
+    assert balances(resumed) == balances(reference)
+    if resume_step % 2 == 0:  # no step of a half-open block was lost, so every block is identical
+        assert block_hashes(resumed) == block_hashes(reference)
+
+
+def _kill_writer_and_resume(tmp_path: Path, min_blocks: int) -> None:
+    killed = tmp_path / "killed.sqlite"
+    with child_process("run_forever", str(killed)) as process:
+        deadline = time.monotonic() + PROCESS_TIMEOUT_S
+        while block_count(killed) < min_blocks:
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, "the writer made no progress"
+            time.sleep(0.01)
+        if min_blocks:
+            verify_ledger(killed)  # a reader sees a consistent snapshot while the writer runs
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=PROCESS_TIMEOUT_S)
+    # Killed before the file existed there is nothing to verify; the resumed run then starts it afresh.
+    report_blocks = verify_ledger(killed).blocks if killed.exists() else 0
+    last_step = report_blocks * 2
+    resume_step = max(last_step - 5, 0)
+    with RewardLedger(killed, make_config(), SUBNETS, seed=7, resume_step=resume_step) as ledger:
+        drive(ledger, resume_step + 1, last_step + 10)
+    reference = tmp_path / f"reference-{min_blocks}.sqlite"
+    run_ledger(reference, last_step + 10)
+    verify_ledger(killed)
+    assert balances(killed) == balances(reference)
+
+
+@pytest.mark.timeout(PROCESS_TIMEOUT_S)
+def test_killed_writer_leaves_a_ledger_that_verifies_and_resumes(tmp_path):
+    _kill_writer_and_resume(tmp_path, min_blocks=25)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(5 * PROCESS_TIMEOUT_S)
+@pytest.mark.parametrize("min_blocks", [0, 1, 7, 64, 200])
+def test_killed_at_many_instants(tmp_path, min_blocks):
+    _kill_writer_and_resume(tmp_path, min_blocks)
