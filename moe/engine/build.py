@@ -23,7 +23,7 @@ from experts.transport import Transport, open_transport
 from moe.data import build_data
 from moe.engine.metrics import MetricsLogger
 from moe.errors import ConfigError
-from moe.incentives.ledger.writer import RewardLedger
+from moe.incentives.ledger import RewardLedger
 from moe.incentives.poi.scorer import PoIScorer, build_scorer
 from moe.nn.layer import MoELayer
 from moe.nn.model import MoEModel, build_model

@@ -7,17 +7,15 @@ evaluation batch. Without a PoI scorer (`poi=null`) validators see each expert's
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from experts.behaviours import parse_behaviours
-from moe.incentives.ledger.writer import TOKEN, RewardLedger, as_ledger_config
+from moe.incentives.ledger import TOKEN, RewardLedger, ScoreView, as_ledger_config
 
 LEDGER_FILE = "ledger.sqlite"
 
-ScoreView = Callable[[int], dict[str, torch.Tensor]]
 
 
 def open_run_ledger(run, resume_step: int | None) -> RewardLedger | None:
@@ -111,7 +109,7 @@ def reward_metrics(rewards: dict) -> dict[str, float]:
 def rewards_section(run_dir: Path, out_dir: Path) -> list[str]:
     """The report's rewards section: balances by role and behaviour, emission per block (plot), and
     the last epoch's consensus and incentive per miner. Empty when the run kept no ledger."""
-    from moe.incentives.ledger.writer import iter_blocks, read_summary
+    from moe.incentives.ledger import iter_blocks, read_summary
 
     path = Path(run_dir) / LEDGER_FILE
     if not path.exists():
