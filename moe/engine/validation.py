@@ -76,7 +76,9 @@ def _count_routing(model: MoEModel, domain_B: torch.Tensor, routing: dict) -> No
         domain_N = domain_B.repeat_interleave(tokens_per_example)
         domain_A = domain_N[plan.token_idx.cpu()]
         num_domains, num_experts = routing[layer.name].shape[0], plan.num_experts
-        flat = torch.bincount(domain_A * num_experts + plan.expert_idx.cpu(), minlength=num_domains * num_experts)
+        flat = torch.bincount(
+            domain_A * num_experts + plan.expert_idx.cpu(), minlength=num_domains * num_experts
+        )
         table_GE = flat.reshape(num_domains, num_experts).double()
         previous = routing[layer.name]
         routing[layer.name] = table_GE if previous.numel() == 0 else previous + table_GE

@@ -22,7 +22,9 @@ def evaluate_command(cfg, config_dir: Path) -> dict:
 
         return {"comparison": str(compare_sweep(Path(cfg.compare)))}
     if not cfg.ckpt:
-        raise ConfigError("nothing to evaluate: pass ckpt=<run dir or checkpoint file> (or compare=<multirun dir>)")
+        raise ConfigError(
+            "nothing to evaluate: pass ckpt=<run dir or checkpoint file> (or compare=<multirun dir>)"
+        )
     from moe.experiments.run_report import write_run_report
 
     return write_run_report(cfg.ckpt, out_dir=cfg.out, num_val_batches=cfg.num_val_batches)

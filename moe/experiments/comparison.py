@@ -222,7 +222,9 @@ def compare_sweep(multirun_dir: Path) -> Path:
     without_metrics = [r for r in runs if r.complete and not r.events]
     val_loss_png, load_cv_png = multirun_dir / VAL_LOSS_PLOT, multirun_dir / LOAD_CV_PLOT
     plot_mean_curve_per_row(rows, event_metric("val/loss"), "val loss", val_loss_png)
-    plot_mean_curve_per_row(rows, lambda e: layer_mean(e, "load_cv"), "load CV (mean over layers)", load_cv_png)
+    plot_mean_curve_per_row(
+        rows, lambda e: layer_mean(e, "load_cv"), "load CV (mean over layers)", load_cv_png
+    )
     lines = [
         f"# Sweep comparison: {multirun_dir}",
         "",

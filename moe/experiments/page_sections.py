@@ -60,30 +60,53 @@ def gap_grid_section(sweep: Sweep, grid: GapGridSpec, slug: str, figures: Path) 
     """The metric of every cell against its baseline cell, the claim's verdict, and a plot."""
     factor, by = labels(grid)
     by_seed = cell_values(sweep, grid, grid.metric)
-    cells = {cell: list(values.values()) for cell, values in by_seed.items()}
-    rows = []
-    for (x, y), values in sorted(cells.items()):
-        base = cells.get((grid.baseline, y))
-        paired = paired_gaps(by_seed[(x, y)], by_seed.get((grid.baseline, y), {}))
-        rows.append([
-            f"{x:g}",
-            f"{y:g}",
-            mean_pm_std(values, ".4f"),
-            f"{percent_gap(values, base):+.2f} %" if base else "n/a",
-            ", ".join(f"{g:+.2f} %" for g in paired) or "n/a",
-        ])
-    header = [factor, f"{by} {grid.by_unit}".strip(), grid.metric_label, f"Δ vs {factor} {grid.baseline:g} (means)", "Δ paired by seed"]
-    title = f"**Claim check** ({grid.claim}; tolerance {grid.within_percent:g} %):" if grid.claim else f"**{grid.metric_label} against {factor} {grid.baseline:g}:**"
-    lines = [title, "", *markdown_table(header, rows, align="rrrrr"), ""]
+    cells = per_cell(by_seed)
+    header = [
+        factor,
+        f"{by} {grid.by_unit}".strip(),
+        grid.metric_label,
+        f"Δ vs {factor} {grid.baseline:g} (means)",
+        "Δ paired by seed",
+    ]
+    title = (
+        f"**Claim check** ({grid.claim}; tolerance {grid.within_percent:g} %):"
+        if grid.claim
+        else f"**{grid.metric_label} against {factor} {grid.baseline:g}:**"
+    )
+    lines = [title, "", *markdown_table(header, gap_rows(by_seed, grid), align="rrrrr"), ""]
     if grid.claim_at is not None:
         lines += [verdict(cells, grid), ""]
     if grid.note and len({y for _, y in cells}) > 1:
         lines += [grid.note.strip(), ""]
     png = figures / f"{slug}_gap_grid.png"
-    throughput = {cell: list(v.values()) for cell, v in cell_values(sweep, grid, grid.throughput).items()} if grid.throughput else {}
+    throughput = per_cell(cell_values(sweep, grid, grid.throughput)) if grid.throughput else {}
     if plot_gap_grid(cells, throughput, grid, png):
         lines += [figure_link(f"{slug} {grid.metric_label} vs {factor}", png, figures.name), ""]
     return lines
+
+
+def per_cell(by_seed: dict[tuple[float, float], dict[str, float]]) -> Cells:
+    return {cell: list(values.values()) for cell, values in by_seed.items()}
+
+
+def gap_rows(by_seed: dict[tuple[float, float], dict[str, float]], grid: GapGridSpec) -> list[list[str]]:
+    """Per cell: its value (mean ± std over seeds), the gap of the means and the gaps paired by seed."""
+    cells = per_cell(by_seed)
+    rows = []
+    for (x, y), values in sorted(cells.items()):
+        base = cells.get((grid.baseline, y))
+        paired = paired_gaps(by_seed[(x, y)], by_seed.get((grid.baseline, y), {}))
+        gap = f"{percent_gap(values, base):+.2f} %" if base else "n/a"
+        rows.append(
+            [
+                f"{x:g}",
+                f"{y:g}",
+                mean_pm_std(values, ".4f"),
+                gap,
+                ", ".join(f"{g:+.2f} %" for g in paired) or "n/a",
+            ]
+        )
+    return rows
 
 
 def verdict(cells: Cells, grid: GapGridSpec) -> str:
@@ -138,7 +161,9 @@ def plot_gap_grid(metric: Cells, throughput: Cells, grid: GapGridSpec, path: Pat
 # ---------------------------------------------------------------------------------------------- heatmaps
 
 
-def routing_tables_by_row(sweep: Sweep, spec: HeatmapSpec) -> tuple[list[str], dict[str, dict[str, torch.Tensor]]]:
+def routing_tables_by_row(
+    sweep: Sweep, spec: HeatmapSpec
+) -> tuple[list[str], dict[str, dict[str, torch.Tensor]]]:
     """(domains, row label → layer → [G, E] counts) from each row's lowest seed. Seeds are not summed:
     expert indices mean nothing across seeds, so a sum would blur the specialisation it should show."""
     domains: list[str] = []

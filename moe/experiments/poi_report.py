@@ -24,11 +24,17 @@ def poi_section(events: list[dict], cfg, out: Path) -> str:
     behaviours = {int(k): str(v) for k, v in ((cfg.experts.get("behaviours") or {}).items())}
     scorer = (cfg.get("poi") or {}).get("name", "?")
     lines = ["", f"## Proof of Intelligence ({scorer}, step {last['step']})", ""]
-    lines += ["Score = loss increase without the expert (EMA); rank 1 = most helpful; traffic = share of assignments.", ""]
+    lines += [
+        "Score = loss increase without the expert (EMA); rank 1 = most helpful; traffic = share of assignments.",
+        "",
+    ]
     for layer in sorted({k.split("/")[2] for k in last if k.startswith("poi/score/")}):
         lines += poi_layer_table(layer, last, behaviours)
     lines += fidelity_table(events)
-    for figure in (plot_poi_scores(scored, out / POI_SCORES_PLOT), plot_fidelity(events, out / POI_FIDELITY_PLOT)):
+    for figure in (
+        plot_poi_scores(scored, out / POI_SCORES_PLOT),
+        plot_fidelity(events, out / POI_FIDELITY_PLOT),
+    ):
         if figure is not None:
             lines += ["", figure_link(figure.stem, figure)]
     return "\n".join(lines) + "\n"
@@ -40,14 +46,16 @@ def poi_layer_table(layer: str, event: dict, behaviours: dict[int, str]) -> list
     rows = []
     for e in experts:
         load = event.get(f"poi/load/{layer}/{e}")
-        rows.append([
-            f"e{e}",
-            behaviours.get(e, "honest"),
-            f"{event[f'poi/score/{layer}/{e}']:+.4g}",
-            str(event.get(f"poi/rank/{layer}/{e}", "")),
-            "" if load is None else f"{load:.3f}",
-            str(event.get(f"poi/failures/{layer}/{e}", 0)),
-        ])
+        rows.append(
+            [
+                f"e{e}",
+                behaviours.get(e, "honest"),
+                f"{event[f'poi/score/{layer}/{e}']:+.4g}",
+                str(event.get(f"poi/rank/{layer}/{e}", "")),
+                "" if load is None else f"{load:.3f}",
+                str(event.get(f"poi/failures/{layer}/{e}", 0)),
+            ]
+        )
     header = ["expert", "behaviour", "score", "rank", "traffic", "failures"]
     return [f"**{layer}**", "", *markdown_table(header, rows), ""]
 
@@ -75,7 +83,9 @@ def fidelity_table(events: list[dict]) -> list[str]:
             series = [v for _, v in points.get((layer, scorer), [])]
             cells.append(f"{series[-1]:.3f} ({sum(series) / len(series):.3f})" if series else "")
         rows.append([layer, *cells])
-    title = "Fidelity: Spearman ρ against Monte-Carlo Shapley values (last measurement; mean over measurements)."
+    title = (
+        "Fidelity: Spearman ρ against Monte-Carlo Shapley values (last measurement; mean over measurements)."
+    )
     return [title, "", *markdown_table(["layer", *scorers], rows), ""]
 
 
@@ -85,7 +95,10 @@ def plot_poi_scores(scored: list[dict], path: Path) -> Path:
     layers = sorted({k.split("/")[2] for e in scored for k in e if k.startswith("poi/score/")})
     fig, axes = plt.subplots(len(layers), 1, figsize=(7, 3 * len(layers)), squeeze=False)
     for ax, layer in zip(axes[:, 0], layers, strict=True):
-        keys = sorted({k for e in scored for k in e if k.startswith(f"poi/score/{layer}/")}, key=lambda k: int(k.rsplit("/", 1)[1]))
+        keys = sorted(
+            {k for e in scored for k in e if k.startswith(f"poi/score/{layer}/")},
+            key=lambda k: int(k.rsplit("/", 1)[1]),
+        )
         for key in keys:
             points = [(e["step"], e[key]) for e in scored if e.get(key) is not None]
             ax.plot(*zip(*points, strict=True), label=f"e{key.rsplit('/', 1)[1]}")

@@ -22,12 +22,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from moe.experiments.columns import event_metric
-from moe.experiments.comparison import plot_mean_curve_per_row, problem_lines, split_override, table
+from moe.experiments.comparison import plot_mean_curve_per_row, problem_lines, table
 from moe.experiments.page_sections import gap_grid_section, routing_heatmaps_section
 from moe.experiments.page_spec import ReportSpec, columns_for, load_report_spec
 from moe.experiments.render import display_path, figure_link
 from moe.experiments.sweeps import (
     Sweep,
+    experiment_override,
     find_sweep_dirs,
     machine_line,
     missing_jobs_lines,
@@ -54,9 +55,7 @@ def page_path(root: Path, out: Path | None) -> Path:
 
 def experiment_file(sweep: Sweep, experiment_dir: Path) -> Path:
     """The experiment file the sweep ran: its `experiment=` override, else the experiment's name."""
-    overrides = [o for r in sweep.runs for o in r.overrides] + sweep.task_overrides
-    name = next((v for k, v in map(split_override, overrides) if k == "experiment"), None)
-    return Path(experiment_dir) / f"{name or sweep.experiment}.yaml"
+    return Path(experiment_dir) / f"{experiment_override(sweep) or sweep.experiment}.yaml"
 
 
 def section_title(sweep: Sweep, slug: str) -> str:
@@ -91,7 +90,9 @@ def sweep_section(sweep: Sweep, slug: str, figures: Path, root: Path, spec_file:
     plot_mean_curve_per_row(sweep.rows, event_metric("val/loss"), "val loss", curve_png)
     complete = sum(r.complete for r in sweep.runs)
     folder = Path(display_path(root)) / sweep.path.relative_to(root)
-    about = f"- Experiment file: `configs/experiment/{spec_file.name}` (its header names the published result)."
+    about = (
+        f"- Experiment file: `configs/experiment/{spec_file.name}` (its header names the published result)."
+    )
     lines = [
         f"## {section_title(sweep, slug)}",
         "",
@@ -149,7 +150,8 @@ def write_results_page(root: Path, out: Path | None = None, experiment_dir: Path
         f"from {len(sweeps)} sweep(s); regenerate rather than edit. Each section names the command, seeds, "
         "scale, wall time and machine of its runs; missing or failed runs are listed in their section.",
         "",
-        "Contents: " + ", ".join(f"[{title}](#{anchor(title)})" for title in map(section_title, sweeps, slugs)),
+        "Contents: "
+        + ", ".join(f"[{title}](#{anchor(title)})" for title in map(section_title, sweeps, slugs)),
         "",
     ]
     notes = root / NOTES_FILE

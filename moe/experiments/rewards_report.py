@@ -31,8 +31,14 @@ def rewards_section(run_dir: Path, out_dir: Path) -> list[str]:
     if not path.exists():
         return []
     rewards = read_summary(path)
-    lines = ["", "## Rewards", "", f"{rewards['blocks']} blocks, {rewards['epochs']} epochs, issuance "
-             f"{rewards['issuance_tokens']:.3f} tokens, burned {rewards['burned_tokens']:.3f} tokens.", ""]
+    lines = [
+        "",
+        "## Rewards",
+        "",
+        f"{rewards['blocks']} blocks, {rewards['epochs']} epochs, issuance "
+        f"{rewards['issuance_tokens']:.3f} tokens, burned {rewards['burned_tokens']:.3f} tokens.",
+        "",
+    ]
     balances = [
         [name, f"{amount['tokens']:.6f}"]
         for group in ("by_role", "by_behaviour")
@@ -43,7 +49,8 @@ def rewards_section(run_dir: Path, out_dir: Path) -> list[str]:
         lines += ["", f"Last epoch of subnet `{subnet}` (block {epoch['block']}):", ""]
         per_miner = zip(epoch["consensus"], epoch["incentive"], strict=True)
         lines += markdown_table(
-            ["miner", "consensus", "incentive"], [[str(m), f"{c:.4f}", f"{i:.4f}"] for m, (c, i) in enumerate(per_miner)]
+            ["miner", "consensus", "incentive"],
+            [[str(m), f"{c:.4f}", f"{i:.4f}"] for m, (c, i) in enumerate(per_miner)],
         )
     figure = plot_emission(list(iter_blocks(path)), Path(out_dir) / EMISSION_PLOT)
     return [*lines, "", figure_link("emission per block", figure)]

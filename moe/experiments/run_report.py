@@ -44,7 +44,9 @@ def load_trained(ckpt: str | Path, num_val_batches: int | None = None):
     return run, state
 
 
-def write_run_report(ckpt: str | Path, out_dir: str | Path | None = None, num_val_batches: int | None = None) -> dict:
+def write_run_report(
+    ckpt: str | Path, out_dir: str | Path | None = None, num_val_batches: int | None = None
+) -> dict:
     """Evaluate the checkpoint and write `report.md` (+ plots) into `out_dir` (default: the run dir);
     returns the validation metrics and the report's path."""
     from moe.engine.metrics import METRICS_FILE, read_metrics
@@ -52,14 +54,18 @@ def write_run_report(ckpt: str | Path, out_dir: str | Path | None = None, num_va
     run, state = load_trained(ckpt, num_val_batches)
     out = Path(out_dir) if out_dir else run.run_dir
     out.mkdir(parents=True, exist_ok=True)
-    results = evaluate(run.model, run.data.val_batches(), run.data.domains, collect_routing=True, step=int(state["step"]))
+    results = evaluate(
+        run.model, run.data.val_batches(), run.data.domains, collect_routing=True, step=int(state["step"])
+    )
     events = read_metrics(run.run_dir) if (run.run_dir / METRICS_FILE).exists() else []
     figures = [plot_train_val_loss(events, out / LOSS_CURVE_PLOT)] if events else []
     report = render_report(state["step"], run, results, figures)
     report += poi_section(events, run.cfg, out)
     report += "\n".join([*rewards_section(run.run_dir, out), ""])
     (out / REPORT_FILE).write_text(report)
-    return {k: v for k, v in results.items() if not k.startswith("routing/")} | {"report": str(out / REPORT_FILE)}
+    return {k: v for k, v in results.items() if not k.startswith("routing/")} | {
+        "report": str(out / REPORT_FILE)
+    }
 
 
 def plot_train_val_loss(events: list[dict], path: Path) -> Path:

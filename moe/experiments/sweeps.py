@@ -114,9 +114,13 @@ def experiment_name(sweep: Sweep) -> str:
     names = {str(c.get("name")) for c in sweep.configs.values() if c.get("name")}
     if len(names) == 1:
         return names.pop()
+    return experiment_override(sweep) or sweep.path.name
+
+
+def experiment_override(sweep: Sweep) -> str | None:
+    """The `experiment=<file>` the jobs or the command named, if any."""
     overrides = [o for r in sweep.runs for o in r.overrides] + sweep.task_overrides
-    experiment = next((v for k, v in map(split_override, overrides) if k == "experiment"), None)
-    return experiment or sweep.path.name
+    return next((v for k, v in map(split_override, overrides) if k == "experiment"), None)
 
 
 def expected_job_count(task_overrides: list[str], sweeper_params: dict | None) -> int | None:

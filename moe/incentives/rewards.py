@@ -75,7 +75,11 @@ def step_failures(run) -> dict[str, torch.Tensor]:
     failures = {}
     for layer in run.layers:
         evidence = layer.evidence
-        answered_E = evidence.answered_E if evidence is not None else torch.ones(layer.pool.num_experts, dtype=torch.bool)
+        answered_E = (
+            evidence.answered_E
+            if evidence is not None
+            else torch.ones(layer.pool.num_experts, dtype=torch.bool)
+        )
         failures[layer.name] = (~answered_E).long().cpu()
     return failures
 

@@ -30,7 +30,14 @@ def test_every_experiment_file_declares_a_valid_report_block(path):
 
 def test_standard_columns_expand_mi_per_layer_and_can_be_chosen():
     assert titles(ReportSpec()) == [
-        "val loss", "bits/byte", "load CV", "MaxVio", "dropped %", "tokens/s", "MI layer0 (bits)", "MI layer1 (bits)",
+        "val loss",
+        "bits/byte",
+        "load CV",
+        "MaxVio",
+        "dropped %",
+        "tokens/s",
+        "MI layer0 (bits)",
+        "MI layer1 (bits)",
     ]
     assert titles(ReportSpec(standard_columns=["tokens/s", "val loss"])) == ["tokens/s", "val loss"]
     assert "MI layer0 (bits)" not in titles(ReportSpec(), [{"val/loss": 1.0}])  # no run logged MI: no column
@@ -90,7 +97,11 @@ def write_grid_job(sweep: Path, job: int, drop: float, seed: int, loss: float) -
     hydra.mkdir(parents=True)
     overrides = ["experiment=fault_tolerance", f"{DROP}={drop}", f"seed={seed}"]
     (hydra / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    config = {"name": "fault_tolerance", "seed": seed, "transport": {"network": {"default": {"drop_prob": drop, "latency_ms": 0.0}}}}
+    config = {
+        "name": "fault_tolerance",
+        "seed": seed,
+        "transport": {"network": {"default": {"drop_prob": drop, "latency_ms": 0.0}}},
+    }
     (hydra / "config.yaml").write_text(json.dumps(config))
     summary = {"val/loss": loss, "perf/tokens_per_s": 100.0, "perf/sim_tokens_per_s": 50.0 / (1 + drop)}
     (sweep / str(job) / "summary.json").write_text(json.dumps(summary))

@@ -97,18 +97,18 @@ def sweep_root(tmp_path_factory) -> Path:
     return root
 
 
+def run_eval(*args: str, cwd: Path = REPO) -> None:
+    """`python eval.py <args>` from `cwd` (this checkout's code wins wherever it runs); must succeed."""
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), ENV.get("PYTHONPATH")]))}
+    command = [sys.executable, str(REPO / "eval.py"), *args]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def page(sweep_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("docs")  # a folder: the page goes to out/results.md
-    result = subprocess.run(
-        [sys.executable, "eval.py", f"report={sweep_root}", f"out={out}"],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_eval(f"report={sweep_root}", f"out={out}")
     return out / "results.md"
 
 
@@ -161,7 +161,10 @@ def repo_files() -> set[str]:
     """Every file git sees in the repo (tracked, untracked and ignored), bytecode caches aside."""
     listing = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=all", "--ignored"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return {line for line in listing.splitlines() if "__pycache__" not in line}
 
@@ -169,11 +172,7 @@ def repo_files() -> set[str]:
 def test_report_without_out_writes_beside_the_sweeps_and_nothing_in_the_repo(sweep_root):
     before = repo_files()
     committed_page = (REPO / "docs" / "results.md").read_bytes()
-    result = subprocess.run(
-        [sys.executable, "eval.py", f"report={sweep_root}"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_eval(f"report={sweep_root}")
     page = sweep_root / "results.md"
     assert "## specialisation" in page.read_text()
     assert (sweep_root / "figures" / "specialisation_val_loss.png").stat().st_size > 1000
@@ -183,20 +182,12 @@ def test_report_without_out_writes_beside_the_sweeps_and_nothing_in_the_repo(swe
 
 def test_out_naming_a_page_puts_figures_beside_it(sweep_root, tmp_path):
     out = tmp_path / "site" / "page.md"
-    result = subprocess.run(
-        [sys.executable, "eval.py", f"report={sweep_root}", f"out={out}"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_eval(f"report={sweep_root}", f"out={out}")
     assert "(figures/specialisation_heatmap_layer0.png)" in out.read_text()
     assert (out.parent / "figures" / "specialisation_heatmap_layer0.png").exists()
 
 
 def test_sweep_inside_the_cwd_is_named_relative_to_it(sweep_root, tmp_path):
     out = tmp_path / "page.md"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "eval.py"), "report=.", f"out={out}"],
-        cwd=sweep_root, env={**ENV, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_eval("report=.", f"out={out}", cwd=sweep_root)
     assert "- Sweep dir: `specialisation`;" in out.read_text()
