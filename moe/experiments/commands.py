@@ -23,7 +23,7 @@ def evaluate_command(cfg, config_dir: Path) -> dict:
         return {"comparison": str(compare_sweep(Path(cfg.compare)))}
     if not cfg.ckpt:
         raise ConfigError(
-            "nothing to evaluate: pass ckpt=<run dir or checkpoint file> (or compare=<multirun dir>)"
+            "nothing to evaluate: pass ckpt=<run dir or checkpoint file> (or compare=, report=)"
         )
     from moe.experiments.run_report import write_run_report
 
