@@ -1,6 +1,8 @@
-"""Evaluate a run or compare a sweep: `python eval.py ckpt=<run dir>` / `python eval.py compare=<multirun dir>`."""
+"""Evaluate a run or compare sweeps: `python eval.py ckpt=<run dir>` / `compare=<multirun dir>` /
+`report=<folder of sweeps> [out=<page.md>]`."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -8,13 +10,15 @@ from omegaconf import DictConfig
 import moe.engine.config  # noqa: F401  (registers the typed config schemas)
 from moe.errors import PoimoeError
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
 
 @hydra.main(version_base=None, config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from moe.engine.validation import main as evaluate_main
+    from moe.experiments.commands import evaluate_command  # imported here so `--help` stays fast
 
     try:
-        results = evaluate_main(cfg)
+        results = evaluate_command(cfg, CONFIG_DIR)
     except PoimoeError as err:
         sys.exit(f"error: {err}")
     for key, value in results.items():

@@ -31,7 +31,7 @@ def print_summary(summary: dict) -> None:
     for line in format_summary(summary):
         print(line)
     if "rewards" in summary:
-        from moe.incentives.rewards import format_rewards
+        from moe.experiments.rewards_report import format_rewards
 
         print("\n".join(format_rewards(summary["rewards"])))
 

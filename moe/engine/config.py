@@ -64,6 +64,7 @@ class TrainConfig:
     run_dir: str | None = None  # where outputs go; default: Hydra's run dir
     name: str = "poimoe"  # run name, used for wandb and reports
     tags: list[str] = field(default_factory=list)
+    report: Any = None  # what an experiment's section of the results page shows (moe.experiments.page_spec)
 
 
 @dataclass
@@ -71,7 +72,9 @@ class EvalConfig:
     ckpt: str | None = None  # run dir or checkpoint file to evaluate
     compare: str | None = None  # a multirun dir to summarise into comparison.md
     report: str | None = None  # a folder of sweeps to turn into docs/results.md
-    out: str | None = None  # where report.md goes (default: the run dir)
+    # ckpt=: folder for report.md and plots (default: the run dir); report=: the page (a .md path, or a
+    # folder for results.md; default <report folder>/results.md)
+    out: str | None = None
     num_val_batches: int | None = None
 
 

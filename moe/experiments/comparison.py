@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import re
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +18,8 @@ from omegaconf import OmegaConf
 
 from moe.engine.metrics import METRICS_FILE, read_metrics
 from moe.errors import DataError
+from moe.experiments.columns import COLUMNS, Column, EventValue, event_metric, layer_mean
+from moe.experiments.render import figure_link, markdown_table, mean_pm_std, pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +27,6 @@ SUMMARY_FILE = "summary.json"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 SEED_KEYS = {"seed"}
 VAL_LOSS_PLOT, LOAD_CV_PLOT = "val_loss.png", "load_cv.png"
-
-
-@dataclass(frozen=True)
-class Column:
-    title: str
-    final: Callable[[dict | None, list[dict]], float | None]
-    fmt: str
 
 
 @dataclass
@@ -117,63 +109,10 @@ def read_job(job_dir: Path) -> JobRun:
     return run
 
 
-# ---------------------------------------------------------------------------------------------- metrics
+# ---------------------------------------------------------------------------------------------- curves
 
 
-def is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def plain_metric(key: str) -> Callable[[dict | None, list[dict]], float | None]:
-    """Final value of `key`: summary.json's, else the last logged one."""
-
-    def final(summary: dict | None, events: list[dict]) -> float | None:
-        if summary is not None and is_number(summary.get(key)):
-            return float(summary[key])
-        return next((float(e[key]) for e in reversed(events) if is_number(e.get(key))), None)
-
-    return final
-
-
-def layer_mean(record: dict, name: str) -> float | None:
-    """Mean over MoE layers of `router/<layer>/<name>` (or a layerless `router/<name>`) in one record."""
-    pattern = re.compile(rf"^router/(?:[^/]+/)?{re.escape(name)}$")
-    values = [float(v) for k, v in record.items() if pattern.match(k) and is_number(v)]
-    return statistics.fmean(values) if values else None
-
-
-def router_metric(name: str, scale: float = 1.0) -> Callable[[dict | None, list[dict]], float | None]:
-    """Final layer-mean of a routing metric: summary.json's if it has one, else the last logged event's."""
-
-    def final(summary: dict | None, events: list[dict]) -> float | None:
-        for record in [summary or {}, *reversed(events)]:
-            value = layer_mean(record, name)
-            if value is not None:
-                return value * scale
-        return None
-
-    return final
-
-
-COLUMNS = [
-    Column("val loss", plain_metric("val/loss"), ".4f"),
-    Column("bits/byte", plain_metric("val/bpb"), ".4f"),
-    Column("load CV", router_metric("load_cv"), ".3f"),
-    Column("MaxVio", router_metric("max_vio"), ".3f"),
-    Column("dropped %", router_metric("dropped_frac", scale=100.0), ".2f"),
-    Column("tokens/s", plain_metric("perf/tokens_per_s"), ".0f"),
-]
-
-
-def mean_pm_std(values: list[float], fmt: str) -> str:
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{statistics.fmean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
-
-
-def curve(events: list[dict], value_of: Callable[[dict], float | None]) -> dict[int, float]:
+def curve(events: list[dict], value_of: EventValue) -> dict[int, float]:
     points = {}
     for event in events:
         value = value_of(event)
@@ -204,33 +143,22 @@ def table(rows: dict[tuple[str, ...], list[JobRun]], columns: list[Column] | Non
     columns = COLUMNS if columns is None else columns
     common = common_overrides(rows)
     lines = [f"Common to all rows: `{' '.join(common)}`", ""] if common else []
-    lines += [
-        "| run | seeds | " + " | ".join(c.title for c in columns) + " |",
-        "|---|---|" + "---:|" * len(columns),
-    ]
+    body = []
     for config, runs in rows.items():
         cells = [
             mean_pm_std([v for r in runs if (v := c.final(r.summary, r.events)) is not None], c.fmt)
             for c in columns
         ]
-        seeds = ", ".join(r.seed for r in runs)
-        lines.append(f"| {config_label(config, common)} | {seeds} | " + " | ".join(cells) + " |")
-    return lines
+        body.append([config_label(config, common), ", ".join(r.seed for r in runs), *cells])
+    header = ["run", "seeds", *(c.title for c in columns)]
+    return lines + markdown_table(header, body, align="ll" + "r" * len(columns))
 
 
-def plot_curves(
-    rows: dict[tuple[str, ...], list[JobRun]],
-    value_of: Callable[[dict], float | None],
-    ylabel: str,
-    path: Path,
+def plot_mean_curve_per_row(
+    rows: dict[tuple[str, ...], list[JobRun]], value_of: EventValue, ylabel: str, path: Path
 ) -> bool:
-    """One line per row (mean over its seeds); returns whether anything was drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    """A metric against the step, one line per row (mean over its seeds); returns whether anything was drawn."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     drawn = False
     common = common_overrides(rows)
     for config, runs in rows.items():
@@ -247,31 +175,32 @@ def plot_curves(
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return drawn
 
 
 def runs_section(runs: list[JobRun]) -> list[str]:
-    lines = ["## Runs found", "", "| job | overrides | status |", "|---:|---|---|"]
-    for run in runs:
-        status = "; ".join(run.problems) if run.problems else "ok"
-        lines.append(f"| {run.job} | {' '.join(run.overrides) or '(none)'} | {status} |")
-    return lines
+    rows = [
+        [run.job, " ".join(run.overrides) or "(none)", "; ".join(run.problems) if run.problems else "ok"]
+        for run in runs
+    ]
+    return ["## Runs found", "", *markdown_table(["job", "overrides", "status"], rows, align="r")]
 
 
-def problems_section(runs: list[JobRun]) -> list[str]:
-    troubled = [r for r in runs if r.problems]
-    if not troubled:
-        return []
-    lines = ["## Runs with problems", ""]
-    for run in troubled:
+def problem_lines(runs: list[JobRun]) -> list[str]:
+    """One line per run with a problem, saying what it is and whether the run still counts."""
+    lines = []
+    for run in (r for r in runs if r.problems):
         used = "counted in the table" if run.complete else "not in the table"
         lines.append(
             f"- job {run.job} ({' '.join(run.overrides) or 'overrides unknown'}): {'; '.join(run.problems)} — {used}"
         )
     return lines
+
+
+def problems_section(runs: list[JobRun]) -> list[str]:
+    lines = problem_lines(runs)
+    return ["## Runs with problems", "", *lines] if lines else []
 
 
 def found_line(runs: list[JobRun], failed: list[JobRun], without_metrics: list[JobRun]) -> str:
@@ -291,14 +220,10 @@ def compare_sweep(multirun_dir: Path) -> Path:
     rows = group_rows(runs)
     failed = [r for r in runs if not r.complete]
     without_metrics = [r for r in runs if r.complete and not r.events]
-    plot_curves(
-        rows,
-        lambda e: float(e["val/loss"]) if is_number(e.get("val/loss")) else None,
-        "val loss",
-        multirun_dir / VAL_LOSS_PLOT,
-    )
-    plot_curves(
-        rows, lambda e: layer_mean(e, "load_cv"), "load CV (mean over layers)", multirun_dir / LOAD_CV_PLOT
+    val_loss_png, load_cv_png = multirun_dir / VAL_LOSS_PLOT, multirun_dir / LOAD_CV_PLOT
+    plot_mean_curve_per_row(rows, event_metric("val/loss"), "val loss", val_loss_png)
+    plot_mean_curve_per_row(
+        rows, lambda e: layer_mean(e, "load_cv"), "load CV (mean over layers)", load_cv_png
     )
     lines = [
         f"# Sweep comparison: {multirun_dir}",
@@ -312,9 +237,9 @@ def compare_sweep(multirun_dir: Path) -> Path:
         "where summary.json lacks one); load CV, MaxVio and dropped % are the last logged routing metrics, "
         "averaged over MoE layers.",
         "",
-        f"![val loss vs step]({VAL_LOSS_PLOT})",
+        figure_link("val loss vs step", val_loss_png),
         "",
-        f"![load CV vs step]({LOAD_CV_PLOT})",
+        figure_link("load CV vs step", load_cv_png),
         "",
         *runs_section(runs),
         "",

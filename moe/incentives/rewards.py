@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 
 from experts.behaviours import parse_behaviours
-from moe.incentives.ledger import TOKEN, RewardLedger, ScoreView, as_ledger_config
+from moe.incentives.ledger import RewardLedger, ScoreView, as_ledger_config
 
 LEDGER_FILE = "ledger.sqlite"
-
 
 
 def open_run_ledger(run, resume_step: int | None) -> RewardLedger | None:
@@ -52,15 +51,16 @@ def score_view(run) -> ScoreView:
 
 def _measure(run, validator: int) -> dict[str, torch.Tensor]:
     if run.scorer is None:
-        return gate_mass(run)
+        return gate_mass_by_layer(run)
     if validator == 0:
         return run.scorer.scores()
     batches = run.data.val_batches()
     return run.scorer.view(batches[validator % len(batches)], step=run.step)
 
 
-def gate_mass(run) -> dict[str, torch.Tensor]:
-    """Each expert's share of this step's gate mass: the non-loss-based fallback view."""
+def gate_mass_by_layer(run) -> dict[str, torch.Tensor]:
+    """Per layer, each expert's gate mass summed over this step's assignments: the view validators
+    fall back on without a PoI scorer (not PoI's `gate_mass(evidence)`, which scores one layer's evidence)."""
     views = {}
     for layer in run.layers:
         plan = layer.last_plan
@@ -75,21 +75,13 @@ def step_failures(run) -> dict[str, torch.Tensor]:
     failures = {}
     for layer in run.layers:
         evidence = layer.evidence
-        answered_E = evidence.answered_E if evidence is not None else torch.ones(layer.pool.num_experts, dtype=torch.bool)
+        answered_E = (
+            evidence.answered_E
+            if evidence is not None
+            else torch.ones(layer.pool.num_experts, dtype=torch.bool)
+        )
         failures[layer.name] = (~answered_E).long().cpu()
     return failures
-
-
-def format_rewards(rewards: dict) -> list[str]:
-    """A short reward summary for the end of a run: issuance, blocks, balances by role and behaviour."""
-    lines = [
-        f"Rewards: {rewards['blocks']} blocks, {rewards['epochs']} epochs, issuance "
-        f"{rewards['issuance_tokens']:.3f} tokens, burned {rewards['burned_tokens']:.3f}"
-    ]
-    for title, table in (("by role", rewards["by_role"]), ("by behaviour", rewards["by_behaviour"])):
-        cells = "   ".join(f"{name} {amount['tokens']:.3f}" for name, amount in sorted(table.items()))
-        lines.append(f"  {title:13s} {cells}")
-    return lines
 
 
 def reward_metrics(rewards: dict) -> dict[str, float]:
@@ -104,43 +96,3 @@ def reward_metrics(rewards: dict) -> dict[str, float]:
             for miner, value in enumerate(epoch.get(key, [])):
                 metrics[f"rewards/{key}/{subnet}/{miner}"] = value
     return metrics
-
-
-def rewards_section(run_dir: Path, out_dir: Path) -> list[str]:
-    """The report's rewards section: balances by role and behaviour, emission per block (plot), and
-    the last epoch's consensus and incentive per miner. Empty when the run kept no ledger."""
-    from moe.incentives.ledger import iter_blocks, read_summary
-
-    path = Path(run_dir) / LEDGER_FILE
-    if not path.exists():
-        return []
-    rewards = read_summary(path)
-    lines = ["", "## Rewards", "", f"{rewards['blocks']} blocks, {rewards['epochs']} epochs, issuance "
-             f"{rewards['issuance_tokens']:.3f} tokens, burned {rewards['burned_tokens']:.3f} tokens.", ""]
-    lines += ["| account | tokens |", "|---|---|"]
-    for group in ("by_role", "by_behaviour"):
-        lines += [f"| {name} | {amount['tokens']:.6f} |" for name, amount in sorted(rewards[group].items())]
-    for subnet, epoch in rewards.get("last_epoch", {}).items():
-        lines += ["", f"Last epoch of subnet `{subnet}` (block {epoch['block']}):", ""]
-        lines += ["| miner | consensus | incentive |", "|---|---|---|"]
-        lines += [f"| {m} | {c:.4f} | {i:.4f} |" for m, (c, i) in enumerate(zip(epoch["consensus"], epoch["incentive"], strict=True))]
-    figure = plot_emission(list(iter_blocks(path)), Path(out_dir) / "emission.png")
-    return [*lines, "", f"![emission per block]({figure.name})"]
-
-
-def plot_emission(blocks: list[tuple[int, int, int, int, int]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    height = [b[0] for b in blocks]
-    fig, (ax_emission, ax_issuance) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_emission.plot(height, [b[2] / TOKEN for b in blocks])
-    ax_emission.set(xlabel="block", ylabel="emission (tokens)", title="emission per block")
-    ax_issuance.plot(height, [b[3] / TOKEN for b in blocks])
-    ax_issuance.set(xlabel="block", ylabel="tokens", title="total issuance")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -6,7 +6,7 @@ from tests.helpers import run_cli
 
 
 def test_report_has_domains_expert_load_and_a_loss_curve(run_tiny):
-    from moe.engine.validation import write_run_report
+    from moe.experiments.run_report import write_run_report
 
     _, run_dir = run_tiny()  # the mixture corpus: 4 domains
     results = write_run_report(run_dir)
@@ -24,7 +24,7 @@ def test_report_has_domains_expert_load_and_a_loss_curve(run_tiny):
 
 
 def test_report_numbers_match_the_run_final_eval(run_tiny):
-    from moe.engine.validation import write_run_report
+    from moe.experiments.run_report import write_run_report
 
     summary, run_dir = run_tiny("data=clusters")
     results = write_run_report(run_dir)

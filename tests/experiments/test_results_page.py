@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,9 @@ import pytest
 import torch
 
 from moe.engine.validation import routing_mutual_information
-from moe.experiments.results_page import expected_job_count, verdict
+from moe.experiments.page_sections import verdict
+from moe.experiments.page_spec import GapGridSpec
+from moe.experiments.sweeps import expected_job_count
 from tests.helpers import REPO
 
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -56,11 +59,14 @@ def test_expected_job_count_merges_config_and_command_line_sweeps():
     assert expected_job_count(["a=1,2"], None) == 2
 
 
-def test_verdict_names_the_gap_at_ten_percent_failures():
+def test_verdict_names_the_gap_at_the_claimed_factor():
+    grid = GapGridSpec(factor="p", by="latency", factor_label="drop prob", claim_at=0.1, within_percent=5.0)
     cells = {(0.0, 0.0): [2.0, 2.0], (0.1, 0.0): [2.04, 2.04]}
-    assert "+2.00 %" in verdict(cells)
-    assert "claim holds" in verdict(cells)
-    assert "does NOT hold" in verdict({(0.0, 0.0): [2.0], (0.1, 0.0): [2.5]})
+    assert "+2.00 %" in verdict(cells, grid)
+    assert "at drop prob 0.1" in verdict(cells, grid)
+    assert "claim holds" in verdict(cells, grid)
+    assert "does NOT hold" in verdict({(0.0, 0.0): [2.0], (0.1, 0.0): [2.5]}, grid)
+    assert "not testable" in verdict({(0.0, 0.0): [2.0], (0.25, 0.0): [2.5]}, grid)
 
 
 # ---------------------------------------------------------------------------------------------- page
@@ -91,18 +97,18 @@ def sweep_root(tmp_path_factory) -> Path:
     return root
 
 
+def run_eval(*args: str, cwd: Path = REPO) -> None:
+    """`python eval.py <args>` from `cwd` (this checkout's code wins wherever it runs); must succeed."""
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), ENV.get("PYTHONPATH")]))}
+    command = [sys.executable, str(REPO / "eval.py"), *args]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def page(sweep_root, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("docs")
-    result = subprocess.run(
-        [sys.executable, "eval.py", f"report={sweep_root}", f"out={out}"],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path_factory.mktemp("docs")  # a folder: the page goes to out/results.md
+    run_eval(f"report={sweep_root}", f"out={out}")
     return out / "results.md"
 
 
@@ -141,3 +147,47 @@ def test_final_validation_logs_domain_mi_and_tables(sweep_root):
     tables = json.loads((job / "routing_tables.json").read_text())
     assert tables["domains"] == ["python", "cpp", "docs", "bible"]
     assert len(tables["layers"]["layer0"]) == 4
+
+
+def test_page_names_folders_relative_never_absolute(page, sweep_root):
+    text = page.read_text()
+    assert str(sweep_root) not in text
+    assert re.search(r"[`(=]/\w", text) is None  # no absolute path in code spans, links or the command
+    assert f"- Sweep dir: `{sweep_root.name}/specialisation`" in text  # outside the cwd: by name
+    assert f"report={sweep_root.name} out=results.md" in text
+
+
+def repo_files() -> set[str]:
+    """Every file git sees in the repo (tracked, untracked and ignored), bytecode caches aside."""
+    listing = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all", "--ignored"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {line for line in listing.splitlines() if "__pycache__" not in line}
+
+
+def test_report_without_out_writes_beside_the_sweeps_and_nothing_in_the_repo(sweep_root):
+    before = repo_files()
+    committed_page = (REPO / "docs" / "results.md").read_bytes()
+    run_eval(f"report={sweep_root}")
+    page = sweep_root / "results.md"
+    assert "## specialisation" in page.read_text()
+    assert (sweep_root / "figures" / "specialisation_val_loss.png").stat().st_size > 1000
+    assert repo_files() == before
+    assert (REPO / "docs" / "results.md").read_bytes() == committed_page
+
+
+def test_out_naming_a_page_puts_figures_beside_it(sweep_root, tmp_path):
+    out = tmp_path / "site" / "page.md"
+    run_eval(f"report={sweep_root}", f"out={out}")
+    assert "(figures/specialisation_heatmap_layer0.png)" in out.read_text()
+    assert (out.parent / "figures" / "specialisation_heatmap_layer0.png").exists()
+
+
+def test_sweep_inside_the_cwd_is_named_relative_to_it(sweep_root, tmp_path):
+    out = tmp_path / "page.md"
+    run_eval("report=.", f"out={out}", cwd=sweep_root)
+    assert "- Sweep dir: `specialisation`;" in out.read_text()

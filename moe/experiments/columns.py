@@ -1,0 +1,129 @@
+"""Table columns of sweep reports: a title, a format and how to read one run's value from its
+summary.json and logged events. The comparison's standard columns live here; experiment files add
+their own through `moe.experiments.page_spec`, built from the value readers below.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+FinalValue = Callable[[dict | None, list[dict]], float | None]  # (summary or None, events) → value
+EventValue = Callable[[dict], float | None]  # one logged event → value
+
+
+@dataclass(frozen=True)
+class Column:
+    title: str
+    final: FinalValue
+    fmt: str
+
+
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def event_metric(key: str) -> EventValue:
+    """`key`'s value in one event, when it is a finite number."""
+
+    def value(event: dict) -> float | None:
+        return float(event[key]) if is_number(event.get(key)) else None
+
+    return value
+
+
+def plain_metric(key: str) -> FinalValue:
+    """Final value of `key`: summary.json's, else the last logged one."""
+
+    def final(summary: dict | None, events: list[dict]) -> float | None:
+        if summary is not None and is_number(summary.get(key)):
+            return float(summary[key])
+        return next((float(e[key]) for e in reversed(events) if is_number(e.get(key))), None)
+
+    return final
+
+
+def layer_mean(record: dict, name: str) -> float | None:
+    """Mean over MoE layers of `router/<layer>/<name>` (or a layerless `router/<name>`) in one record."""
+    pattern = re.compile(rf"^router/(?:[^/]+/)?{re.escape(name)}$")
+    values = [float(v) for k, v in record.items() if pattern.match(k) and is_number(v)]
+    return statistics.fmean(values) if values else None
+
+
+def router_metric(name: str, scale: float = 1.0) -> FinalValue:
+    """Final layer-mean of a routing metric: summary.json's if it has one, else the last logged event's."""
+
+    def final(summary: dict | None, events: list[dict]) -> float | None:
+        for record in [summary or {}, *reversed(events)]:
+            value = layer_mean(record, name)
+            if value is not None:
+                return value * scale
+        return None
+
+    return final
+
+
+def mean_logged(key: str) -> FinalValue:
+    """Mean of every logged value of `key` (a measurement repeated during training)."""
+
+    def final(summary: dict | None, events: list[dict]) -> float | None:
+        values = [float(e[key]) for e in events if is_number(e.get(key))]
+        return statistics.fmean(values) if values else None
+
+    return final
+
+
+def last_logged(value_of: EventValue) -> FinalValue:
+    """A value computed from the last logged event that has it."""
+
+    def final(summary: dict | None, events: list[dict]) -> float | None:
+        return next((v for e in reversed(events) if (v := value_of(e)) is not None), None)
+
+    return final
+
+
+def summed(keys: list[str]) -> EventValue:
+    """The sum of `keys` in one event, when it has all of them."""
+
+    def total(event: dict) -> float | None:
+        return sum(event[k] for k in keys) if all(is_number(event.get(k)) for k in keys) else None
+
+    return total
+
+
+def share(key: str) -> EventValue:
+    """`key`'s share of the sum over its siblings (the keys with the same `a/b/` prefix) in one event."""
+    prefix = key.rsplit("/", 1)[0] + "/"
+
+    def fraction(event: dict) -> float | None:
+        siblings = {k: v for k, v in event.items() if k.startswith(prefix) and is_number(v)}
+        total = sum(siblings.values())
+        return siblings[key] / total if key in siblings and total > 0 else None
+
+    return fraction
+
+
+def layer_names(summaries: list[dict], key_pattern: str) -> list[str]:
+    """The MoE layers named in the summaries' keys, for a pattern like `routing/{layer}/domain_mi`."""
+    before, after = (re.escape(part) for part in key_pattern.split("{layer}", 1))
+    pattern = re.compile(f"^{before}([^/]+){after}$")
+    names = {m.group(1) for summary in summaries for k in summary if (m := pattern.match(k))}
+    return sorted(names, key=natural_key)
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders `layer10` after `layer2`."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(text))]
+
+
+COLUMNS = [
+    Column("val loss", plain_metric("val/loss"), ".4f"),
+    Column("bits/byte", plain_metric("val/bpb"), ".4f"),
+    Column("load CV", router_metric("load_cv"), ".3f"),
+    Column("MaxVio", router_metric("max_vio"), ".3f"),
+    Column("dropped %", router_metric("dropped_frac", scale=100.0), ".2f"),
+    Column("tokens/s", plain_metric("perf/tokens_per_s"), ".0f"),
+]

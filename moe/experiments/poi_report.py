@@ -1,0 +1,128 @@
+"""The PoI section of a run report: per-expert scores, fidelity against Shapley, and their plots.
+
+Read from the run's logged events (`poi/score|rank|load|failures/<layer>/<expert>` and
+`poi/fidelity/<layer>/<scorer>`); empty when the run had no PoI scorer.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from moe.experiments.render import figure_link, markdown_table, pyplot, save_figure
+
+POI_SCORES_PLOT, POI_FIDELITY_PLOT = "poi_scores.png", "poi_fidelity.png"
+
+
+def poi_section(events: list[dict], cfg, out: Path) -> str:
+    """Per-expert PoI per layer (from the last logged scores), behaviours where configured, fidelity
+    against Shapley where measured, and plots of both over training; empty when PoI was off."""
+    scored = [e for e in events if any(k.startswith("poi/score/") for k in e)]
+    if not scored:
+        return ""
+    last = scored[-1]
+    behaviours = {int(k): str(v) for k, v in ((cfg.experts.get("behaviours") or {}).items())}
+    scorer = (cfg.get("poi") or {}).get("name", "?")
+    lines = ["", f"## Proof of Intelligence ({scorer}, step {last['step']})", ""]
+    lines += [
+        "Score = loss increase without the expert (EMA); rank 1 = most helpful; traffic = share of assignments.",
+        "",
+    ]
+    for layer in sorted({k.split("/")[2] for k in last if k.startswith("poi/score/")}):
+        lines += poi_layer_table(layer, last, behaviours)
+    lines += fidelity_table(events)
+    for figure in (
+        plot_poi_scores(scored, out / POI_SCORES_PLOT),
+        plot_fidelity(events, out / POI_FIDELITY_PLOT),
+    ):
+        if figure is not None:
+            lines += ["", figure_link(figure.stem, figure)]
+    return "\n".join(lines) + "\n"
+
+
+def poi_layer_table(layer: str, event: dict, behaviours: dict[int, str]) -> list[str]:
+    """One row per expert of the layer: behaviour, score, rank, traffic share and failures."""
+    experts = sorted(int(k.rsplit("/", 1)[1]) for k in event if k.startswith(f"poi/score/{layer}/"))
+    rows = []
+    for e in experts:
+        load = event.get(f"poi/load/{layer}/{e}")
+        rows.append(
+            [
+                f"e{e}",
+                behaviours.get(e, "honest"),
+                f"{event[f'poi/score/{layer}/{e}']:+.4g}",
+                str(event.get(f"poi/rank/{layer}/{e}", "")),
+                "" if load is None else f"{load:.3f}",
+                str(event.get(f"poi/failures/{layer}/{e}", 0)),
+            ]
+        )
+    header = ["expert", "behaviour", "score", "rank", "traffic", "failures"]
+    return [f"**{layer}**", "", *markdown_table(header, rows), ""]
+
+
+def fidelity_points(events: list[dict]) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(layer, scorer) → [(step, Spearman ρ against Shapley)] over training."""
+    points: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+    for event in events:
+        for key, value in event.items():
+            if key.startswith("poi/fidelity/") and value is not None:
+                _, _, layer, scorer = key.split("/")
+                points[(layer, scorer)].append((event["step"], value))
+    return points
+
+
+def fidelity_table(events: list[dict]) -> list[str]:
+    points = fidelity_points(events)
+    if not points:
+        return []
+    scorers = sorted({scorer for _, scorer in points})
+    rows = []
+    for layer in sorted({layer for layer, _ in points}):
+        cells = []
+        for scorer in scorers:
+            series = [v for _, v in points.get((layer, scorer), [])]
+            cells.append(f"{series[-1]:.3f} ({sum(series) / len(series):.3f})" if series else "")
+        rows.append([layer, *cells])
+    title = (
+        "Fidelity: Spearman ρ against Monte-Carlo Shapley values (last measurement; mean over measurements)."
+    )
+    return [title, "", *markdown_table(["layer", *scorers], rows), ""]
+
+
+def plot_poi_scores(scored: list[dict], path: Path) -> Path:
+    """Each expert's PoI score over training, one panel per MoE layer."""
+    plt = pyplot()
+    layers = sorted({k.split("/")[2] for e in scored for k in e if k.startswith("poi/score/")})
+    fig, axes = plt.subplots(len(layers), 1, figsize=(7, 3 * len(layers)), squeeze=False)
+    for ax, layer in zip(axes[:, 0], layers, strict=True):
+        keys = sorted(
+            {k for e in scored for k in e if k.startswith(f"poi/score/{layer}/")},
+            key=lambda k: int(k.rsplit("/", 1)[1]),
+        )
+        for key in keys:
+            points = [(e["step"], e[key]) for e in scored if e.get(key) is not None]
+            ax.plot(*zip(*points, strict=True), label=f"e{key.rsplit('/', 1)[1]}")
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_title(f"PoI score, {layer}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss increase without expert")
+        ax.legend(ncol=4, fontsize="small")
+        ax.grid(alpha=0.3)
+    return save_figure(fig, path, dpi=120)
+
+
+def plot_fidelity(events: list[dict], path: Path) -> Path | None:
+    """Each scorer's Spearman ρ against Shapley over training; None when fidelity was never measured."""
+    points = fidelity_points(events)
+    if not points:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (layer, scorer), series in sorted(points.items()):
+        ax.plot(*zip(*series, strict=True), marker="o", label=f"{layer} {scorer}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("Spearman ρ vs Shapley")
+    ax.set_ylim(-1.05, 1.05)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path, dpi=120)
