@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moe.experiments.render import figure_link, markdown_table, pyplot, save_figure
-from moe.incentives.ledger.writer import TOKEN, iter_blocks, read_summary
+from moe.incentives.ledger import TOKEN, iter_blocks, read_summary
 from moe.incentives.rewards import LEDGER_FILE
 
 EMISSION_PLOT = "emission.png"
