@@ -156,7 +156,8 @@ class PoIScorer:
             raise ConfigError("poi needs evaluation batches for loo, shapley and fidelity; the data gives none")
         return self.eval_batches[(step // self.cfg.every) % len(self.eval_batches)]
 
-    def _generator(self, step: int) -> torch.Generator:
+    def generator(self, step: int) -> torch.Generator:
+        """A fresh generator for step `step`'s draws: the stream ("poi", step) of the run's seed."""
         return torch_generator(self.seed, "poi", step)
 
     def _record_answers(self, state: LayerState, evidence: LayerEvidence, step: int) -> None:
