@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,7 @@ class PoIScorer:
     Random draws (sampled targets, Shapley permutations) come from the stream ("poi", step) of `seed`.
     """
 
-    def __init__(self, cfg: PoIConfig, model, eval_batches: list | None = None, seed: int = 0):
+    def __init__(self, cfg: PoIConfig | Mapping, model, eval_batches: list | None = None, seed: int = 0):
         self.cfg, self.model, self.seed = typed_poi_config(cfg), model, seed
         self.eval_batches = list(eval_batches or [])
         if self.cfg.name not in EVIDENCE_SCORERS and not self.eval_batches:
@@ -292,7 +293,7 @@ class PoIScorer:
 def build_scorer(cfg, model, eval_batches: list | None = None, seed: int = 0) -> PoIScorer | None:
     """The run's scorer (None when `poi` is null); it makes the model's MoE layers record evidence.
     `seed` is the run's seed (its "poi" streams)."""
-    return None if cfg is None else PoIScorer(typed_poi_config(cfg), model, eval_batches, seed=seed)
+    return None if cfg is None else PoIScorer(cfg, model, eval_batches, seed=seed)
 
 
 def format_summary(summary: dict) -> list[str]:
