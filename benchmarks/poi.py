@@ -91,14 +91,16 @@ def step_times(runs: dict, blocks: int, block: int) -> dict[str, float]:
 def view_seconds(run, scorer: str, samples: int) -> tuple[float, float]:
     """(seconds of one view, seconds of one plain evaluation forward on the same batch just before it):
     the ratio stays meaningful when other processes load the machine."""
-    from moe.incentives.poi import scorer as poi
+    from moe.incentives.poi import LooConfig, ShapleyConfig, views_on_batch
+    from moe.incentives.poi.views import batch_loss, evaluation_mode
+    from router.seeds import torch_generator
 
-    cfg = poi.ShapleyConfig(samples=samples) if scorer == "shapley" else poi.LooConfig()
+    cfg = ShapleyConfig(samples=samples) if scorer == "shapley" else LooConfig()
     batch = run.data.val_batches()[0]
     model = run.accelerator.unwrap_model(run.model)
-    with poi.evaluation_mode(model):
-        forward = statistics.median(timed(lambda: poi.batch_loss(model, batch)) for _ in range(5))
-    return timed(lambda: poi.views_on_batch(cfg, model, batch, torch.Generator().manual_seed(0))), forward
+    with evaluation_mode(model):
+        forward = statistics.median(timed(lambda: batch_loss(model, batch)) for _ in range(5))
+    return timed(lambda: views_on_batch(cfg, model, batch, torch_generator(0, "poi", 0))), forward
 
 
 def timed(fn) -> float:

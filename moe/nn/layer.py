@@ -1,17 +1,27 @@
 """The MoE layer: router → DispatchPlan → expert pool → combine.
 
+What a scorer (PoI) may ask of a layer, by name, and nothing else:
+- `record_evidence()`: from then on every grad-enabled forward keeps its `LayerEvidence` in `evidence`.
+- `set_selection_bias(bias_E)`: the selection-only bias on router logits (feedback, bans).
+- `with layer.side_pass() as side:`: evaluation passes that leave the training step's trace
+  (`last_plan`, `evidence`) alone; their own evidence goes to `side.evidence`, the pool's first answer
+  is reused while the layer sees the same inputs, and `with side.masking(keep_E):` makes the experts
+  outside `keep_E` count as not answering (a counterfactual pass).
+
 Legend: B batch, T time, N = B·T tokens, D model width, E experts, A assignments sorted by expert.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from experts.pool import ExpertPool
+from experts.pool import ExpertPool, PoolOutput
 from router.plan import DispatchPlan
 
 
@@ -53,11 +63,70 @@ def renormalize_over_answered(plan: DispatchPlan, answered_A: torch.Tensor) -> t
     return kept_A * scale_N[plan.token_idx]
 
 
+@dataclass
+class FirstAnswer:
+    """The pool's first answer in a side pass, with the inputs it answered."""
+
+    x_AD: torch.Tensor
+    counts_E: torch.Tensor
+    output: PoolOutput
+
+
+class SidePass:
+    """One layer's state during `MoELayer.side_pass()`: the evidence of its last grad-enabled forward,
+    the pool's first answer (reused for the same inputs, so a pass that masks one layer recomputes
+    experts only in the layers after it), and the experts currently masked."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.evidence: LayerEvidence | None = None
+        self.first: FirstAnswer | None = None
+        self.keep_E: torch.Tensor | None = None
+
+    @contextmanager
+    def masking(self, keep_E: torch.Tensor) -> Iterator[None]:
+        """Inside, experts outside `keep_E` count as not answering: `combine` drops their assignments and
+        renormalises each token's remaining gates, exactly the path a real failure takes."""
+        self.keep_E = keep_E.clone()
+        try:
+            yield
+        finally:
+            self.keep_E = None
+
+    def unmasked_answers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(failed_E, had_tokens_E) of the pool's first, unmasked answer (nothing before any forward)."""
+        if self.first is None:
+            nothing_E = torch.zeros(self.num_experts, dtype=torch.bool)
+            return nothing_E, nothing_E
+        return ~self.first.output.answered_E.cpu(), self.first.counts_E.cpu() > 0
+
+    def answer(self, pool: ExpertPool, x_AD: torch.Tensor, plan: DispatchPlan, step: int) -> PoolOutput:
+        """The pool's answer for these inputs (the first one again if they are the same), masked."""
+        output = self._reused(x_AD, plan)
+        if output is None:
+            output = pool(x_AD, plan, step)
+            if self.first is None:
+                self.first = FirstAnswer(x_AD, plan.counts, output)
+        if self.keep_E is None:
+            return output
+        return PoolOutput(output.y_AD, output.answered_E & self.keep_E.to(output.answered_E.device))
+
+    def _reused(self, x_AD: torch.Tensor, plan: DispatchPlan) -> PoolOutput | None:
+        first = self.first
+        if first is None or x_AD.shape != first.x_AD.shape:
+            return None
+        same = torch.equal(plan.counts, first.counts_E) and torch.equal(x_AD, first.x_AD)
+        return first.output if same else None
+
+
 class MoELayer(nn.Module):
     """Routes each token to experts in `pool` and returns their gate-weighted sum (residual added outside).
 
     The pool is deliberately not a submodule: its parameters belong to the experts' owners and are
     stepped by their own optimizers, never by the trunk optimizer.
+
+    After each forward outside a side pass, `last_plan` is its plan (the trainer's routing metrics) and,
+    once `record_evidence()` was called, `evidence` its `LayerEvidence` (PoI, the ledger's failures).
     """
 
     def __init__(self, name: str, router: nn.Module, pool: ExpertPool):
@@ -67,9 +136,28 @@ class MoELayer(nn.Module):
         self.pool = pool
         # Selection-only bias on router logits (PoI feedback, bans); checkpointed with the model.
         self.register_buffer("selection_bias_E", torch.zeros(pool.num_experts))
-        self.keep_evidence = False
         self.last_plan: DispatchPlan | None = None
         self.evidence: LayerEvidence | None = None
+        self._recording_evidence = False
+        self._side: SidePass | None = None
+
+    def record_evidence(self) -> None:
+        """From now on every grad-enabled forward keeps its `LayerEvidence` in `evidence`."""
+        self._recording_evidence = True
+
+    def set_selection_bias(self, bias_E: torch.Tensor) -> None:
+        """From the next forward on, add `bias_E` to the router's selection key (not to the gates)."""
+        self.selection_bias_E.copy_(bias_E)
+
+    @contextmanager
+    def side_pass(self) -> Iterator[SidePass]:
+        """Forwards inside are a scorer's evaluation passes: they leave `last_plan` and `evidence` as the
+        training step left them and keep their own state in the yielded `SidePass`."""
+        self._side = SidePass(self.pool.num_experts)
+        try:
+            yield self._side
+        finally:
+            self._side = None
 
     def forward(
         self, x_BTD: torch.Tensor, token_ids_BT: torch.Tensor | None = None, step: int = 0
@@ -79,21 +167,30 @@ class MoELayer(nn.Module):
         x_ND = rearrange(x_BTD, "b t d -> (b t) d")
         token_ids_N = None if token_ids_BT is None else rearrange(token_ids_BT, "b t -> (b t)")
         plan = self.router(x_ND, token_ids_N, selection_bias_E=self.selection_bias_E)
-        pooled = self.pool(x_ND.index_select(0, plan.token_idx), plan, step)
+        x_AD = x_ND.index_select(0, plan.token_idx)
+        side = self._side
+        pooled = self.pool(x_AD, plan, step) if side is None else side.answer(self.pool, x_AD, plan, step)
         out_ND, weight_A = combine(pooled.y_AD, plan, pooled.answered_E)
-        self.last_plan = plan
-        if self.keep_evidence and torch.is_grad_enabled():
-            self._keep_evidence(plan, pooled.answered_E, weight_A, pooled.y_AD, out_ND)
+        if side is None:
+            self.last_plan = plan
+        if torch.is_grad_enabled() and (side is not None or self._recording_evidence):
+            evidence = self._evidence(plan, pooled.answered_E, weight_A, pooled.y_AD, out_ND)
+            if side is None:
+                self.evidence = evidence
+            else:
+                side.evidence = evidence
         out_BTD = rearrange(out_ND.to(x_BTD.dtype), "(b t) d -> b t d", b=batch)
         return out_BTD, plan.aux_losses
 
-    def _keep_evidence(self, plan, answered_E, weight_A, y_AD, out_ND) -> None:
+    @staticmethod
+    def _evidence(plan, answered_E, weight_A, y_AD, out_ND) -> LayerEvidence:
+        """This forward's evidence; its `grad_out_ND` fills in when the backward reaches `out_ND`."""
         gated_AD = (weight_A[:, None] * y_AD).detach().float()
         evidence = LayerEvidence(plan=plan, answered_E=answered_E.detach(), gated_AD=gated_AD)
-        self.evidence = evidence
         if out_ND.requires_grad:
 
             def keep_grad(grad_ND: torch.Tensor) -> None:
                 evidence.grad_out_ND = grad_ND.detach().float()
 
             out_ND.register_hook(keep_grad)
+        return evidence

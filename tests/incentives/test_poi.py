@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,20 @@ import router
 from moe.data import Batch
 from moe.engine.metrics import read_metrics
 from moe.errors import ConfigError
-from moe.incentives.poi import scorer as poi
+from moe.incentives.poi import (
+    BAN_BIAS,
+    GateConfig,
+    LooConfig,
+    PoIScorer,
+    TaylorConfig,
+    format_summary,
+    spearman,
+    typed_poi_config,
+    validate_poi_config,
+    views_on_batch,
+)
+from moe.incentives.poi.evidence import assignment_weights, removal_dots, taylor_contributions
+from moe.incentives.poi.views import batch_loss, coalition_loss, evaluation_mode, permutation_shapley
 from moe.nn.layer import LayerEvidence, MoELayer
 from router.plan import build_plan
 from tests.helpers import compose
@@ -86,7 +100,7 @@ def random_evidence(num_tokens=6, num_experts=4, width=5, failed=(2,)) -> tuple[
     answered_E = torch.ones(num_experts, dtype=torch.bool)
     answered_E[list(failed)] = False
     y_AD = torch.randn(plan.token_idx.numel(), width, generator=g)
-    weight_A = poi.assignment_weights(LayerEvidence(plan, answered_E, y_AD))
+    weight_A = assignment_weights(LayerEvidence(plan, answered_E, y_AD))
     grad_ND = torch.randn(num_tokens, width, generator=g)
     return LayerEvidence(plan, answered_E, weight_A[:, None] * y_AD, grad_ND), y_AD
 
@@ -122,10 +136,10 @@ def reference_removal_dots(evidence: LayerEvidence, y_AD, h_ND, renormalize: boo
 def test_taylor_removal_changes_match_a_token_by_token_reference(counterfactual):
     evidence, y_AD = random_evidence()
     h_ND = evidence.grad_out_ND
-    got = poi.removal_dots(evidence, h_ND, counterfactual)
+    got = removal_dots(evidence, h_ND, counterfactual)
     want = reference_removal_dots(evidence, y_AD, h_ND, renormalize=counterfactual == "renormalized")
     assert got.tolist() == pytest.approx(want, abs=1e-5)
-    first_E, second_E = poi.taylor_contributions(evidence, counterfactual)
+    first_E, second_E = taylor_contributions(evidence, counterfactual)
     assert second_E is None
     expected_E = torch.zeros(4).index_add_(0, evidence.plan.expert_idx, torch.tensor(want))
     assert torch.allclose(first_E, expected_E, atol=1e-5)
@@ -137,24 +151,24 @@ def test_taylor_with_curvature_is_exact_on_a_quadratic_loss(tmp_path):
     the Gauss-Newton term is L(without e) − L(all) exactly; the sampled Fisher converges to it."""
     run = trained_run(tmp_path, "poi.feedback=0", steps=60)
     model, batch = run.model, all_val(run)
-    loo_E = poi.views_on_batch(poi.LooConfig(), model, batch, torch.Generator())["layer0"].contribution_E
+    loo_E = views_on_batch(LooConfig(), model, batch, torch.Generator())["layer0"].contribution_E
     samples = [
-        poi.views_on_batch(poi.TaylorConfig(), model, batch, torch.Generator().manual_seed(k))["layer0"].contribution_E
+        views_on_batch(TaylorConfig(), model, batch, torch.Generator().manual_seed(k))["layer0"].contribution_E
         for k in range(32)
     ]
     taylor_E = torch.stack(samples).mean(0)
     assert torch.allclose(taylor_E, loo_E, rtol=0.1, atol=0.05 * float(loo_E.abs().max()))
-    first_only_E = poi.views_on_batch(poi.TaylorConfig(curvature=False), model, batch, torch.Generator())
+    first_only_E = views_on_batch(TaylorConfig(curvature=False), model, batch, torch.Generator())
     assert not torch.allclose(first_only_E["layer0"].contribution_E, loo_E, rtol=0.3)  # first order alone is not
 
 
 def test_taylor_agrees_with_loo_in_sign_and_rank(tmp_path):
     run = trained_run(tmp_path, "poi.feedback=0", "++experts.behaviours={5: adversarial}", steps=100)
     batch = all_val(run)
-    taylor_E = poi.views_on_batch(poi.TaylorConfig(), run.model, batch, torch.Generator().manual_seed(0))
-    loo_E = poi.views_on_batch(poi.LooConfig(), run.model, batch, torch.Generator())
+    taylor_E = views_on_batch(TaylorConfig(), run.model, batch, torch.Generator().manual_seed(0))
+    loo_E = views_on_batch(LooConfig(), run.model, batch, torch.Generator())
     taylor_E, loo_E = taylor_E["layer0"].contribution_E, loo_E["layer0"].contribution_E
-    assert poi.spearman(taylor_E, loo_E) >= 0.8
+    assert spearman(taylor_E, loo_E) >= 0.8
     clear = loo_E.abs() > 0.05 * loo_E.abs().max()
     assert torch.equal(torch.sign(taylor_E[clear]), torch.sign(loo_E[clear]))
 
@@ -166,7 +180,7 @@ def test_loo_by_masking_matches_a_hand_written_leave_one_out(tmp_path):
     run = trained_run(tmp_path, "poi.feedback=0", steps=30)
     model, batch = run.model, run.data.val_batches()[0]
     layer: MoELayer = model.moe
-    got_E = poi.views_on_batch(poi.LooConfig(), model, batch, torch.Generator())["layer0"].contribution_E
+    got_E = views_on_batch(LooConfig(), model, batch, torch.Generator())["layer0"].contribution_E
 
     @torch.no_grad()
     def loss_without(expert: int | None) -> float:
@@ -190,6 +204,25 @@ def test_loo_by_masking_matches_a_hand_written_leave_one_out(tmp_path):
     assert torch.allclose(got_E, want_E, atol=1e-5)
 
 
+def exact_shapley(loss_of: Callable[[torch.Tensor], float], num_experts: int) -> torch.Tensor:
+    """Shapley values [E] of v(S) = −L(S) from all 2^E coalitions: the reference for small layers.
+
+    φ_e = Σ_{S ∌ e} |S|!·(E − |S| − 1)!/E! · (L(S) − L(S ∪ {e})).
+    """
+    loss_S = [
+        loss_of(torch.tensor([bool(mask >> e & 1) for e in range(num_experts)])) for mask in range(2**num_experts)
+    ]
+    phi_E = torch.zeros(num_experts, dtype=torch.float64)
+    for mask in range(2**num_experts):
+        size = bin(mask).count("1")
+        if size == num_experts:
+            continue
+        weight = math.factorial(size) * math.factorial(num_experts - size - 1) / math.factorial(num_experts)
+        for e in (e for e in range(num_experts) if not mask >> e & 1):
+            phi_E[e] += weight * (loss_S[mask] - loss_S[mask | 1 << e])
+    return phi_E.float()
+
+
 def game(loss_of_set):
     """A `loss_of(keep_E)` from a function of the coalition as a frozenset of expert indices."""
     return lambda keep_E: loss_of_set(frozenset(keep_E.nonzero().flatten().tolist()))
@@ -204,8 +237,8 @@ def game(loss_of_set):
     ],
 )
 def test_exact_shapley_on_games_with_known_values(loss_of_set, phi):
-    assert poi.exact_shapley(game(loss_of_set), 4).tolist() == pytest.approx(phi, abs=1e-6)
-    permutations = poi.permutation_shapley(game(loss_of_set), 4, 400, torch.Generator().manual_seed(0))
+    assert exact_shapley(game(loss_of_set), 4).tolist() == pytest.approx(phi, abs=1e-6)
+    permutations = permutation_shapley(game(loss_of_set), 4, 400, torch.Generator().manual_seed(0))
     assert permutations.tolist() == pytest.approx(phi, abs=0.15)
 
 
@@ -215,9 +248,9 @@ def small_layer_game(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("game")
     run = trained_run(tmp, "experts.num=4", "poi.feedback=0", steps=40)
     model, batch = run.model, run.data.val_batches()[0]
-    with poi.evaluation_mode(model), poi.maskable_pools(model.moe_layers()) as pools:
-        poi.batch_loss(model, batch)
-        loss_of = poi.coalition_loss(model, batch, pools["layer0"])
+    with evaluation_mode(model) as passes:
+        batch_loss(model, batch)
+        loss_of = coalition_loss(model, batch, passes["layer0"])
         table = {mask: loss_of(torch.tensor([bool(mask >> e & 1) for e in range(4)])) for mask in range(16)}
     return lambda keep_E: table[sum(1 << e for e in keep_E.nonzero().flatten().tolist())]
 
@@ -225,15 +258,15 @@ def small_layer_game(tmp_path_factory):
 def test_shapley_efficiency_sums_to_the_value_of_all_experts(small_layer_game):
     everyone = torch.ones(4, dtype=torch.bool)
     total = small_layer_game(~everyone) - small_layer_game(everyone)  # L(no experts) − L(all)
-    phi_E = poi.permutation_shapley(small_layer_game, 4, 7, torch.Generator().manual_seed(1))
+    phi_E = permutation_shapley(small_layer_game, 4, 7, torch.Generator().manual_seed(1))
     assert float(phi_E.sum()) == pytest.approx(total, rel=1e-5)
-    truncated_E = poi.permutation_shapley(small_layer_game, 4, 7, torch.Generator().manual_seed(1), truncation=0.2)
+    truncated_E = permutation_shapley(small_layer_game, 4, 7, torch.Generator().manual_seed(1), truncation=0.2)
     assert abs(float(truncated_E.sum()) - total) <= 0.2 * abs(total) + 1e-6  # TMC stops within the tolerance
 
 
 def test_monte_carlo_shapley_matches_all_subsets_shapley(small_layer_game):
-    exact_E = poi.exact_shapley(small_layer_game, 4)
-    estimate_E = poi.permutation_shapley(small_layer_game, 4, 300, torch.Generator().manual_seed(0))
+    exact_E = exact_shapley(small_layer_game, 4)
+    estimate_E = permutation_shapley(small_layer_game, 4, 300, torch.Generator().manual_seed(0))
     marginals = [  # the spread of one permutation's credit, for the Monte-Carlo error
         small_layer_game(torch.tensor([i in s for i in range(4)])) - small_layer_game(torch.tensor([i in s or i == 0 for i in range(4)]))
         for r in range(4) for s in map(set, itertools.combinations(range(1, 4), r))
@@ -305,7 +338,7 @@ def test_every_learned_token_choice_router_honours_bans_and_bias(strategy):
     layer_router = router.build(strategy, 16, 4)
     x_ND = torch.randn(256, 16)
     plain = layer_router(x_ND, None, selection_bias_E=torch.zeros(4)).counts
-    banned = layer_router(x_ND, None, selection_bias_E=torch.tensor([0.0, poi.BAN_BIAS, 0.0, 0.0])).counts
+    banned = layer_router(x_ND, None, selection_bias_E=torch.tensor([0.0, BAN_BIAS, 0.0, 0.0])).counts
     favoured = layer_router(x_ND, None, selection_bias_E=torch.tensor([0.0, 0.0, 1.0, 0.0])).counts
     assert banned[1] == 0
     assert favoured[2] > plain[2]
@@ -317,7 +350,7 @@ def test_failing_expert_is_penalised_banned_and_backed_off(tmp_path):
         "trainer.log_every=1", steps=60,
     )
     events = [e for e in read_metrics(run_dir) if "poi/bias/layer0/1" in e]
-    banned_steps = [e["step"] + 1 for e in events if e["poi/bias/layer0/1"] <= poi.BAN_BIAS]
+    banned_steps = [e["step"] + 1 for e in events if e["poi/bias/layer0/1"] <= BAN_BIAS]
     runs = [len(list(group)) for _, group in itertools.groupby(
         enumerate(banned_steps), key=lambda pair: pair[1] - pair[0])]
     assert runs[:3] == [3, 6, 12]  # exponential back-off
@@ -339,7 +372,7 @@ def test_scores_ranks_and_fidelity_are_logged_and_summarised(run_tiny):
     assert set(fidelity) == {f"poi/fidelity/layer0/{s}" for s in ("taylor", "loo", "gate")}
     assert all(-1 <= v <= 1 for v in fidelity.values() if v is not None)
     assert summary["poi/scorer"] == "taylor"
-    lines = poi.format_summary(summary)
+    lines = format_summary(summary)
     assert "layer0" in lines[1]
     assert "(#1)" in "".join(lines)
 
@@ -363,12 +396,15 @@ def test_resume_restores_the_scorer(run_tiny):
         assert resumed[f"poi/score/layer0/{e}"] == pytest.approx(straight[f"poi/score/layer0/{e}"], rel=1e-5)
 
 
-def test_fresh_view_touches_no_gradient_and_no_score(tmp_path):
+def test_fresh_view_touches_no_gradient_no_score_and_not_the_step_trace(tmp_path):
     run = trained_run(tmp_path, steps=5)
-    scorer, model = run.scorer, run.model
+    scorer, model, layer = run.scorer, run.model, run.layers[0]
     before = scorer.scores()
+    plan, evidence = layer.last_plan, layer.evidence
     run.optimizer.zero_grad(set_to_none=True)
     view = scorer.view(run.data.val_batches()[0])
+    assert layer.last_plan is plan  # the trainer's routing metrics read it
+    assert layer.evidence is evidence  # the ledger reads this step's failures from it
     assert set(view) == {"layer0"}
     assert view["layer0"].shape == (8,)
     assert all(p.grad is None for p in model.parameters())
@@ -379,11 +415,23 @@ def test_fresh_view_touches_no_gradient_and_no_score(tmp_path):
 
 def test_unknown_scorer_and_bad_options_fail_naming_them():
     with pytest.raises(ConfigError, match="valid scorers: gate, loo, shapley, taylor"):
-        poi.make_config({"name": "oracle"})
+        typed_poi_config({"name": "oracle"})
     with pytest.raises(ConfigError, match="counterfactual"):
-        poi.check_config(poi.TaylorConfig(counterfactual="imagined"))
+        validate_poi_config(TaylorConfig(counterfactual="imagined"))
     with pytest.raises(ConfigError, match="load_bound"):
-        poi.check_config(poi.GateConfig(load_bound=0.5))
+        validate_poi_config(GateConfig(load_bound=0.5))
+    with pytest.raises(ConfigError, match=r"poi\.every"):
+        typed_poi_config({"name": "loo", "every": "often"})
+    assert typed_poi_config({"name": "loo"}) == LooConfig()
+
+
+def test_scorer_draws_from_the_run_seed(tmp_path):
+    run = trained_run(tmp_path, steps=1)
+    again = PoIScorer(TaylorConfig(), run.model, seed=run.scorer.seed)
+    other = PoIScorer(TaylorConfig(), run.model, seed=run.scorer.seed + 1)
+    draw = [torch.rand(4, generator=scorer.generator(7)) for scorer in (run.scorer, again, other)]
+    assert torch.equal(draw[0], draw[1])
+    assert not torch.equal(draw[0], draw[2])
 
 
 def test_report_has_a_poi_section_with_behaviours(run_tiny, tmp_path):

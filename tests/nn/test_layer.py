@@ -1,4 +1,5 @@
-"""The MoE layer against a dense reference: each token through its chosen experts, gate-weighted."""
+"""The MoE layer against a dense reference: each token through its chosen experts, gate-weighted; and
+what it offers a scorer: evidence of training steps, side passes that reuse and mask pool answers."""
 
 from __future__ import annotations
 
@@ -7,17 +8,27 @@ import torch
 
 import router
 from experts.modules import FFN
-from experts.pool import LocalPool
+from experts.pool import LocalPool, PoolOutput
 from moe.nn.layer import MoELayer, combine
-from router.plan import build_plan
+from router.plan import DispatchPlan, build_plan
 
 D, F, E = 16, 32, 4
+
+
+class CountingPool(LocalPool):
+    """A local pool that counts its forwards."""
+
+    calls = 0
+
+    def forward(self, x_AD: torch.Tensor, plan: DispatchPlan, step: int = 0) -> PoolOutput:
+        self.calls += 1
+        return super().forward(x_AD, plan, step)
 
 
 def make_layer(top_k: int = 2, activation: str = "gelu", seed: int = 0) -> MoELayer:
     torch.manual_seed(seed)
     experts = [FFN(D, F, activation) for _ in range(E)]
-    return MoELayer("layer0", router.build("topk", D, E, top_k=top_k), LocalPool(experts, lr=1e-2))
+    return MoELayer("layer0", router.build("topk", D, E, top_k=top_k), CountingPool(experts, lr=1e-2))
 
 
 def dense_reference(layer: MoELayer, x_ND: torch.Tensor) -> torch.Tensor:
@@ -112,3 +123,70 @@ def test_plan_metrics_describe_load():
     torch.testing.assert_close(plan.metrics["max_vio"], torch.tensor(4 / 2 - 1))
     assert plan.metrics["unused_experts"].item() == 1
     torch.testing.assert_close(plan.metrics["dropped_frac"], torch.tensor(2 / 8))
+
+
+def test_evidence_is_recorded_once_asked_and_only_with_gradients():
+    layer = make_layer()
+    x_BTD = torch.randn(2, 5, D, requires_grad=True)
+    layer(x_BTD)
+    assert layer.evidence is None
+    layer.record_evidence()
+    with torch.no_grad():
+        layer(x_BTD)
+    assert layer.evidence is None
+    y_BTD, _ = layer(x_BTD)
+    evidence = layer.evidence
+    assert evidence.plan is layer.last_plan
+    assert evidence.gated_AD.shape == (evidence.plan.token_idx.numel(), D)
+    assert evidence.grad_out_ND is None
+    y_BTD.sum().backward()
+    torch.testing.assert_close(evidence.grad_out_ND, torch.ones(10, D))
+
+
+def test_side_pass_leaves_the_training_trace_and_reuses_the_first_pool_answer():
+    layer = make_layer()
+    layer.record_evidence()
+    x_BTD = torch.randn(2, 5, D)
+    layer(x_BTD)
+    plan, evidence, calls = layer.last_plan, layer.evidence, layer.pool.calls
+    with layer.side_pass() as side:
+        first_BTD, _ = layer(x_BTD)
+        first_counts_E = side.evidence.plan.counts
+        again_BTD, _ = layer(x_BTD)
+        assert layer.pool.calls == calls + 1  # the same inputs: the first answer again
+        layer(x_BTD + 1)
+        assert layer.pool.calls == calls + 2
+    assert layer.last_plan is plan
+    assert layer.evidence is evidence
+    assert side.evidence is not None
+    assert side.evidence is not evidence
+    torch.testing.assert_close(first_BTD, again_BTD)
+    failed_E, had_tokens_E = side.unmasked_answers()
+    assert not failed_E.any()
+    assert torch.equal(had_tokens_E, first_counts_E > 0)
+
+
+def test_masking_an_expert_is_the_same_as_its_failure():
+    layer = make_layer()
+    x_BTD = torch.randn(2, 5, D)
+    keep_E = torch.tensor([True, False, True, True])
+    with torch.no_grad(), layer.side_pass() as side:
+        full_BTD, _ = layer(x_BTD)
+        with side.masking(keep_E):
+            masked_BTD, _ = layer(x_BTD)
+        unmasked_BTD, _ = layer(x_BTD)
+    plan = layer.router(x_BTD.reshape(-1, D), selection_bias_E=layer.selection_bias_E)
+    with torch.no_grad():
+        y_AD = layer.pool(x_BTD.reshape(-1, D).index_select(0, plan.token_idx), plan, 0).y_AD
+        failed_ND, _ = combine(y_AD, plan, keep_E)
+    torch.testing.assert_close(masked_BTD.reshape(-1, D), failed_ND)
+    torch.testing.assert_close(unmasked_BTD, full_BTD)
+    assert not torch.allclose(masked_BTD, full_BTD)
+
+
+def test_selection_bias_moves_selection():
+    layer = make_layer(top_k=1)
+    x_BTD = torch.randn(4, 8, D)
+    layer.set_selection_bias(torch.tensor([0.0, 0.0, 0.0, 1.0e4]))
+    layer(x_BTD)
+    assert layer.last_plan.counts.tolist() == [0, 0, 0, 32]
