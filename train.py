@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> float:
 
 
 def print_summary(summary: dict) -> None:
-    from moe.incentives.poi.scorer import format_summary
+    from moe.incentives.poi import format_summary
 
     print(f"\nrun dir: {summary['run_dir']}")
     for key, value in summary.items():

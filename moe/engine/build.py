@@ -24,7 +24,7 @@ from moe.data import build_data
 from moe.engine.metrics import MetricsLogger
 from moe.errors import ConfigError
 from moe.incentives.ledger import RewardLedger
-from moe.incentives.poi.scorer import PoIScorer, build_scorer
+from moe.incentives.poi import PoIScorer, build_scorer
 from moe.nn.layer import MoELayer
 from moe.nn.model import MoEModel, build_model
 from router.seeds import derive_seed
@@ -84,7 +84,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_schedule(cfg.trainer))
         model, optimizer = accelerator.prepare(model, optimizer)
-        scorer = build_scorer(cfg.get("poi"), accelerator.unwrap_model(model), data.val_batches())
+        scorer = build_scorer(cfg.get("poi"), accelerator.unwrap_model(model), data.val_batches(), seed=cfg.seed)
     except BaseException:
         transport.close()
         raise

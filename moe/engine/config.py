@@ -19,7 +19,7 @@ from experts.modules import ExpertsConfig
 from experts.transport import transport_configs
 from moe.data import data_configs
 from moe.incentives.ledger import LedgerConfig
-from moe.incentives.poi.scorer import poi_configs
+from moe.incentives.poi import poi_configs
 from moe.nn.model import ModelConfig
 
 

@@ -435,7 +435,7 @@ def test_scorer_draws_from_the_run_seed(tmp_path):
 
 
 def test_report_has_a_poi_section_with_behaviours(run_tiny, tmp_path):
-    from moe.engine.validation import write_run_report
+    from moe.experiments.run_report import write_run_report
 
     _, run_dir = run_tiny("data=clusters", "++experts.behaviours={1: lazy}", "poi.fidelity_every=3")
     write_run_report(run_dir)

@@ -117,7 +117,7 @@ def test_plan_metrics_describe_load():
         torch.ones(6),
         num_tokens=6,
         num_experts=3,
-        dropped_D=torch.tensor([5, 5]),
+        dropped_X=torch.tensor([5, 5]),
     )
     assert plan.counts.tolist() == [4, 2, 0]
     torch.testing.assert_close(plan.metrics["max_vio"], torch.tensor(4 / 2 - 1))

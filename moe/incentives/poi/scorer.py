@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from moe.errors import ConfigError
-from moe.incentives.poi.config import EVIDENCE_SCORERS, PoIConfig, poi_configs, typed_poi_config
+from moe.incentives.poi.config import EVIDENCE_SCORERS, PoIConfig, typed_poi_config
 from moe.incentives.poi.evidence import (
     Curvature,
     curvature_at_outputs,
@@ -29,8 +29,7 @@ from moe.incentives.poi.views import LayerView, evidence_views, masked_views, vi
 from moe.nn.layer import LayerEvidence
 from router.seeds import torch_generator
 
-# `poi_configs` is re-exported for moe.engine.config until it imports it from moe.incentives.poi.
-__all__ = ["PoIScorer", "LayerState", "build_scorer", "format_summary", "poi_configs"]
+__all__ = ["LayerState", "PoIScorer", "build_scorer", "format_summary"]
 
 log = logging.getLogger(__name__)
 
