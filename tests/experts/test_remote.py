@@ -26,7 +26,7 @@ from experts.behaviours import parse_behaviours
 from experts.modules import FFN, ExpertsConfig
 from experts.network import FailureMemory, FaultPolicy, LinkSpec, NetworkConfig, Round, VirtualNetwork
 from experts.pool import LocalPool, all_finite, invalid_outputs
-from experts.remote.client import ProcessTransport, ProcessTransportConfig
+from experts.remote import ProcessTransport, ProcessTransportConfig
 from experts.remote.wire import HEADER, Kind, Message, encode
 from moe.errors import ConfigError
 from moe.nn.layer import combine
@@ -374,7 +374,7 @@ def test_a_killed_worker_fails_its_experts_and_rejoins_from_its_checkpoint(tmp_p
             run_layer(pool, torch.randn(NUM_TOKENS, D), PAIRS, seed=step)
             pool.step(0)
         checkpointed = pool.state_dict()  # the owners also write their own checkpoints
-        assert (tmp_path / "workers" / "w1" / "experts.pmoe").exists()
+        assert (tmp_path / "workers" / "w1" / "experts.safetensors").exists()
         run_layer(pool, torch.randn(NUM_TOKENS, D), PAIRS)
         pool.step(0)  # w1's experts move past their checkpoint
 
@@ -408,7 +408,7 @@ def test_a_killed_worker_fails_its_experts_and_rejoins_from_its_checkpoint(tmp_p
 LIFECYCLE_CHILD = textwrap.dedent(
     """
     import sys, time, torch
-    from experts.remote.client import ProcessTransport, ProcessTransportConfig
+    from experts.remote import ProcessTransport, ProcessTransportConfig
     transport = ProcessTransport(ProcessTransportConfig(workers=2), device=torch.device("cpu"), run_dir=None, seed=0)
     try:
         print(" ".join(str(p.pid) for p in transport.processes), flush=True)
