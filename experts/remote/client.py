@@ -75,7 +75,7 @@ class RemotePool(ExpertPool):
         layer_name: str,
         experts: list[nn.Module],
         experts_cfg: ExpertsConfig,
-        owners: list[str],
+        hosts: list[str],  # the worker that hosts (owns) each expert
         policy: FaultPolicy,
         *,
         network: NetworkConfig | None = None,
@@ -87,7 +87,7 @@ class RemotePool(ExpertPool):
         self.layer = len(coordinator.pools)
         self.layer_name = layer_name
         self.num_experts = len(experts)
-        self.owners = owners
+        self.hosts = hosts
         self.policy = policy
         self.optim = OptimizerSettings(experts_cfg.lr, experts_cfg.weight_decay, experts_cfg.grad_clip)
         self.specs = [expert_spec(module, e) for e, module in enumerate(experts)]
@@ -117,31 +117,25 @@ class RemotePool(ExpertPool):
             "link_seed": self.link_seeds[expert],
             "restore": restore,
         }
-        return named_message(
-            Kind.HOST,
-            self.initial[expert],
-            meta=meta,
-            step=next(self.coordinator.request_ids),
-            layer=self.layer,
-            expert=expert,
-        )
+        key = {"step": next(self.coordinator.request_ids), "layer": self.layer, "expert": expert}
+        return named_message(Kind.HOST, self.initial[expert], meta=meta, **key)
 
     def host_all(self) -> None:
         requests = {}
         for e in range(self.num_experts):
             message = self.host_message(e, restore=False)
-            requests[(message.step, self.layer, e)] = (self.owners[e], message)
+            requests[(message.step, self.layer, e)] = (self.hosts[e], message)
         for (_, _, e), result in self.coordinator.request(requests, Kind.HOSTED).items():
             if isinstance(result, str):
                 self.record_failures({e: f"host: {result}"})
                 log.warning(
-                    "expert %s/%d could not be hosted on %s: %s", self.layer_name, e, self.owners[e], result
+                    "expert %s/%d could not be hosted on %s: %s", self.layer_name, e, self.hosts[e], result
                 )
 
     def rehost_on(self, worker: str) -> None:
         """A worker rejoined: send it its experts again; it restores them from its own checkpoint."""
-        for e, owner in enumerate(self.owners):
-            if owner == worker:
+        for e, host in enumerate(self.hosts):
+            if host == worker:
                 self.coordinator.send(worker, self.host_message(e, restore=True))
                 self.memory.succeeded(e)
 
@@ -149,13 +143,8 @@ class RemotePool(ExpertPool):
         if message.kind == Kind.STEPPED and message.meta.get("skipped"):
             self.record_failures({message.expert: f"step: {message.meta['skipped']}"}, replace=False)
         elif message.kind == Kind.HOSTED:
-            log.info(
-                "expert %s/%d back on %s (restored from its checkpoint: %s)",
-                self.layer_name,
-                message.expert,
-                worker,
-                message.meta.get("restored"),
-            )
+            log.info("expert %s/%d back on %s (restored from its checkpoint: %s)",
+                     self.layer_name, message.expert, worker, message.meta.get("restored"))  # fmt: skip
 
     def record_failures(self, failures: dict[int, str], replace: bool = True) -> None:
         if replace:
@@ -184,15 +173,10 @@ class RemotePool(ExpertPool):
         round_ = Round(plan.token_idx, call.sizes, asked, plan.num_tokens, self.policy, time.monotonic())
         pending, outputs = {}, {}
         for e in asked:
-            meta = {
-                "keep": keep,
-                "grad_input": grad_input,
-                "step": step,
-                **self.behaviour_meta(e),
-            }
+            meta = {"keep": keep, "grad_input": grad_input, "step": step, **self.behaviour_meta(e)}
             message = Message(Kind.FORWARD, call.id, self.layer, e, meta=meta, tensors=[x_slices[e]])
-            if self.coordinator.send(self.owners[e], message):
-                pending[(call.id, self.layer, e)] = self.owners[e]
+            if self.coordinator.send(self.hosts[e], message):
+                pending[(call.id, self.layer, e)] = self.hosts[e]
             else:
                 failures[e] = "unreachable"
                 round_.fail(e, time.monotonic())
@@ -216,9 +200,7 @@ class RemotePool(ExpertPool):
         self.remember(asked, failures)
         self.record_failures(failures)
         call.answered = sorted(outputs)
-        y_AD = torch.cat(
-            [outputs.get(e, x_slice.new_zeros(x_slice.shape)) for e, x_slice in enumerate(x_slices)]
-        )
+        y_AD = torch.cat([outputs.get(e, x_aD.new_zeros(x_aD.shape)) for e, x_aD in enumerate(x_slices)])
         answered_E = torch.ones(self.num_experts, dtype=torch.bool)
         answered_E[list(failures)] = False
         return y_AD.to(x_AD.device, x_AD.dtype), answered_E.to(x_AD.device), call
@@ -234,7 +216,7 @@ class RemotePool(ExpertPool):
         for e, size in enumerate(sizes):
             if not size:
                 continue
-            if not self.coordinator.is_alive(self.owners[e]):
+            if not self.coordinator.is_alive(self.hosts[e]):
                 failures[e] = "dead"
             elif self.memory.skipping(e, self.rounds):
                 failures[e] = "backoff"
@@ -265,8 +247,8 @@ class RemotePool(ExpertPool):
         meta = {"input_only": True} if input_only else {}
         for e in call.answered:
             message = Message(Kind.BACKWARD, call.id, self.layer, e, meta=meta, tensors=[grad_slices[e]])
-            if self.coordinator.send(self.owners[e], message):
-                pending[(call.id, self.layer, e)] = self.owners[e]
+            if self.coordinator.send(self.hosts[e], message):
+                pending[(call.id, self.layer, e)] = self.hosts[e]
             else:
                 failures[e] = "backward: unreachable"
 
@@ -304,11 +286,11 @@ class RemotePool(ExpertPool):
         """Every owner clips, steps and zeroes its expert; acks come back asynchronously."""
         self.steps += 1
         self.coordinator.drain()
-        for e, owner in enumerate(self.owners):
-            if self.coordinator.is_alive(owner):
+        for e, host in enumerate(self.hosts):
+            if self.coordinator.is_alive(host):
                 learns = self.behaviours.get(e, HONEST).learns_at(training_step)
                 meta = {"zero_missing_grads": e in self.touched, "learns": learns}
-                self.coordinator.send(owner, Message(Kind.STEP, self.steps, self.layer, e, meta=meta))
+                self.coordinator.send(host, Message(Kind.STEP, self.steps, self.layer, e, meta=meta))
         self.touched.clear()
         if self.checkpoint_every and self.steps % self.checkpoint_every == 0 and self.is_last_layer():
             self.coordinator.checkpoint_workers(sorted(set(self.coordinator.registered_names())), wait=False)
@@ -322,21 +304,17 @@ class RemotePool(ExpertPool):
         layout (checkpoints move between transports). An unreachable expert contributes its last
         fetched state, or its initial one. Owners also write their own checkpoints."""
         requests = {}
-        for e, owner in enumerate(self.owners):
+        for e, host in enumerate(self.hosts):
             key = (next(self.coordinator.request_ids), self.layer, e)
-            requests[key] = (owner, Message(Kind.GET_STATE, *key))
+            requests[key] = (host, Message(Kind.GET_STATE, *key))
         for (_, _, e), result in self.coordinator.request(requests, Kind.STATE).items():
             if isinstance(result, str):
-                log.warning(
-                    "state of expert %s/%d unavailable (%s); checkpointing its last known state",
-                    self.layer_name,
-                    e,
-                    result,
-                )
+                log.warning("state of expert %s/%d unavailable (%s); checkpointing its last known state",
+                            self.layer_name, e, result)  # fmt: skip
                 continue
             params, optimizer_state = expert_state_from(result)
             self.known_state[e] = ({k: v.clone() for k, v in params.items()}, optimizer_state)
-        self.coordinator.checkpoint_workers(sorted(set(self.owners)), wait=True)
+        self.coordinator.checkpoint_workers(sorted(set(self.hosts)), wait=True)
         experts, optimizers = [], []
         for e in range(self.num_experts):
             params, optimizer_state = self.known_state[e] or self.fresh_state(e)
@@ -352,20 +330,19 @@ class RemotePool(ExpertPool):
 
     def load_state_dict(self, state: dict) -> None:
         requests = {}
-        for e, (params, optimizer_state) in enumerate(
-            zip(state["experts"], state["optimizers"], strict=True)
-        ):
+        pairs = zip(state["experts"], state["optimizers"], strict=True)
+        for e, (params, optimizer_state) in enumerate(pairs):
             key = (next(self.coordinator.request_ids), self.layer, e)
             message = expert_state_message(
                 Kind.LOAD_STATE, params, optimizer_state, step=key[0], layer=self.layer, expert=e
             )
-            requests[key] = (self.owners[e], message)
+            requests[key] = (self.hosts[e], message)
             self.known_state[e] = (dict(params), optimizer_state)
         for (_, _, e), result in self.coordinator.request(requests, Kind.LOADED).items():
             if isinstance(result, str):
                 log.warning("expert %s/%d did not load its state: %s", self.layer_name, e, result)
 
     def train(self, mode: bool = True) -> None:
-        for owner in sorted(set(self.owners)):
-            self.coordinator.send(owner, Message(Kind.TRAIN_MODE, layer=self.layer, meta={"mode": mode}))
+        for host in sorted(set(self.hosts)):
+            self.coordinator.send(host, Message(Kind.TRAIN_MODE, layer=self.layer, meta={"mode": mode}))
 

@@ -44,7 +44,8 @@ class ProcessTransportConfig(LocalTransportConfig):
     host: str = "127.0.0.1"  # tcp: interface to bind; 0.0.0.0 accepts workers from other hosts
     port: int = 0  # tcp: port to bind; 0 picks a free one (logged)
     threads: int = 1  # torch intra-op threads per worker
-    devices: list[str] | None = None  # per spawned worker, e.g. [cuda:1, cuda:2]; None: cuda:i round-robin, else cpu
+    # one device per spawned worker, e.g. [cuda:1, cuda:2]; None: cuda:i round-robin, else the CPU
+    devices: list[str] | None = None
     max_grad_norm: float = 1e4  # workers reject grad_out with a larger L2 norm; 0 disables
     heartbeat_interval: float = 1.0  # seconds between worker heartbeats
     heartbeat_misses: int = 5  # silent intervals before a worker counts as dead
@@ -153,14 +154,14 @@ class ProcessTransport(Transport):
     def make_pool(self, layer: str, experts: list[nn.Module], experts_cfg: ExpertsConfig) -> RemotePool:
         """Experts go to workers round-robin, continuing across layers."""
         workers = self.coordinator.registered_names()
-        owners = [workers[(self.next_slot + e) % len(workers)] for e in range(len(experts))]
+        hosts = [workers[(self.next_slot + e) % len(workers)] for e in range(len(experts))]
         self.next_slot += len(experts)
         return RemotePool(
             self.coordinator,
             layer,
             experts,
             experts_cfg,
-            owners,
+            hosts,
             self.cfg,  # the transport config is its own fault policy
             network=self.cfg.network,
             seed=self.seed,

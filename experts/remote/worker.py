@@ -103,11 +103,11 @@ class Worker:
         self.last_hello = -math.inf
         self.last_heartbeat = time.monotonic()
         self.handlers = {
-            Kind.WELCOME: self.on_welcome, Kind.REGISTER_AGAIN: self.on_register_again, Kind.HOST: self.on_host,
-            Kind.FORWARD: self.on_forward, Kind.BACKWARD: self.on_backward, Kind.STEP: self.on_step,
-            Kind.GET_STATE: self.on_get_state, Kind.LOAD_STATE: self.on_load_state,
-            Kind.CHECKPOINT: self.on_checkpoint, Kind.ECHO: self.on_echo, Kind.TRAIN_MODE: self.on_train_mode,
-            Kind.SHUTDOWN: self.on_shutdown,
+            Kind.WELCOME: self.on_welcome, Kind.REGISTER_AGAIN: self.on_register_again,
+            Kind.HOST: self.on_host, Kind.FORWARD: self.on_forward, Kind.BACKWARD: self.on_backward,
+            Kind.STEP: self.on_step, Kind.GET_STATE: self.on_get_state, Kind.LOAD_STATE: self.on_load_state,
+            Kind.CHECKPOINT: self.on_checkpoint, Kind.ECHO: self.on_echo,
+            Kind.TRAIN_MODE: self.on_train_mode, Kind.SHUTDOWN: self.on_shutdown,
         }  # fmt: skip
 
     # --- loop ------------------------------------------------------------------------------------
@@ -158,8 +158,10 @@ class Worker:
             self.reply_error(message, f"behaviour: {failure}")
         except Exception as err:  # a bad request must never take the worker down
             self.errors += 1
-            log.warning("%s for layer %d expert %d failed: %s", message.kind.name, message.layer, message.expert, err)
-            self.reply_error(message, str(err) if isinstance(err, RequestError) else f"{type(err).__name__}: {err}")
+            log.warning("%s for layer %d expert %d failed: %s",
+                        message.kind.name, message.layer, message.expert, err)  # fmt: skip
+            reason = str(err) if isinstance(err, RequestError) else f"{type(err).__name__}: {err}"
+            self.reply_error(message, reason)
 
     def reply_error(self, message: Message, reason: str) -> None:
         self.reply_to(message, Kind.ERROR, meta={"reason": reason[:500], "request": message.kind.name})
@@ -239,7 +241,8 @@ class Worker:
         path = self.checkpoint_path()
         if path is None or not path.exists():
             return False
-        saved = [m for m in load_messages(path) if (m.meta.get("layer_name"), m.expert) == (hosted.layer_name, expert)]
+        mine = (hosted.layer_name, expert)
+        saved = [m for m in load_messages(path) if (m.meta.get("layer_name"), m.expert) == mine]
         if not saved:
             return False
         if saved[0].meta.get("spec") != hosted.spec:
@@ -288,11 +291,10 @@ class Worker:
             return hosted.owner.module(x_aD)
         peer = None
         if behaviour.kind == "copycat" and (message.layer, int(behaviour.arg)) in self.experts:
-            peer = lambda j, x_jD: self.experts[(message.layer, j)].owner.module(x_jD)  # only those hosted here
-        return answer_call(
-            hosted.owner.module, behaviour, x_aD, seed=int(message.meta.get("seed", 0)), layer=hosted.layer_name,
-            step=int(message.meta.get("step", 0)), expert_idx=message.expert, peer=peer,
-        )  # fmt: skip
+            peer = lambda j, x_jD: self.experts[(message.layer, j)].owner.module(x_jD)  # hosted here only
+        seed, step = int(message.meta.get("seed", 0)), int(message.meta.get("step", 0))
+        return answer_call(hosted.owner.module, behaviour, x_aD, seed=seed, layer=hosted.layer_name,
+                           step=step, expert_idx=message.expert, peer=peer)  # fmt: skip
 
     def cache_put(self, key: tuple[int, int, int], x_aD: torch.Tensor, y_aD: torch.Tensor) -> None:
         self.cache[key] = (x_aD, y_aD)
@@ -383,7 +385,8 @@ class Worker:
     def on_checkpoint(self, message: Message) -> None:
         path = self.checkpoint_path()
         if path is not None:  # a run without a run dir keeps no checkpoints
-            save_messages(path, [self.state_message(Kind.STATE, *key, hosted) for key, hosted in self.experts.items()])
+            states = [self.state_message(Kind.STATE, *at, hosted) for at, hosted in self.experts.items()]
+            save_messages(path, states)
         meta = {"path": str(path) if path else None, "experts": len(self.experts) if path else 0}
         self.reply(Message(Kind.CHECKPOINTED, message.step, meta=meta))
 

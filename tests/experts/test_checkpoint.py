@@ -27,7 +27,9 @@ def trained_owner(seed: int) -> ExpertOwner:
 def state_message(owner: ExpertOwner, expert: int) -> Message:
     state = owner.state_dict()
     meta = {"layer_name": "layer0", "spec": {"kind": "ffn"}, "steps": owner.steps}
-    return expert_state_message(Kind.STATE, state["module"], state["optimizer"], meta=meta, layer=1, expert=expert)
+    return expert_state_message(
+        Kind.STATE, state["module"], state["optimizer"], meta=meta, layer=1, expert=expert
+    )
 
 
 def test_experts_and_optimizer_state_round_trip_through_the_file(tmp_path):
@@ -35,7 +37,8 @@ def test_experts_and_optimizer_state_round_trip_through_the_file(tmp_path):
     owners = [trained_owner(seed) for seed in range(3)]
     save_messages(path, [state_message(owner, e) for e, owner in enumerate(owners)])
     back = load_messages(path)
-    assert [(m.kind, m.layer, m.expert, m.meta["steps"]) for m in back] == [(Kind.STATE, 1, e, 2) for e in range(3)]
+    got = [(m.kind, m.layer, m.expert, m.meta["steps"]) for m in back]
+    assert got == [(Kind.STATE, 1, e, 2) for e in range(3)]
     for owner, message in zip(owners, back, strict=True):
         params, optimizer_state = expert_state_from(message)
         clone = ExpertOwner(FFN(4, 8), OptimizerSettings(lr=1.0))

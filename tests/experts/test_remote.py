@@ -661,6 +661,25 @@ def test_the_local_transport_simulates_the_configured_network_in_virtual_time():
         pool_for("transport.network.experts={1: {latncy_ms: 5}}")
 
 
+def test_a_transport_gets_its_config_typed_and_the_config_is_its_fault_policy():
+    from omegaconf import OmegaConf
+
+    from experts.transport import LocalTransportConfig, open_transport
+    from tests.helpers import compose
+
+    def opened(node):
+        return open_transport(node, device=torch.device("cpu"), run_dir=None, seed=0)
+
+    cfg = opened(compose(["transport=local", "transport.k_min=2", "transport.backoff_max=8"]).transport).cfg
+    assert type(cfg) is LocalTransportConfig
+    assert isinstance(cfg, FaultPolicy)
+    assert (cfg.k_min, cfg.backoff_max, cfg.forward_timeout) == (2, 8, FaultPolicy().forward_timeout)
+    with pytest.raises(ConfigError, match=r"transport\.k_min"):
+        opened(OmegaConf.create({"name": "local", "k_min": "many"}))
+    with pytest.raises(ConfigError, match="k_min=-1"):
+        opened(OmegaConf.create({"name": "local", "k_min": -1}))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_resume_with_process_transport_continues_the_uninterrupted_trajectory(tmp_path):
