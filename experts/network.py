@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from experts.errors import ConfigError
 from router.seeds import derive_seed
+from router.typed_config import plain, typed_config
 
 DISTRIBUTIONS = ("constant", "normal", "lognormal", "exponential")
 
@@ -67,15 +68,10 @@ def link_for(cfg: NetworkConfig | None, expert: int) -> LinkSpec:
     """The link of `expert`: the default with that expert's overrides; unknown keys fail loudly."""
     if cfg is None:
         return LinkSpec()
-    base = asdict(cfg.default) if is_dataclass(cfg.default) else dict(cfg.default)
     overrides = cfg.experts or {}
-    override = dict(overrides.get(expert, None) or overrides.get(str(expert), None) or {})
-    unknown = set(override) - set(base)
-    if unknown:
-        raise ConfigError(
-            f"transport.network.experts.{expert}: unknown keys {sorted(unknown)}; valid: {sorted(base)}"
-        )
-    return LinkSpec(**{**base, **override})
+    override = overrides.get(expert, None) or overrides.get(str(expert), None) or {}
+    link = {**plain(cfg.default), **plain(override)}
+    return typed_config(LinkSpec, link, f"transport.network.experts.{expert}")
 
 
 def network_is_ideal(cfg: NetworkConfig | None) -> bool:
