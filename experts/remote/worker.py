@@ -200,13 +200,8 @@ class Worker:
             self.last_heartbeat = now
 
     def send_hello(self) -> None:
-        meta = {
-            "name": self.name,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "device": str(self.device),
-            "threads": self.threads,
-        }
+        meta = {"name": self.name, "pid": os.getpid(), "host": socket.gethostname(),
+                "device": str(self.device), "threads": self.threads}  # fmt: skip
         self.send(encode(Message(Kind.HELLO, meta=meta)))
         self.last_hello = time.monotonic()
 
@@ -364,15 +359,13 @@ class Worker:
         hosted = self.expert_of(message)
         self.reply(self.state_message(Kind.STATE, message.layer, message.expert, hosted, step=message.step))
 
-    def state_message(
-        self, kind: Kind, layer: int, expert: int, hosted: HostedExpert, step: int = 0
-    ) -> Message:
+    def state_message(self, kind: Kind, layer: int, expert: int, hosted: HostedExpert, step: int = 0) -> Message:
+        """Parameters, optimizer state, and what `restore` checks (layer name, spec, steps)."""
         state = hosted.owner.state_dict()
         params = {k: v.detach().cpu() for k, v in state["module"].items()}
         meta = {"layer_name": hosted.layer_name, "spec": hosted.spec, "steps": hosted.owner.steps}
-        return expert_state_message(
-            kind, params, state["optimizer"], meta=meta, step=step, layer=layer, expert=expert
-        )
+        address = {"step": step, "layer": layer, "expert": expert}
+        return expert_state_message(kind, params, state["optimizer"], meta=meta, **address)
 
     def on_load_state(self, message: Message) -> None:
         self.load_state(self.expert_of(message), message)
