@@ -36,8 +36,9 @@ from benchtools import median_seconds  # sibling module: scripts run as python b
 
 import router
 from experts.modules import FFN, ExpertsConfig
-from experts.pool import LocalPool, make_optimizer
-from experts.remote.client import ProcessTransport, ProcessTransportConfig
+from experts.owner import ExpertOwner, OptimizerSettings
+from experts.pool import LocalPool
+from experts.remote import ProcessTransport, ProcessTransportConfig
 from experts.remote.wire import Kind, Message, decode, encode
 from moe.nn.layer import MoELayer
 
@@ -202,17 +203,15 @@ def bench_compute_floor(args) -> float:
     share = -(-EXPERTS // args.workers)
     rows = -(-BATCH * TOP_K // EXPERTS)
     torch.manual_seed(0)
-    owned = [FFN(HIDDEN, 4 * HIDDEN).to(device) for _ in range(share)]
-    optimizers = [make_optimizer(expert, lr=1e-3, weight_decay=0.0) for expert in owned]
+    settings = OptimizerSettings(lr=1e-3, grad_clip=1.0)
+    owners = [ExpertOwner(FFN(HIDDEN, 4 * HIDDEN).to(device), settings) for _ in range(share)]
     x_aD = torch.randn(rows, HIDDEN, device=device)
     grad_aD = torch.randn(rows, HIDDEN, device=device)
 
     def worker_share() -> None:
-        for expert, optimizer in zip(owned, optimizers, strict=True):
-            expert(x_aD.detach().requires_grad_()).backward(grad_aD)
-            torch.nn.utils.clip_grad_norm_(expert.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        for owner in owners:
+            owner.module(x_aD.detach().requires_grad_()).backward(grad_aD)
+            owner.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
 

@@ -7,15 +7,14 @@ it computes the honest output (unless the behaviour skips the work) and then let
 replace it or fail by raising `ExpertFailure`. Two more hooks complete a behaviour:
 `behaviour.learns_at(step)` says whether the owner steps its optimizer (`stale`), and
 `behaviour.latency_ms` is an extra reply delay (`slow`): virtual time in `LocalPool`, a real sleep
-in a worker. Random draws come from `call_generator(seed, layer, step, expert)`, so a flaky or noisy
-expert draws the same numbers in either pool and in a resumed run.
+in a worker. Random draws come from `router.seeds.torch_generator(seed, "behaviour", layer, step,
+expert)`, so a flaky or noisy expert draws the same numbers in either pool and in a resumed run.
 
 Legend: a assignments routed to one expert, D model width.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from experts.errors import ConfigError
+from router.seeds import torch_generator
 
 VALID_SPECS = (
     "honest",
@@ -73,7 +73,7 @@ HONEST = Behaviour()
 
 
 @dataclass(frozen=True)
-class Call:
+class CallContext:
     """What a behaviour may use besides the inputs: the training step, who it is, its random draws,
     and `peer(j, x_aD)`, expert j's output on these inputs (None where j cannot be reached)."""
 
@@ -83,15 +83,7 @@ class Call:
     peer: Callable[[int, torch.Tensor], torch.Tensor] | None = None
 
 
-def call_generator(seed: int, layer: str, step: int, expert: int) -> torch.Generator:
-    """A CPU generator seeded by (seed, layer, step, expert), stable across processes and runs."""
-    digest = hashlib.sha256(f"{seed}/{layer}/{step}/{expert}".encode()).digest()
-    generator = torch.Generator()
-    generator.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
-    return generator
-
-
-def run_expert(expert: nn.Module, behaviour: Behaviour, x_aD: torch.Tensor, call: Call) -> torch.Tensor:
+def run_expert(expert: nn.Module, behaviour: Behaviour, x_aD: torch.Tensor, call: CallContext) -> torch.Tensor:
     """The output an owner returns for one call of `expert` on `x_aD`; raises `ExpertFailure`.
 
     Failures are decided before any work, as a dead or flaky miner would not compute. The returned
@@ -115,14 +107,14 @@ def answer_call(
     peer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """What every pool calls to answer one FORWARD of `expert_idx` at training step `step`: `run_expert`
-    with draws from `call_generator(seed, layer, step, expert_idx)`. Raises `ExpertFailure`; the
+    with draws from the stream (seed, "behaviour", layer, step, expert_idx). Raises `ExpertFailure`; the
     caller adds `behaviour.latency_ms` (virtual or slept) and asks `behaviour.learns_at(step)` before
     the owner's optimizer step."""
-    call = Call(step, expert_idx, call_generator(seed, layer, step, expert_idx), peer)
-    return run_expert(expert, behaviour, x_aD, call)
+    generator = torch_generator(seed, "behaviour", layer, step, expert_idx)
+    return run_expert(expert, behaviour, x_aD, CallContext(step, expert_idx, generator, peer))
 
 
-def _raise_if_failing(behaviour: Behaviour, call: Call) -> None:
+def _raise_if_failing(behaviour: Behaviour, call: CallContext) -> None:
     if behaviour.kind == "crash" and call.step >= behaviour.arg:
         raise ExpertFailure(f"crashed at step {int(behaviour.arg)}")
     if behaviour.kind == "flaky" and float(torch.rand((), generator=call.generator)) < behaviour.arg:
@@ -133,15 +125,15 @@ def _noise_like(y_aD: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(y_aD.shape, generator=generator).to(device=y_aD.device, dtype=y_aD.dtype)
 
 
-def _noisy(b: Behaviour, x_aD, y_aD, call: Call) -> torch.Tensor:
+def _noisy(b: Behaviour, x_aD, y_aD, call: CallContext) -> torch.Tensor:
     return y_aD + b.arg * _noise_like(y_aD, call.generator)
 
 
-def _lazy(b: Behaviour, x_aD, y_aD, call: Call) -> torch.Tensor:
+def _lazy(b: Behaviour, x_aD, y_aD, call: CallContext) -> torch.Tensor:
     return x_aD.new_zeros(x_aD.shape)
 
 
-def _adversarial(b: Behaviour, x_aD, y_aD, call: Call) -> torch.Tensor:
+def _adversarial(b: Behaviour, x_aD, y_aD, call: CallContext) -> torch.Tensor:
     # Answers −k·y, each row's norm capped at k·‖x‖, and passes gradients straight through as if y
     # had been sent: the owner applies the updates it is sent like an honest miner, which for a
     # negated answer is ascent on the loss, so the lie persists and sharpens. (Through the negation,
@@ -154,14 +146,14 @@ def _adversarial(b: Behaviour, x_aD, y_aD, call: Call) -> torch.Tensor:
     return lie_aD + (y_aD - y_aD.detach())  # exactly the lie, with y's gradient path
 
 
-def _copycat(b: Behaviour, x_aD, y_aD, call: Call) -> torch.Tensor:
+def _copycat(b: Behaviour, x_aD, y_aD, call: CallContext) -> torch.Tensor:
     if call.peer is None:
         raise ExpertFailure(f"copycat: expert {int(b.arg)} is not reachable from this owner")
     with torch.no_grad():  # the copied expert learns nothing from a copy it did not send
         return call.peer(int(b.arg), x_aD)
 
 
-def _unchanged(b: Behaviour, x_aD, y_aD, call: Call) -> torch.Tensor:
+def _unchanged(b: Behaviour, x_aD, y_aD, call: CallContext) -> torch.Tensor:
     return y_aD
 
 

@@ -69,3 +69,22 @@ def build_experts(cfg: ExpertsConfig, d_model: int) -> list[FFN]:
     if cfg.num < 1:
         raise ConfigError(f"experts.num={cfg.num} must be at least 1")
     return [FFN(d_model, width, cfg.activation) for width in expert_widths(cfg)]
+
+
+def expert_spec(module: nn.Module, index: int) -> dict:
+    """What a worker needs to build the same module (its parameters travel separately)."""
+    if type(module) is not FFN:
+        raise ConfigError(f"transport=process hosts FFN experts; expert {index} is a {type(module).__name__}")
+    return {
+        "kind": "ffn",
+        "d_model": module.w_in.in_features,
+        "d_ff": module.w_out.in_features,
+        "activation": module.activation,
+    }
+
+
+def build_expert(spec: dict) -> FFN:
+    """The module `spec` describes (the inverse of `expert_spec`), with fresh parameters."""
+    if spec.get("kind") != "ffn":
+        raise ConfigError(f"unknown expert kind {spec.get('kind')!r}")
+    return FFN(int(spec["d_model"]), int(spec["d_ff"]), str(spec.get("activation", "gelu")))

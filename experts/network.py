@@ -4,7 +4,8 @@
   bandwidth). Workers apply it as real delays before replying; `LocalPool` applies it in virtual time
   through `VirtualNetwork` (deterministic, no sleeping), so a fault experiment means the same thing
   in either transport.
-- `FaultPolicy`: timeouts, `k_min`, straggler cut-off, output bound and back-off, as documented values.
+- `FaultPolicy`: timeouts, `k_min`, straggler cut-off, output bound and back-off, as documented values;
+  the transport configs inherit it, so a transport config is its own policy.
 - `Round`: the acceptance rule of one forward round (who answered, when to stop waiting), driven by
   real time in `RemotePool` and by virtual arrival times in `VirtualNetwork`.
 - `FailureMemory`: exponential back-off, so an expert that keeps failing is not asked every step.
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from experts.errors import ConfigError
+from router.seeds import derive_seed
+from router.typed_config import plain, typed_config
 
 DISTRIBUTIONS = ("constant", "normal", "lognormal", "exponential")
 
@@ -34,7 +37,7 @@ class LinkSpec:
     jitter_ms: float = 0.0  # spread: std for normal/lognormal; ignored by constant and exponential
     distribution: str = "constant"  # constant | normal (clipped at 0) | lognormal | exponential
     drop_prob: float = 0.0  # probability that a reply never arrives
-    bandwidth_mbps: float = 0.0  # megabytes per second; 0 means unlimited
+    bandwidth_mbps: float = 0.0  # megabytes (MB) per second; 0 means unlimited
 
     def __post_init__(self):
         if self.distribution not in DISTRIBUTIONS:
@@ -58,22 +61,17 @@ class NetworkConfig:
 
     default: LinkSpec = field(default_factory=LinkSpec)
     experts: Any = None  # {expert index: {field: value}}; Any so Hydra overrides can add keys
-    seed: int = 0
+    seed: int = 0  # mixed with the run's seed into every link's draws
 
 
 def link_for(cfg: NetworkConfig | None, expert: int) -> LinkSpec:
     """The link of `expert`: the default with that expert's overrides; unknown keys fail loudly."""
     if cfg is None:
         return LinkSpec()
-    base = asdict(cfg.default) if is_dataclass(cfg.default) else dict(cfg.default)
     overrides = cfg.experts or {}
-    override = dict(overrides.get(expert, None) or overrides.get(str(expert), None) or {})
-    unknown = set(override) - set(base)
-    if unknown:
-        raise ConfigError(
-            f"transport.network.experts.{expert}: unknown keys {sorted(unknown)}; valid: {sorted(base)}"
-        )
-    return LinkSpec(**{**base, **override})
+    override = overrides.get(expert, None) or overrides.get(str(expert), None) or {}
+    link = {**plain(cfg.default), **plain(override)}
+    return typed_config(LinkSpec, link, f"transport.network.experts.{expert}")
 
 
 def network_is_ideal(cfg: NetworkConfig | None) -> bool:
@@ -83,12 +81,17 @@ def network_is_ideal(cfg: NetworkConfig | None) -> bool:
     return all(link_for(cfg, int(e)).is_ideal for e in [0, *(cfg.experts or {})])
 
 
+def link_seed(run_seed: int, network: NetworkConfig | None, layer: str, expert: int) -> int:
+    """The seed of one expert's link in one layer: the same in `VirtualNetwork` and in a worker."""
+    return derive_seed(run_seed, "link", network.seed if network is not None else 0, layer, expert)
+
+
 class Link:
     """Samples what the link does to one call; seeded per (layer, expert) so runs repeat exactly."""
 
-    def __init__(self, spec: LinkSpec, seed: str):
+    def __init__(self, spec: LinkSpec, seed: int):
         self.spec = spec
-        self.rng = random.Random(seed)
+        self.rng = random.Random(seed)  # `seed` comes from `link_seed`
 
     def one_way_s(self) -> float:
         spec, mean = self.spec, self.spec.latency_ms / 1e3
@@ -116,22 +119,21 @@ class Link:
 class FaultPolicy:
     """What a pool tolerates from its experts. Times are seconds, back-off is counted in rounds.
 
-    forward_timeout: the longest a forward round waits for any expert.
-    backward_timeout: the longest a backward round waits for input gradients.
-    k_min: answers each token needs before the straggler cut-off starts (fewer when fewer of its
-        experts are still being asked); 0 starts the cut-off at once.
-    straggler_cutoff: once every token has k_min answers, wait this much longer for the rest, then
-        mark those that did not answer as stragglers (failed for this call).
-    max_output_norm: outputs whose per-token L2 norm exceeds this are rejected; 0 disables the bound.
-    backoff_base / backoff_max: after n consecutive failures an expert is not asked for
-        min(backoff_base * 2**(n-1), backoff_max) rounds; backoff_base=0 disables the memory.
+    Transport configs inherit these fields (`transport.k_min=2`), so they mean the same in
+    `transport=local` (virtual time) and `transport=process` (real time).
     """
 
-    forward_timeout: float = 10.0
-    backward_timeout: float = 10.0
+    forward_timeout: float = 10.0  # the longest a forward round waits for any expert
+    backward_timeout: float = 10.0  # the longest a backward round waits for input gradients
+    # answers each token needs before the straggler cut-off starts (fewer when fewer of its experts
+    # are still being asked); 0 starts the cut-off at once
     k_min: int = 1
+    # once every token has k_min answers, wait this much longer for the rest, then mark those that did
+    # not answer as stragglers (failed for this call)
     straggler_cutoff: float = 1.0
-    max_output_norm: float = 1e4
+    max_output_norm: float = 1e4  # reject outputs whose per-token L2 norm is larger; 0 disables the bound
+    # after n consecutive failures an expert is not asked for min(backoff_base * 2**(n-1), backoff_max)
+    # rounds (calls); backoff_base=0 disables the memory
     backoff_base: int = 1
     backoff_max: int = 64
 
@@ -140,19 +142,6 @@ class FaultPolicy:
             raise ConfigError(f"k_min={self.k_min} must be >= 0")
         if min(self.forward_timeout, self.backward_timeout, self.straggler_cutoff) < 0:
             raise ConfigError("forward_timeout, backward_timeout and straggler_cutoff must be >= 0")
-
-
-def fault_policy(cfg) -> FaultPolicy:
-    """The `FaultPolicy` of a transport config (its fault fields have the same names)."""
-    return FaultPolicy(
-        forward_timeout=cfg.forward_timeout,
-        backward_timeout=cfg.backward_timeout,
-        k_min=cfg.k_min,
-        straggler_cutoff=cfg.straggler_cutoff,
-        max_output_norm=cfg.max_output_norm,
-        backoff_base=cfg.backoff_base,
-        backoff_max=cfg.backoff_max,
-    )
 
 
 class Round:
@@ -256,10 +245,11 @@ class VirtualNetwork:
         policy: FaultPolicy,
         num_experts: int,
         layer: str = "layer",
-        link_seed: str = "0",
+        seed: int = 0,
     ):
+        """`seed` is the run's; each link draws from `link_seed(seed, cfg, layer, expert)`."""
         self.policy = policy
-        self.links = [Link(link_for(cfg, e), f"{link_seed}/{layer}/{e}") for e in range(num_experts)]
+        self.links = [Link(link_for(cfg, e), link_seed(seed, cfg, layer, e)) for e in range(num_experts)]
         self.memory = FailureMemory(num_experts, policy.backoff_base, policy.backoff_max)
         self.round_no = 0
         self.clock_s = 0.0

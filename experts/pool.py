@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from experts.behaviours import HONEST, Behaviour, ExpertFailure, answer_call
+from experts.owner import ExpertOwner, OptimizerSettings, step_owners
 from router.plan import DispatchPlan
 
 
@@ -92,12 +93,6 @@ class ExpertPool(ABC):
         self.behaviours, self.behaviour_seed, self.layer_name = dict(behaviours), seed, layer
 
 
-def make_optimizer(expert: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    # fused: one kernel for every parameter instead of a dozen passes each; 3.7x faster on CPU for a
-    # 512x2048 expert (benchmarks/transport.py), where the owner's step is a third of its work
-    return torch.optim.AdamW(expert.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
-
-
 def expected_dtypes(x_aD: torch.Tensor) -> set[torch.dtype]:
     """An expert answers in its input's dtype, or in the autocast dtype when autocast is on."""
     device = x_aD.device.type
@@ -155,8 +150,8 @@ class LocalPool(ExpertPool):
         it fails do not compute, as their remote answer would not have arrived."""
         self.experts = nn.ModuleList(experts).to(device)
         self.num_experts = len(experts)
-        self.grad_clip = grad_clip
-        self.optimizers = [make_optimizer(e, lr, weight_decay) for e in self.experts]
+        settings = OptimizerSettings(lr=lr, weight_decay=weight_decay, grad_clip=grad_clip)
+        self.owners = [ExpertOwner(expert, settings) for expert in self.experts]
         self.network = network
         self.max_output_norm = max_output_norm
         self.last_failures: dict[int, str] = {}
@@ -204,14 +199,10 @@ class LocalPool(ExpertPool):
             return x_aD.new_zeros(x_aD.shape)
 
     def step(self, training_step: int) -> None:
-        for e, (expert, optimizer) in enumerate(zip(self.experts, self.optimizers, strict=True)):
-            if not self.behaviours.get(e, HONEST).learns_at(training_step):
-                optimizer.zero_grad(set_to_none=True)  # a stale owner stopped learning
-                continue
-            if self.grad_clip > 0:
-                nn.utils.clip_grad_norm_(expert.parameters(), self.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        learns = [self.behaviours.get(e, HONEST).learns_at(training_step) for e in range(self.num_experts)]
+        for e, report in enumerate(step_owners(self.owners, learns)):
+            if report.skipped:  # counted as a worker's STEPPED ack is; the next call replaces last_failures
+                self.failure_counts[(e, f"step: {report.skipped}")] += 1
 
     @property
     def network_clock_s(self) -> float:
@@ -224,13 +215,11 @@ class LocalPool(ExpertPool):
         self.experts.train(mode)
 
     def state_dict(self) -> dict:
-        return {
-            "experts": [e.state_dict() for e in self.experts],
-            "optimizers": [o.state_dict() for o in self.optimizers],
-        }
+        """Parameters and optimizer state per expert, in the layout `RemotePool` shares."""
+        states = [owner.state_dict() for owner in self.owners]
+        return {"experts": [s["module"] for s in states], "optimizers": [s["optimizer"] for s in states]}
 
     def load_state_dict(self, state: dict) -> None:
-        for expert, expert_state in zip(self.experts, state["experts"], strict=True):
-            expert.load_state_dict(expert_state)
-        for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
-            optimizer.load_state_dict(optimizer_state)
+        pairs = zip(self.owners, state["experts"], state["optimizers"], strict=True)
+        for owner, module_state, optimizer_state in pairs:
+            owner.load_state_dict({"module": module_state, "optimizer": optimizer_state})

@@ -16,8 +16,9 @@ from torch import nn
 
 from experts.errors import ConfigError
 from experts.modules import ExpertsConfig
-from experts.network import NetworkConfig, VirtualNetwork, fault_policy, network_is_ideal
+from experts.network import FaultPolicy, NetworkConfig, VirtualNetwork, network_is_ideal
 from experts.pool import ExpertPool, LocalPool
+from router.typed_config import typed_config
 
 
 @dataclass
@@ -26,19 +27,12 @@ class TransportConfig:
 
 
 @dataclass
-class LocalTransportConfig(TransportConfig):
-    """Experts in this process. The fault semantics (`experts.network.FaultPolicy`) are shared with
-    `transport=process`; here they act on the simulated `network`, in virtual time. The default, an
-    ideal network, skips the simulation altogether."""
+class LocalTransportConfig(FaultPolicy, TransportConfig):
+    """Experts in this process. The config is its own `FaultPolicy` (the fields it inherits), shared
+    with `transport=process`; here the policy acts on the simulated `network`, in virtual time. The
+    default, an ideal network, skips the simulation altogether."""
 
-    forward_timeout: float = 10.0  # seconds a forward call waits for any expert
-    backward_timeout: float = 10.0  # seconds a backward call waits for input gradients
-    k_min: int = 1  # answers per token before the straggler cut-off starts
-    straggler_cutoff: float = 1.0  # seconds to wait for the rest once every token has k_min answers
-    max_output_norm: float = 1e4  # reject outputs whose per-token L2 norm is larger; 0 disables
-    backoff_base: int = 1  # calls an expert sits out after its first consecutive failure (doubles)
-    backoff_max: int = 64  # most calls an expert sits out; 0 base disables the back-off
-    network: NetworkConfig = field(default_factory=NetworkConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)  # simulated links per expert
 
 
 class Transport:
@@ -52,7 +46,7 @@ class Transport:
 
 
 class LocalTransport(Transport):
-    def __init__(self, cfg: TransportConfig, *, device: torch.device, run_dir: Path | None, seed: int):
+    def __init__(self, cfg: LocalTransportConfig, *, device: torch.device, run_dir: Path | None, seed: int):
         self.cfg, self.device, self.seed = cfg, device, seed
 
     def make_pool(self, layer: str, experts: list[nn.Module], experts_cfg: ExpertsConfig) -> ExpertPool:
@@ -63,15 +57,13 @@ class LocalTransport(Transport):
             grad_clip=experts_cfg.grad_clip,
             device=self.device,
             network=self.virtual_network(layer, len(experts)),
-            max_output_norm=getattr(self.cfg, "max_output_norm", 0.0),
+            max_output_norm=self.cfg.max_output_norm,
         )
 
     def virtual_network(self, layer: str, num_experts: int) -> VirtualNetwork | None:
-        network = getattr(self.cfg, "network", None)
-        if network_is_ideal(network):
+        if network_is_ideal(self.cfg.network):
             return None
-        link_seed = f"{self.seed}/{network.seed}"
-        return VirtualNetwork(network, fault_policy(self.cfg), num_experts, layer=layer, link_seed=link_seed)
+        return VirtualNetwork(self.cfg.network, self.cfg, num_experts, layer=layer, seed=self.seed)
 
 
 TransportFactory = Callable[..., Transport]
@@ -80,7 +72,7 @@ _TRANSPORTS: dict[str, tuple[type[TransportConfig], TransportFactory]] = {
 }
 
 
-BUILTIN_TRANSPORT_MODULES = ("experts.remote.client",)  # each registers its transports when imported
+BUILTIN_TRANSPORT_MODULES = ("experts.remote.spawn",)  # each registers its transports when imported
 
 
 def _import_builtin_transports() -> None:
@@ -98,9 +90,11 @@ def transport_configs() -> dict[str, type[TransportConfig]]:
 
 
 def open_transport(cfg, *, device: torch.device, run_dir: Path | None, seed: int) -> Transport:
+    """The transport `cfg.name` names, given its config as its typed dataclass."""
     _import_builtin_transports()
     if cfg.name not in _TRANSPORTS:
         raise ConfigError(
             f"unknown transport '{cfg.name}'; valid transports: {', '.join(sorted(_TRANSPORTS))}"
         )
-    return _TRANSPORTS[cfg.name][1](cfg, device=device, run_dir=run_dir, seed=seed)
+    config_cls, factory = _TRANSPORTS[cfg.name]
+    return factory(typed_config(config_cls, cfg, "transport"), device=device, run_dir=run_dir, seed=seed)

@@ -1,434 +1,40 @@
-"""`transport=process`: experts live in worker processes ("miners") that own them; the trainer keeps
-only the trunk and the routers. Importing this module registers the transport as "process".
+"""The trainer's pool of remote experts: `RemotePool` sends one request per expert per call, with
+every token routed to it, all in flight at once through the `Coordinator`, and applies the
+`FaultPolicy` (timeouts, k_min, straggler cut-off, output validation, back-off).
 
-Trainer side:
-- `Coordinator`: the ROUTER socket workers connect to (`ipc://` or `tcp://`), the registry of live
-  workers (HELLO, heartbeats, process exits), where each expert lives, and re-hosting on rejoin.
-- `RemotePool`: an `ExpertPool` that sends one request per expert per call with every token routed
-  to it, all in flight at once, and applies the `FaultPolicy` (timeouts, k_min, straggler cut-off,
-  output validation, back-off). Autograd runs through the call (`RemoteExpertsCall`): backward sends
-  each expert its slice of grad_out and receives grad_in; the worker kept its forward graph. While
-  the pool is inside `only_input_gradients()` (PoI's extra backwards), BACKWARD says `input_only`: the
-  worker returns grad_in only, keeping its forward and its parameter gradients as they were.
-- `ProcessTransport`: spawns `workers` local workers, makes a pool per MoE layer, tears all down.
-
-Threading: none of our own. The coordinator runs in the trainer's thread and reads its socket only
-inside pool calls; ZeroMQ's I/O thread queues whatever arrives in between. A worker counts as dead
-when its process exited, its connection is gone, or nothing came from it for
-`heartbeat_interval * heartbeat_misses` seconds; it is alive again when it speaks (or re-registers).
+Autograd runs through the call (`RemoteExpertsCall`): backward sends each expert its slice of
+grad_out and receives grad_in; the worker kept its forward graph. While the pool is inside
+`only_input_gradients()` (PoI's extra backwards), BACKWARD says `input_only`: the worker returns
+grad_in only, keeping its forward and its parameter gradients as they were.
 
 Legend: A assignments sorted by expert, a rows of one expert, D model width, E experts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-import uuid
-import weakref
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
-import zmq
 from torch import nn
 
 from experts.behaviours import HONEST
-from experts.errors import ConfigError, WireError
-from experts.modules import FFN, ExpertsConfig
-from experts.network import (
-    FailureMemory,
-    FaultPolicy,
-    NetworkConfig,
-    Round,
-    fault_policy,
-    link_for,
-    network_is_ideal,
-)
-from experts.pool import ExpertPool, PoolOutput, all_finite, invalid_outputs, make_optimizer
-from experts.remote.wire import (
-    Kind,
-    Message,
-    WireLimits,
-    decode,
-    encode,
-    expert_state_from,
-    expert_state_message,
-    named_message,
-)
-from experts.transport import LocalTransportConfig, Transport, register_transport
+from experts.modules import ExpertsConfig, build_expert, expert_spec
+from experts.network import FailureMemory, FaultPolicy, NetworkConfig, Round, link_for, link_seed
+from experts.owner import ExpertOwner, OptimizerSettings
+from experts.pool import ExpertPool, PoolOutput, all_finite, invalid_outputs
+from experts.remote.coordinator import Coordinator, Key
+from experts.remote.wire import Kind, Message, expert_state_from, expert_state_message, named_message
 from router.plan import DispatchPlan
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-LIVENESS_TICK_S = 0.05  # longest wait on the socket before checking whether a worker died
-SHUTDOWN_LINGER_MS = 500  # how long closing may wait to deliver SHUTDOWN to the workers
-
 
 @dataclass
-class ProcessTransportConfig(LocalTransportConfig):
-    """Workers and addresses of `transport=process`; the fault semantics and the simulated network
-    come from `LocalTransportConfig` (see `FaultPolicy`) and mean the same in both transports."""
-
-    name: str = "process"
-    workers: int = 2  # worker processes the trainer spawns on this machine
-    external_workers: int = 0  # workers started by hand (python -m experts.worker) to wait for
-    address: str = "ipc"  # ipc (one host) | tcp (across hosts)
-    host: str = "127.0.0.1"  # tcp: interface to bind; 0.0.0.0 accepts workers from other hosts
-    port: int = 0  # tcp: port to bind; 0 picks a free one (logged)
-    threads: int = 1  # torch intra-op threads per worker
-    devices: list[str] | None = None  # device per spawned worker; None: cuda:i round-robin, else cpu
-    max_grad_norm: float = 1e4  # workers reject grad_out with a larger L2 norm; 0 disables
-    heartbeat_interval: float = 1.0  # seconds between worker heartbeats
-    heartbeat_misses: int = 5  # silent intervals before a worker counts as dead
-    register_timeout: float = 60.0  # seconds to wait for workers to start and register
-    request_timeout: float = 60.0  # seconds for hosting, state and checkpoint requests
-    cache_size: int = 256  # forward graphs a worker keeps for backward (oldest evicted)
-    max_frame_mb: float = 1024.0  # largest tensor frame either side accepts
-    checkpoint_every: int = 0  # workers checkpoint themselves every N steps; 0: at trainer checkpoints
-
-
-def expert_spec(module: nn.Module, index: int) -> dict:
-    """What a worker needs to build the same module (its parameters come separately)."""
-    if type(module) is not FFN:
-        raise ConfigError(f"transport=process hosts FFN experts; expert {index} is a {type(module).__name__}")
-    return {
-        "kind": "ffn",
-        "d_model": module.w_in.in_features,
-        "d_ff": module.w_out.in_features,
-        "activation": module.activation,
-    }
-
-
-# --- coordinator -------------------------------------------------------------------------------------
-
-
-REQUEST_OF = {
-    Kind.OUTPUT: Kind.FORWARD,
-    Kind.GRAD_INPUT: Kind.BACKWARD,
-    Kind.HOSTED: Kind.HOST,
-    Kind.STATE: Kind.GET_STATE,
-    Kind.LOADED: Kind.LOAD_STATE,
-    Kind.CHECKPOINTED: Kind.CHECKPOINT,
-    Kind.ECHOED: Kind.ECHO,
-}
-
-
-def answers(message: Message, reply_kind: Kind) -> bool:
-    """Whether `message` is the reply, or the ERROR, to a request answered by `reply_kind`."""
-    if message.kind == Kind.ERROR:
-        return message.meta.get("request") in (None, REQUEST_OF[reply_kind].name)
-    return message.kind == reply_kind
-
-
-@dataclass
-class WorkerRecord:
-    name: str
-    identity: bytes | None = None
-    process: subprocess.Popen | None = None
-    pid: int | None = None
-    device: str = "?"
-    last_seen: float = 0.0
-    alive: bool = False
-    exited: bool = False
-    dirty: bool = False  # its experts changed since its last checkpoint
-    stats: dict = field(default_factory=dict)
-
-
-Key = tuple[int, int, int]  # (step or call, layer, expert)
-
-
-class Coordinator:
-    """The registry of workers and the one socket the trainer talks to them through."""
-
-    def __init__(self, cfg: ProcessTransportConfig, run_dir: Path | None):
-        self.cfg = cfg
-        self.run_dir = run_dir
-        self.heartbeat_timeout = cfg.heartbeat_interval * cfg.heartbeat_misses
-        self.limits = WireLimits(max_tensor_bytes=int(cfg.max_frame_mb * 2**20))
-        self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker fails at once
-        self.socket.setsockopt(zmq.SNDHWM, 64)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_tensor_bytes + 4096)
-        self.address, self.connect_address, self.ipc_path = self._bind(cfg)
-        self.workers: dict[str, WorkerRecord] = {}
-        self.names_by_identity: dict[bytes, str] = {}
-        self.pools: dict[int, RemotePool] = {}
-        self.rejected: Counter = Counter()  # malformed frames received, by first word of the reason
-        self.stray: Counter = Counter()  # replies nobody waits for any more (late, duplicate, foreign)
-        self.request_ids = itertools.count(1)
-        log.info("coordinator listening on %s", self.address)
-
-    def _bind(self, cfg) -> tuple[str, str, Path | None]:
-        if cfg.address == "ipc":
-            path = Path(tempfile.gettempdir()) / f"poimoe-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
-            address = f"ipc://{path}"
-            self.socket.bind(address)
-            return address, address, path
-        if cfg.address == "tcp":
-            if cfg.port:
-                self.socket.bind(f"tcp://{cfg.host}:{cfg.port}")
-                port = cfg.port
-            else:
-                port = self.socket.bind_to_random_port(f"tcp://{cfg.host}")
-            local_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "*") else cfg.host
-            return f"tcp://{cfg.host}:{port}", f"tcp://{local_host}:{port}", None
-        raise ConfigError(f"transport.address={cfg.address!r}; valid: ipc, tcp")
-
-    # --- sending and receiving ---------------------------------------------------------------------
-
-    def send(self, name: str, message: Message) -> bool:
-        """Queue `message` for worker `name`; False (and the worker marked dead if gone) when it cannot."""
-        record = self.workers.get(name)
-        if record is None or not record.alive or record.identity is None:
-            return False
-        try:
-            self.socket.send_multipart([record.identity, *encode(message)], copy=False, flags=zmq.NOBLOCK)
-        except zmq.Again:  # its queue is full: it has stopped reading
-            return False
-        except zmq.ZMQError as err:
-            if err.errno == zmq.EHOSTUNREACH:
-                self.mark_dead(record, "disconnected")
-                return False
-            raise
-        if message.kind in (Kind.STEP, Kind.LOAD_STATE, Kind.HOST):
-            record.dirty = True
-        return True
-
-    def receive(self, timeout_s: float) -> list[tuple[str, Message]]:
-        """Replies that arrived within `timeout_s`; registrations, heartbeats and malformed frames are
-        handled here and not returned."""
-        replies = []
-        if not self.socket.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN):
-            return replies
-        while True:
-            try:
-                parts = self.socket.recv_multipart(copy=False, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return replies
-            envelope = self._accept(parts)
-            if envelope is not None:
-                replies.append(envelope)
-
-    def drain(self) -> None:
-        for name, message in self.receive(0):
-            self.handle_stray(name, message)
-
-    def _accept(self, parts: list) -> tuple[str, Message] | None:
-        identity = parts[0].bytes
-        try:
-            message = decode(parts[1:], self.limits)
-        except WireError as err:
-            self.rejected[str(err).split(" ")[0]] += 1
-            log.warning("rejected frame from %r: %s", identity[:16], err)
-            return None
-        if message.kind == Kind.HELLO:
-            self.register(identity, message.meta)
-            return None
-        name = self.names_by_identity.get(identity)
-        if name is None:  # a worker registered with an earlier coordinator: ask it to register here
-            self._send_raw(identity, Message(Kind.REGISTER_AGAIN))
-            return None
-        record = self.workers[name]
-        record.last_seen = time.monotonic()
-        if not record.alive and not record.exited:
-            log.info("worker %s is responsive again", name)
-            record.alive = True
-        if message.kind == Kind.HEARTBEAT:
-            record.stats = message.meta
-            return None
-        return name, message
-
-    def _send_raw(self, identity: bytes, message: Message) -> None:
-        with contextlib.suppress(zmq.ZMQError):
-            self.socket.send_multipart([identity, *encode(message)], copy=False, flags=zmq.NOBLOCK)
-
-    def collect(
-        self,
-        pending: dict[Key, str],
-        reply_kind: Kind,
-        until: Callable[[], float],
-        on_reply: Callable[[Key, Message], None],
-        on_fail: Callable[[Key, str], None],
-    ) -> None:
-        """Read until every key in `pending` is answered or failed, or `until()` passes. A reply counts
-        only from the worker the request went to; ERROR replies and dead workers go to `on_fail`."""
-        while pending:
-            now = time.monotonic()
-            if now >= until():
-                return
-            for name, message in self.receive(min(until() - now, LIVENESS_TICK_S)):
-                key = (message.step, message.layer, message.expert)
-                if pending.get(key) != name or not answers(message, reply_kind):
-                    self.handle_stray(name, message)
-                    continue
-                del pending[key]
-                if message.kind == Kind.ERROR:
-                    reason = str(message.meta.get("reason", "?"))
-                    on_fail(key, reason if reason.startswith("behaviour:") else f"error: {reason}")
-                else:
-                    on_reply(key, message)
-            # judged only after reading: heartbeats queued while the trainer was busy count as heard
-            for key, name in list(pending.items()):
-                if not self.is_alive(name):
-                    del pending[key]
-                    on_fail(key, "dead")
-
-    def request(
-        self, requests: dict[Key, tuple[str, Message]], reply_kind: Kind, timeout: float | None = None
-    ) -> dict[Key, Message | str]:
-        """Send each request, wait for all replies; a key maps to its reply or to why it failed."""
-        results: dict[Key, Message | str] = {}
-        pending = {}
-        for key, (name, message) in requests.items():
-            if self.send(name, message):
-                pending[key] = name
-            else:
-                results[key] = "unreachable"
-        deadline = time.monotonic() + (self.cfg.request_timeout if timeout is None else timeout)
-        self.collect(pending, reply_kind, lambda: deadline, results.__setitem__, results.__setitem__)
-        results.update(dict.fromkeys(pending, "timeout"))
-        return results
-
-    def handle_stray(self, name: str, message: Message) -> None:
-        """Asynchronous acks go to their pool; anything else is late or unexpected and only counted."""
-        pool = self.pools.get(message.layer)
-        if pool is not None and message.kind in (Kind.STEPPED, Kind.HOSTED):
-            pool.on_ack(name, message)
-            return
-        self.stray[message.kind.name] += 1
-        if message.kind == Kind.ERROR:
-            log.warning("worker %s: %s", name, message.meta.get("reason"))
-
-    # --- registry ----------------------------------------------------------------------------------
-
-    def expect(self, name: str, process: subprocess.Popen | None) -> None:
-        self.workers[name] = WorkerRecord(name=name, process=process, pid=process.pid if process else None)
-
-    def register(self, identity: bytes, meta: dict) -> None:
-        name = str(meta.get("name", ""))[:128]
-        if not name:
-            self.rejected["hello"] += 1
-            return
-        record = self.workers.get(name)
-        rejoining = record is not None and record.identity is not None and record.identity != identity
-        if record is None:
-            record = self.workers[name] = WorkerRecord(name=name)
-        if rejoining:
-            self.names_by_identity.pop(record.identity, None)
-            if record.process is not None and record.process.pid != meta.get("pid"):
-                record.process = None  # restarted by someone else: no longer ours to watch
-        record.identity, record.pid, record.device = identity, meta.get("pid"), str(meta.get("device", "?"))
-        record.alive, record.exited, record.last_seen = True, False, time.monotonic()
-        self.names_by_identity[identity] = name
-        welcome = {
-            "heartbeat_interval": self.cfg.heartbeat_interval,
-            "cache_size": self.cfg.cache_size,
-            "max_grad_norm": self.cfg.max_grad_norm,
-            "checkpoint_dir": str(self.run_dir / "workers" / name) if self.run_dir is not None else None,
-        }
-        self.send(name, Message(Kind.WELCOME, meta=welcome))
-        log.info(
-            "worker %s %s (pid %s, %s)",
-            name,
-            "rejoined" if rejoining else "registered",
-            record.pid,
-            record.device,
-        )
-        if rejoining:
-            for pool in self.pools.values():
-                pool.rehost_on(name)
-
-    def is_alive(self, name: str) -> bool:
-        """Whether `name` is registered, running and heard from lately. Call it after reading the
-        socket (`drain`, `receive`): silence is judged by what has been read, not what is queued."""
-        record = self.workers.get(name)
-        if record is None or not record.alive:
-            return False
-        if record.process is not None and record.process.poll() is not None:
-            self.mark_dead(record, f"exited with code {record.process.returncode}", exited=True)
-            return False
-        if time.monotonic() - record.last_seen > self.heartbeat_timeout:
-            self.mark_dead(record, f"silent for more than {self.heartbeat_timeout:.1f}s")
-            return False
-        return True
-
-    def mark_dead(self, record: WorkerRecord, why: str, exited: bool = False) -> None:
-        if record.alive:
-            log.warning("worker %s is dead: %s", record.name, why)
-        record.alive = False
-        record.exited = record.exited or exited
-
-    def registered_names(self) -> list[str]:
-        return [name for name, record in self.workers.items() if record.identity is not None]
-
-    def wait_for_workers(self, names: list[str], extra: int, timeout: float) -> None:
-        """Block until the named workers and `extra` others have registered; fail fast if one exits."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.drain()
-            missing = [n for n in names if self.workers[n].identity is None]
-            others = len([n for n in self.registered_names() if n not in names])
-            if not missing and others >= extra:
-                return
-            for name in missing:
-                process = self.workers[name].process
-                if process is not None and process.poll() is not None:
-                    raise RuntimeError(
-                        f"worker {name} exited with code {process.returncode} before registering"
-                    )
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"workers did not register within {timeout:.0f}s: missing {missing}, "
-                    f"{others}/{extra} external; start them with python -m experts.worker --coordinator {self.address}"
-                )
-            self.socket.poll(int(LIVENESS_TICK_S * 1000), zmq.POLLIN)
-
-    def checkpoint_workers(self, names: list[str], wait: bool) -> None:
-        """Ask workers whose experts changed to write their own checkpoint."""
-        self.drain()
-        requests = {}
-        for name in names:
-            record = self.workers.get(name)
-            if record is not None and record.dirty and self.is_alive(name):
-                key = (next(self.request_ids), 0, 0)
-                requests[key] = (name, Message(Kind.CHECKPOINT, key[0]))
-                record.dirty = False
-        if not wait:
-            for name, message in requests.values():
-                self.send(name, message)
-            return
-        for key, result in self.request(requests, Kind.CHECKPOINTED).items():
-            if isinstance(result, str):
-                log.warning("worker %s did not checkpoint: %s", requests[key][0], result)
-
-    def close(self) -> None:
-        for name, record in self.workers.items():
-            if record.alive:
-                self.send(name, Message(Kind.SHUTDOWN))
-        self.socket.close(linger=SHUTDOWN_LINGER_MS)  # let the SHUTDOWNs out, but never wait long
-        self.context.term()
-        if self.ipc_path is not None:
-            self.ipc_path.unlink(missing_ok=True)
-
-
-# --- the pool ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Call:
+class PendingCall:
     """One forward call, remembered for its backward."""
 
     id: int
@@ -469,28 +75,25 @@ class RemotePool(ExpertPool):
         layer_name: str,
         experts: list[nn.Module],
         experts_cfg: ExpertsConfig,
-        owners: list[str],
+        hosts: list[str],  # the worker that hosts (owns) each expert
         policy: FaultPolicy,
         *,
         network: NetworkConfig | None = None,
-        link_seed: str = "0",
+        seed: int = 0,
         checkpoint_every: int = 0,
     ):
+        """`seed` is the run's: the links of the simulated `network` draw from it (`link_seed`)."""
         self.coordinator = coordinator
         self.layer = len(coordinator.pools)
         self.layer_name = layer_name
         self.num_experts = len(experts)
-        self.owners = owners
+        self.hosts = hosts
         self.policy = policy
-        self.optim = {
-            "lr": experts_cfg.lr,
-            "weight_decay": experts_cfg.weight_decay,
-            "grad_clip": experts_cfg.grad_clip,
-        }
+        self.optim = OptimizerSettings(experts_cfg.lr, experts_cfg.weight_decay, experts_cfg.grad_clip)
         self.specs = [expert_spec(module, e) for e, module in enumerate(experts)]
         self.initial = [{k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for m in experts]
         self.links = [link_for(network, e) for e in range(self.num_experts)]
-        self.link_seed = link_seed
+        self.link_seeds = [link_seed(seed, network, layer_name, e) for e in range(self.num_experts)]
         self.checkpoint_every = checkpoint_every
         self.memory = FailureMemory(self.num_experts, policy.backoff_base, policy.backoff_max)
         self.calls = itertools.count(1)
@@ -509,36 +112,30 @@ class RemotePool(ExpertPool):
         meta = {
             "layer_name": self.layer_name,
             "spec": self.specs[expert],
-            "optim": self.optim,
+            "optim": asdict(self.optim),
             "link": asdict(self.links[expert]),
-            "link_seed": self.link_seed,
+            "link_seed": self.link_seeds[expert],
             "restore": restore,
         }
-        return named_message(
-            Kind.HOST,
-            self.initial[expert],
-            meta=meta,
-            step=next(self.coordinator.request_ids),
-            layer=self.layer,
-            expert=expert,
-        )
+        key = {"step": next(self.coordinator.request_ids), "layer": self.layer, "expert": expert}
+        return named_message(Kind.HOST, self.initial[expert], meta=meta, **key)
 
     def host_all(self) -> None:
         requests = {}
         for e in range(self.num_experts):
             message = self.host_message(e, restore=False)
-            requests[(message.step, self.layer, e)] = (self.owners[e], message)
+            requests[(message.step, self.layer, e)] = (self.hosts[e], message)
         for (_, _, e), result in self.coordinator.request(requests, Kind.HOSTED).items():
             if isinstance(result, str):
                 self.record_failures({e: f"host: {result}"})
                 log.warning(
-                    "expert %s/%d could not be hosted on %s: %s", self.layer_name, e, self.owners[e], result
+                    "expert %s/%d could not be hosted on %s: %s", self.layer_name, e, self.hosts[e], result
                 )
 
     def rehost_on(self, worker: str) -> None:
         """A worker rejoined: send it its experts again; it restores them from its own checkpoint."""
-        for e, owner in enumerate(self.owners):
-            if owner == worker:
+        for e, host in enumerate(self.hosts):
+            if host == worker:
                 self.coordinator.send(worker, self.host_message(e, restore=True))
                 self.memory.succeeded(e)
 
@@ -546,13 +143,8 @@ class RemotePool(ExpertPool):
         if message.kind == Kind.STEPPED and message.meta.get("skipped"):
             self.record_failures({message.expert: f"step: {message.meta['skipped']}"}, replace=False)
         elif message.kind == Kind.HOSTED:
-            log.info(
-                "expert %s/%d back on %s (restored from its checkpoint: %s)",
-                self.layer_name,
-                message.expert,
-                worker,
-                message.meta.get("restored"),
-            )
+            log.info("expert %s/%d back on %s (restored from its checkpoint: %s)",
+                     self.layer_name, message.expert, worker, message.meta.get("restored"))  # fmt: skip
 
     def record_failures(self, failures: dict[int, str], replace: bool = True) -> None:
         if replace:
@@ -571,8 +163,8 @@ class RemotePool(ExpertPool):
         return PoolOutput(y_AD, answered_E)
 
     def forward_call(self, x_AD: torch.Tensor, plan: DispatchPlan, step: int, *, keep: bool, grad_input: bool):
-        """One round: every expert with tokens gets its slice; returns (y_AD, answered_E, Call)."""
-        call = Call(next(self.calls), plan.split_sizes(), [], grad_input)
+        """One round: every expert with tokens gets its slice; returns (y_AD, answered_E, PendingCall)."""
+        call = PendingCall(next(self.calls), plan.split_sizes(), [], grad_input)
         self.rounds += 1
         self.coordinator.drain()
         failures = self.unavailable(call.sizes)
@@ -581,15 +173,10 @@ class RemotePool(ExpertPool):
         round_ = Round(plan.token_idx, call.sizes, asked, plan.num_tokens, self.policy, time.monotonic())
         pending, outputs = {}, {}
         for e in asked:
-            meta = {
-                "keep": keep,
-                "grad_input": grad_input,
-                "step": step,
-                **self.behaviour_meta(e),
-            }
+            meta = {"keep": keep, "grad_input": grad_input, "step": step, **self.behaviour_meta(e)}
             message = Message(Kind.FORWARD, call.id, self.layer, e, meta=meta, tensors=[x_slices[e]])
-            if self.coordinator.send(self.owners[e], message):
-                pending[(call.id, self.layer, e)] = self.owners[e]
+            if self.coordinator.send(self.hosts[e], message):
+                pending[(call.id, self.layer, e)] = self.hosts[e]
             else:
                 failures[e] = "unreachable"
                 round_.fail(e, time.monotonic())
@@ -613,9 +200,7 @@ class RemotePool(ExpertPool):
         self.remember(asked, failures)
         self.record_failures(failures)
         call.answered = sorted(outputs)
-        y_AD = torch.cat(
-            [outputs.get(e, x_slice.new_zeros(x_slice.shape)) for e, x_slice in enumerate(x_slices)]
-        )
+        y_AD = torch.cat([outputs.get(e, x_aD.new_zeros(x_aD.shape)) for e, x_aD in enumerate(x_slices)])
         answered_E = torch.ones(self.num_experts, dtype=torch.bool)
         answered_E[list(failures)] = False
         return y_AD.to(x_AD.device, x_AD.dtype), answered_E.to(x_AD.device), call
@@ -631,7 +216,7 @@ class RemotePool(ExpertPool):
         for e, size in enumerate(sizes):
             if not size:
                 continue
-            if not self.coordinator.is_alive(self.owners[e]):
+            if not self.coordinator.is_alive(self.hosts[e]):
                 failures[e] = "dead"
             elif self.memory.skipping(e, self.rounds):
                 failures[e] = "backoff"
@@ -644,7 +229,7 @@ class RemotePool(ExpertPool):
             else:
                 self.memory.succeeded(e)
 
-    def backward_call(self, call: Call, grad_y_AD: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    def backward_call(self, call: PendingCall, grad_y_AD: torch.Tensor, device: torch.device, dtype: torch.dtype):
         """Send each expert that answered its grad_out slice; returns grad_x_AD (zeros where none came).
 
         Inside `only_input_gradients()` (read now, as backward runs) the owners only return input
@@ -662,8 +247,8 @@ class RemotePool(ExpertPool):
         meta = {"input_only": True} if input_only else {}
         for e in call.answered:
             message = Message(Kind.BACKWARD, call.id, self.layer, e, meta=meta, tensors=[grad_slices[e]])
-            if self.coordinator.send(self.owners[e], message):
-                pending[(call.id, self.layer, e)] = self.owners[e]
+            if self.coordinator.send(self.hosts[e], message):
+                pending[(call.id, self.layer, e)] = self.hosts[e]
             else:
                 failures[e] = "backward: unreachable"
 
@@ -701,11 +286,11 @@ class RemotePool(ExpertPool):
         """Every owner clips, steps and zeroes its expert; acks come back asynchronously."""
         self.steps += 1
         self.coordinator.drain()
-        for e, owner in enumerate(self.owners):
-            if self.coordinator.is_alive(owner):
+        for e, host in enumerate(self.hosts):
+            if self.coordinator.is_alive(host):
                 learns = self.behaviours.get(e, HONEST).learns_at(training_step)
                 meta = {"zero_missing_grads": e in self.touched, "learns": learns}
-                self.coordinator.send(owner, Message(Kind.STEP, self.steps, self.layer, e, meta=meta))
+                self.coordinator.send(host, Message(Kind.STEP, self.steps, self.layer, e, meta=meta))
         self.touched.clear()
         if self.checkpoint_every and self.steps % self.checkpoint_every == 0 and self.is_last_layer():
             self.coordinator.checkpoint_workers(sorted(set(self.coordinator.registered_names())), wait=False)
@@ -719,21 +304,17 @@ class RemotePool(ExpertPool):
         layout (checkpoints move between transports). An unreachable expert contributes its last
         fetched state, or its initial one. Owners also write their own checkpoints."""
         requests = {}
-        for e, owner in enumerate(self.owners):
+        for e, host in enumerate(self.hosts):
             key = (next(self.coordinator.request_ids), self.layer, e)
-            requests[key] = (owner, Message(Kind.GET_STATE, *key))
+            requests[key] = (host, Message(Kind.GET_STATE, *key))
         for (_, _, e), result in self.coordinator.request(requests, Kind.STATE).items():
             if isinstance(result, str):
-                log.warning(
-                    "state of expert %s/%d unavailable (%s); checkpointing its last known state",
-                    self.layer_name,
-                    e,
-                    result,
-                )
+                log.warning("state of expert %s/%d unavailable (%s); checkpointing its last known state",
+                            self.layer_name, e, result)  # fmt: skip
                 continue
             params, optimizer_state = expert_state_from(result)
             self.known_state[e] = ({k: v.clone() for k, v in params.items()}, optimizer_state)
-        self.coordinator.checkpoint_workers(sorted(set(self.owners)), wait=True)
+        self.coordinator.checkpoint_workers(sorted(set(self.hosts)), wait=True)
         experts, optimizers = [], []
         for e in range(self.num_experts):
             params, optimizer_state = self.known_state[e] or self.fresh_state(e)
@@ -742,161 +323,26 @@ class RemotePool(ExpertPool):
         return {"experts": experts, "optimizers": optimizers}
 
     def fresh_state(self, expert: int) -> tuple[dict, dict]:
-        module = FFN(
-            self.specs[expert]["d_model"], self.specs[expert]["d_ff"], self.specs[expert]["activation"]
-        )
+        """An expert's initial parameters and the state of a fresh optimizer for them."""
+        module = build_expert(self.specs[expert])
         module.load_state_dict(self.initial[expert])
-        optimizer = make_optimizer(module, self.optim["lr"], self.optim["weight_decay"])
-        return dict(self.initial[expert]), optimizer.state_dict()
+        return dict(self.initial[expert]), ExpertOwner(module, self.optim).optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         requests = {}
-        for e, (params, optimizer_state) in enumerate(
-            zip(state["experts"], state["optimizers"], strict=True)
-        ):
+        pairs = zip(state["experts"], state["optimizers"], strict=True)
+        for e, (params, optimizer_state) in enumerate(pairs):
             key = (next(self.coordinator.request_ids), self.layer, e)
             message = expert_state_message(
                 Kind.LOAD_STATE, params, optimizer_state, step=key[0], layer=self.layer, expert=e
             )
-            requests[key] = (self.owners[e], message)
+            requests[key] = (self.hosts[e], message)
             self.known_state[e] = (dict(params), optimizer_state)
         for (_, _, e), result in self.coordinator.request(requests, Kind.LOADED).items():
             if isinstance(result, str):
                 log.warning("expert %s/%d did not load its state: %s", self.layer_name, e, result)
 
     def train(self, mode: bool = True) -> None:
-        for owner in sorted(set(self.owners)):
-            self.coordinator.send(owner, Message(Kind.TRAIN_MODE, layer=self.layer, meta={"mode": mode}))
+        for host in sorted(set(self.hosts)):
+            self.coordinator.send(host, Message(Kind.TRAIN_MODE, layer=self.layer, meta={"mode": mode}))
 
-
-# --- the transport -----------------------------------------------------------------------------------
-
-
-def worker_devices(cfg: ProcessTransportConfig) -> list[str]:
-    """One device per spawned worker: as configured, else cuda:i round-robin, else the CPU."""
-    if cfg.devices:
-        return [cfg.devices[i % len(cfg.devices)] for i in range(cfg.workers)]
-    if torch.cuda.is_available():
-        return [f"cuda:{i % torch.cuda.device_count()}" for i in range(cfg.workers)]
-    return ["cpu"] * cfg.workers
-
-
-def spawn_worker(name: str, address: str, device: str, cfg: ProcessTransportConfig, log_dir: Path | None):
-    """`python -m experts.worker` as a child that exits when this process dies."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(cfg.threads)
-    command = [
-        sys.executable,
-        "-m",
-        "experts.remote.worker",
-        "--coordinator",
-        address,
-        "--name",
-        name,
-        "--device",
-        device,
-        "--threads",
-        str(cfg.threads),
-        "--parent-pid",
-        str(os.getpid()),
-        "--max-frame-mb",
-        str(cfg.max_frame_mb),
-        "--log-level",
-        logging.getLevelName(log.getEffectiveLevel()),
-    ]
-    output = None
-    if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        output = open(log_dir / "worker.log", "ab")  # noqa: SIM115 (the child holds it)
-    try:
-        return subprocess.Popen(
-            command,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT if output else None,
-            stdin=subprocess.DEVNULL,
-        )
-    finally:
-        if output is not None:
-            output.close()
-
-
-def stop_processes(processes: list[subprocess.Popen], grace_s: float = 2.0) -> None:
-    """Wait `grace_s` for workers told to shut down, then SIGTERM (after SIGCONT), then SIGKILL."""
-    deadline = time.monotonic() + grace_s
-    for process in processes:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-    for sig in (signal.SIGCONT, signal.SIGTERM, signal.SIGKILL):
-        alive = [p for p in processes if p.poll() is None]
-        for process in alive:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(sig)
-        for process in alive:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=1.0)
-
-
-class ProcessTransport(Transport):
-    """Spawns the workers, makes a `RemotePool` per MoE layer on them, and tears everything down."""
-
-    def __init__(self, cfg: ProcessTransportConfig, *, device: torch.device, run_dir: Path | None, seed: int):
-        if cfg.workers + cfg.external_workers < 1:
-            raise ConfigError("transport.workers + transport.external_workers must be at least 1")
-        self.cfg, self.run_dir, self.seed = cfg, Path(run_dir) if run_dir is not None else None, seed
-        self.policy = fault_policy(cfg)
-        network_is_ideal(cfg.network)  # fails now, not after the workers started, on a bad link spec
-        self.processes: list[subprocess.Popen] = []
-        self._finalizer = weakref.finalize(self, stop_processes, self.processes, 0.0)
-        self.coordinator = Coordinator(cfg, self.run_dir)
-        self.closed = False
-        self.next_slot = 0
-        try:
-            names = self.spawn_workers()
-            self.coordinator.wait_for_workers(names, cfg.external_workers, cfg.register_timeout)
-        except BaseException:
-            self.close()
-            raise
-
-    def spawn_workers(self) -> list[str]:
-        names = []
-        for i, device in enumerate(worker_devices(self.cfg)):
-            name = f"w{i}"
-            log_dir = self.run_dir / "workers" / name if self.run_dir is not None else None
-            process = spawn_worker(name, self.coordinator.connect_address, device, self.cfg, log_dir)
-            self.processes.append(process)
-            self.coordinator.expect(name, process)
-            names.append(name)
-        return names
-
-    def make_pool(self, layer: str, experts: list[nn.Module], experts_cfg: ExpertsConfig) -> RemotePool:
-        """Experts go to workers round-robin, continuing across layers."""
-        workers = self.coordinator.registered_names()
-        owners = [workers[(self.next_slot + e) % len(workers)] for e in range(len(experts))]
-        self.next_slot += len(experts)
-        return RemotePool(
-            self.coordinator,
-            layer,
-            experts,
-            experts_cfg,
-            owners,
-            self.policy,
-            network=self.cfg.network,
-            link_seed=f"{self.seed}/{self.cfg.network.seed}",
-            checkpoint_every=self.cfg.checkpoint_every,
-        )
-
-    @property
-    def address(self) -> str:
-        return self.coordinator.address
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.coordinator.close()
-        stop_processes(self.processes)
-
-
-register_transport("process", ProcessTransportConfig, ProcessTransport)

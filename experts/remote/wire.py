@@ -7,8 +7,9 @@ dtype, shape and byte length, then its raw bytes. Every header carries a checksu
 its payload, so a truncated, garbled, oversized or unknown frame raises `WireError` when decoded and
 is counted by the receiver, which then carries on: nothing received from a peer is ever unpickled.
 
-Parameters and optimizer state cross the wire (and go to worker checkpoint files) as named tensors:
-their names are listed in `meta["names"]`, their non-tensor parts (param groups) as JSON.
+Parameters and optimizer state cross the wire as named tensors: their names are listed in
+`meta["names"]`, their non-tensor parts (param groups) as JSON. Workers write the same named tensors
+to their checkpoint files (`experts.remote.checkpoint`, safetensors).
 
 Legend: none: tensors here have any shape.
 """
@@ -16,16 +17,14 @@ Legend: none: tensors here have any shape.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
-from pathlib import Path
 
 import torch
 
-from experts.errors import CheckpointError, WireError
+from experts.errors import WireError
 
 try:  # xxh3 checksums ~50 GB/s, crc32 ~4 GB/s; receivers accept both, the header says which
     import xxhash
@@ -101,6 +100,16 @@ class WireLimits:
     max_tensor_bytes: int = 1 << 30
     max_meta_bytes: int = 1 << 20
     max_tensors: int = 4096
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What WELCOME tells a worker (the meta of that message); a worker uses the defaults until then."""
+
+    heartbeat_interval: float = 1.0  # seconds between heartbeats
+    cache_size: int = 256  # forward graphs kept for backward (oldest evicted)
+    max_grad_norm: float = 1e4  # grad_out with a larger L2 norm is rejected; 0 disables
+    checkpoint_dir: str | None = None  # where the worker writes its own checkpoint; None: nowhere
 
 
 @dataclass
@@ -352,50 +361,3 @@ def expert_state_from(message: Message) -> tuple[dict[str, torch.Tensor], dict]:
         else:
             raise WireError(f"unexpected state tensor name {name!r}")
     return params, optimizer_state_from_named(optim, message.meta.get("param_groups", []))
-
-
-# --- files of messages (worker checkpoints) ----------------------------------------------------------
-
-FILE_MAGIC = b"PMOEFILE"
-
-
-def save_messages(path: Path, messages: list[Message]) -> None:
-    """Write messages to `path` atomically: length-prefixed frames, the same bytes as on the wire."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as out:
-        out.write(FILE_MAGIC + struct.pack("<I", len(messages)))
-        for message in messages:
-            frames = encode(message)
-            out.write(struct.pack("<I", len(frames)))
-            for frame in frames:
-                out.write(struct.pack("<Q", len(frame)))
-                out.write(frame)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-
-
-def load_messages(path: Path, limits: WireLimits = WireLimits()) -> list[Message]:
-    """Read a file written by `save_messages`; raises CheckpointError naming the path if it is corrupt."""
-    path = Path(path)
-    try:
-        data = memoryview(path.read_bytes())
-        if bytes(data[:8]) != FILE_MAGIC:
-            raise WireError("not a poimoe message file")
-        (count,), offset = struct.unpack_from("<I", data, 8), 12
-        messages = []
-        for _ in range(count):
-            (num_frames,), offset = struct.unpack_from("<I", data, offset), offset + 4
-            frames = []
-            for _ in range(num_frames):
-                (size,), offset = struct.unpack_from("<Q", data, offset), offset + 8
-                if offset + size > len(data):
-                    raise WireError("file is truncated")
-                frames.append(data[offset : offset + size])
-                offset += size
-            messages.append(decode(frames, limits))
-        return messages
-    except (OSError, struct.error, WireError) as err:
-        raise CheckpointError(f"worker checkpoint {path} is unreadable: {err}") from None

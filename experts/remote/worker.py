@@ -6,7 +6,9 @@ forward and backward over the wire, steps its own optimizers and checkpoints its
 starts one by hand, on this host or another; the trainer spawns its local workers with the same
 command. A worker registers with the coordinator (HELLO → WELCOME); the coordinator then ships it
 the experts it should host (HOST). A worker that restarts under the same `--name` registers again,
-is sent its experts again and restores them from its own last checkpoint (`<run_dir>/workers/<name>/`).
+is sent its experts again and restores them from its own last checkpoint
+(`<run_dir>/workers/<name>/experts.safetensors`, see `experts.remote.checkpoint`). Each hosted expert
+is an `ExpertOwner`, the same module + optimizer + step as in `LocalPool`.
 
 One thread: a loop polls the coordinator socket, answers requests in arrival order, sends replies
 the simulated network has delayed once they are due, heartbeats, and exits when its parent (the
@@ -29,42 +31,34 @@ import signal
 import socket
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import zmq
-from torch import nn
 
-from experts.behaviours import (
-    HONEST,
-    Behaviour,
-    Call,
-    ExpertFailure,
-    call_generator,
-    parse_behaviour,
-    run_expert,
-)
+from experts.behaviours import HONEST, Behaviour, ExpertFailure, answer_call, parse_behaviour
 from experts.errors import ConfigError, WireError
-from experts.modules import FFN
+from experts.modules import FFN, build_expert
 from experts.network import Link, LinkSpec
-from experts.pool import make_optimizer
+from experts.owner import ExpertOwner, OptimizerSettings
+from experts.remote.checkpoint import load_messages, save_messages
 from experts.remote.wire import (
     Kind,
     Message,
     WireLimits,
+    WorkerSettings,
     decode,
     encode,
     expert_state_from,
     expert_state_message,
-    load_messages,
-    save_messages,
     unpack_header,
 )
+from router.typed_config import typed_config
 
 log = logging.getLogger("experts.remote.worker")
 
-CHECKPOINT_FILE = "experts.pmoe"
+CHECKPOINT_FILE = "experts.safetensors"
 HELLO_RETRY_S = 1.0
 LOOP_TICK_S = 0.25  # longest sleep between parent checks and heartbeats
 
@@ -73,50 +67,25 @@ class RequestError(Exception):
     """A well-formed request this worker cannot serve; answered with ERROR, never fatal."""
 
 
-def build_expert(spec: dict) -> nn.Module:
-    """The expert module a HOST spec describes (the trainer's `expert_spec` is the inverse)."""
-    if spec.get("kind") != "ffn":
-        raise RequestError(f"unknown expert kind {spec.get('kind')!r}")
-    return FFN(int(spec["d_model"]), int(spec["d_ff"]), str(spec.get("activation", "gelu")))
-
-
 @dataclass
 class HostedExpert:
     layer_name: str
-    spec: dict
-    module: nn.Module
-    optimizer: torch.optim.Optimizer
-    grad_clip: float
+    spec: dict  # what `experts.modules.build_expert` builds it from
+    owner: ExpertOwner
     link: Link
-    steps: int = 0
-
-
-@dataclass
-class Settings:
-    """What the coordinator tells a worker in WELCOME (with safe defaults until then)."""
-
-    heartbeat_interval: float = 1.0
-    cache_size: int = 256
-    max_grad_norm: float = 1e4
-    checkpoint_dir: str | None = None
 
 
 class Worker:
+    """One miner process: the loop (socket, registration, heartbeats, delayed replies) and its handlers."""
+
     def __init__(
-        self,
-        coordinator: str,
-        *,
-        name: str,
-        device: str,
-        threads: int,
-        parent_pid: int | None = None,
-        checkpoint_dir: str | None = None,
-        max_frame_mb: float = 1024,
-    ):
+        self, coordinator: str, *, name: str, device: str, threads: int, parent_pid: int | None = None,
+        checkpoint_dir: str | None = None, max_frame_mb: float = 1024,
+    ):  # fmt: skip
         self.name, self.device, self.threads = name, torch.device(device), threads
         self.parent_pid = parent_pid
         self.fixed_checkpoint_dir = checkpoint_dir
-        self.settings = Settings(checkpoint_dir=checkpoint_dir)
+        self.settings = WorkerSettings(checkpoint_dir=checkpoint_dir)
         self.limits = WireLimits(max_tensor_bytes=int(max_frame_mb * 2**20))
         self.experts: dict[tuple[int, int], HostedExpert] = {}
         self.cache: OrderedDict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -134,19 +103,12 @@ class Worker:
         self.last_hello = -math.inf
         self.last_heartbeat = time.monotonic()
         self.handlers = {
-            Kind.WELCOME: self.on_welcome,
-            Kind.HOST: self.on_host,
-            Kind.FORWARD: self.on_forward,
-            Kind.BACKWARD: self.on_backward,
-            Kind.STEP: self.on_step,
-            Kind.GET_STATE: self.on_get_state,
-            Kind.LOAD_STATE: self.on_load_state,
-            Kind.CHECKPOINT: self.on_checkpoint,
-            Kind.ECHO: self.on_echo,
-            Kind.TRAIN_MODE: self.on_train_mode,
-            Kind.SHUTDOWN: self.on_shutdown,
-            Kind.REGISTER_AGAIN: self.on_register_again,
-        }
+            Kind.WELCOME: self.on_welcome, Kind.REGISTER_AGAIN: self.on_register_again,
+            Kind.HOST: self.on_host, Kind.FORWARD: self.on_forward, Kind.BACKWARD: self.on_backward,
+            Kind.STEP: self.on_step, Kind.GET_STATE: self.on_get_state, Kind.LOAD_STATE: self.on_load_state,
+            Kind.CHECKPOINT: self.on_checkpoint, Kind.ECHO: self.on_echo,
+            Kind.TRAIN_MODE: self.on_train_mode, Kind.SHUTDOWN: self.on_shutdown,
+        }  # fmt: skip
 
     # --- loop ------------------------------------------------------------------------------------
 
@@ -196,16 +158,18 @@ class Worker:
             self.reply_error(message, f"behaviour: {failure}")
         except Exception as err:  # a bad request must never take the worker down
             self.errors += 1
-            log.warning(
-                "%s for layer %d expert %d failed: %s", message.kind.name, message.layer, message.expert, err
-            )
-            self.reply_error(
-                message, str(err) if isinstance(err, RequestError) else f"{type(err).__name__}: {err}"
-            )
+            log.warning("%s for layer %d expert %d failed: %s",
+                        message.kind.name, message.layer, message.expert, err)  # fmt: skip
+            reason = str(err) if isinstance(err, RequestError) else f"{type(err).__name__}: {err}"
+            self.reply_error(message, reason)
 
     def reply_error(self, message: Message, reason: str) -> None:
-        meta = {"reason": reason[:500], "request": message.kind.name}
-        self.reply(Message(Kind.ERROR, message.step, message.layer, message.expert, meta=meta))
+        self.reply_to(message, Kind.ERROR, meta={"reason": reason[:500], "request": message.kind.name})
+
+    def reply_to(self, request: Message, kind: Kind, *, meta=None, tensors=(), delay: float | None = 0.0):
+        """Reply `kind` to `request`, addressed as it was (call, layer, expert)."""
+        reply = Message(kind, request.step, request.layer, request.expert, meta or {}, list(tensors))
+        self.reply(reply, delay)
 
     def send(self, frames: list) -> None:
         try:
@@ -236,26 +200,16 @@ class Worker:
             self.last_heartbeat = now
 
     def send_hello(self) -> None:
-        meta = {
-            "name": self.name,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "device": str(self.device),
-            "threads": self.threads,
-        }
+        meta = {"name": self.name, "pid": os.getpid(), "host": socket.gethostname(),
+                "device": str(self.device), "threads": self.threads}  # fmt: skip
         self.send(encode(Message(Kind.HELLO, meta=meta)))
         self.last_hello = time.monotonic()
 
     # --- registration and hosting ------------------------------------------------------------------
 
     def on_welcome(self, message: Message) -> None:
-        meta = message.meta
-        self.settings = Settings(
-            heartbeat_interval=float(meta.get("heartbeat_interval", 1.0)),
-            cache_size=int(meta.get("cache_size", 256)),
-            max_grad_norm=float(meta.get("max_grad_norm", 1e4)),
-            checkpoint_dir=self.fixed_checkpoint_dir or meta.get("checkpoint_dir"),
-        )
+        settings = typed_config(WorkerSettings, message.meta, "welcome")
+        self.settings = replace(settings, checkpoint_dir=self.fixed_checkpoint_dir or settings.checkpoint_dir)
         self.registered = True
         log.info("registered with the coordinator; checkpoints in %s", self.settings.checkpoint_dir)
 
@@ -267,41 +221,32 @@ class Worker:
         meta = message.meta
         module = build_expert(meta["spec"]).to(self.device)
         module.load_state_dict(message.named(), strict=True)
-        optim = meta["optim"]
         hosted = HostedExpert(
             layer_name=str(meta["layer_name"]),
             spec=meta["spec"],
-            module=module,
-            optimizer=make_optimizer(module, float(optim["lr"]), float(optim["weight_decay"])),
-            grad_clip=float(optim["grad_clip"]),
-            link=Link(
-                LinkSpec(**meta.get("link", {})),
-                f"{meta.get('link_seed', 0)}/{meta['layer_name']}/{message.expert}",
-            ),
+            owner=ExpertOwner(module, typed_config(OptimizerSettings, meta["optim"], "optim")),
+            link=Link(typed_config(LinkSpec, meta.get("link", {}), "link"), int(meta.get("link_seed", 0))),
         )
         restored = bool(meta.get("restore")) and self.restore(hosted, message.expert)
         self.experts[(message.layer, message.expert)] = hosted
-        self.reply(
-            Message(Kind.HOSTED, message.step, message.layer, message.expert, meta={"restored": restored})
-        )
+        self.reply_to(message, Kind.HOSTED, meta={"restored": restored})
 
     def restore(self, hosted: HostedExpert, expert: int) -> bool:
         """Load `hosted` from this worker's own last checkpoint, if it has one for that expert."""
         path = self.checkpoint_path()
         if path is None or not path.exists():
             return False
-        for saved in load_messages(path, self.limits):
-            if saved.meta.get("layer_name") == hosted.layer_name and saved.expert == expert:
-                if saved.meta.get("spec") != hosted.spec:
-                    log.warning(
-                        "checkpoint of %s/%d has another shape; starting fresh", hosted.layer_name, expert
-                    )
-                    return False
-                self.load_state(hosted, saved)
-                hosted.steps = int(saved.meta.get("steps", 0))
-                log.info("restored %s/%d from %s (step %d)", hosted.layer_name, expert, path, hosted.steps)
-                return True
-        return False
+        mine = (hosted.layer_name, expert)
+        saved = [m for m in load_messages(path) if (m.meta.get("layer_name"), m.expert) == mine]
+        if not saved:
+            return False
+        if saved[0].meta.get("spec") != hosted.spec:
+            log.warning("checkpoint of %s/%d has another shape; starting fresh", hosted.layer_name, expert)
+            return False
+        self.load_state(hosted, saved[0])
+        hosted.owner.steps = int(saved[0].meta.get("steps", 0))
+        log.info("restored %s/%d from %s (step %d)", hosted.layer_name, expert, path, hosted.owner.steps)
+        return True
 
     def checkpoint_path(self) -> Path | None:
         folder = self.settings.checkpoint_dir
@@ -330,23 +275,21 @@ class Worker:
             y_aD = self.answer(hosted, behaviour, x_aD, message)
         if keep:
             self.cache_put((message.step, message.layer, message.expert), x_aD, y_aD)
-        delay = hosted.link.sample(x_aD.numel() * x_aD.element_size(), y_aD.numel() * y_aD.element_size())
+        delay = hosted.link.sample(nbytes(x_aD), nbytes(y_aD))
         if delay is not None:
             delay += behaviour.latency_ms / 1e3
-        self.reply(
-            Message(Kind.OUTPUT, message.step, message.layer, message.expert, tensors=[y_aD.detach()]), delay
-        )
+        self.reply_to(message, Kind.OUTPUT, tensors=[y_aD.detach()], delay=delay)
 
     def answer(self, hosted: HostedExpert, behaviour: Behaviour, x_aD: torch.Tensor, message: Message):
         """The expert's output under the behaviour the simulation gives this miner (honest by default)."""
         if behaviour == HONEST:
-            return hosted.module(x_aD)
-        step = int(message.meta.get("step", 0))
-        generator = call_generator(int(message.meta.get("seed", 0)), hosted.layer_name, step, message.expert)
+            return hosted.owner.module(x_aD)
         peer = None
         if behaviour.kind == "copycat" and (message.layer, int(behaviour.arg)) in self.experts:
-            peer = lambda j, x_jD: self.experts[(message.layer, j)].module(x_jD)  # only experts hosted here
-        return run_expert(hosted.module, behaviour, x_aD, Call(step, message.expert, generator, peer))
+            peer = lambda j, x_jD: self.experts[(message.layer, j)].owner.module(x_jD)  # hosted here only
+        seed, step = int(message.meta.get("seed", 0)), int(message.meta.get("step", 0))
+        return answer_call(hosted.owner.module, behaviour, x_aD, seed=seed, layer=hosted.layer_name,
+                           step=step, expert_idx=message.expert, peer=peer)  # fmt: skip
 
     def cache_put(self, key: tuple[int, int, int], x_aD: torch.Tensor, y_aD: torch.Tensor) -> None:
         self.cache[key] = (x_aD, y_aD)
@@ -372,12 +315,8 @@ class Worker:
             tensors = []
             if x_aD.requires_grad:
                 tensors = [x_aD.grad if x_aD.grad is not None else torch.zeros_like(x_aD)]
-        delay = hosted.link.sample(
-            grad_y_aD.numel() * grad_y_aD.element_size(), sum(t.numel() * t.element_size() for t in tensors)
-        )
-        self.reply(
-            Message(Kind.GRAD_INPUT, message.step, message.layer, message.expert, tensors=tensors), delay
-        )
+        delay = hosted.link.sample(nbytes(grad_y_aD), sum(map(nbytes, tensors)))
+        self.reply_to(message, Kind.GRAD_INPUT, tensors=tensors, delay=delay)
 
     @staticmethod
     def input_gradient(x_aD: torch.Tensor, y_aD: torch.Tensor, grad_y_aD: torch.Tensor) -> torch.Tensor:
@@ -400,33 +339,14 @@ class Worker:
             raise RequestError(f"gradient norm {norm:.3g} above max_grad_norm rejected")
 
     def on_step(self, message: Message) -> None:
-        """The owner's step, as `LocalPool.step`: clip, step, zero; a non-finite gradient skips it."""
-        hosted = self.expert_of(message)
-        if not message.meta.get("learns", True):  # a stale miner has stopped stepping
-            hosted.optimizer.zero_grad(set_to_none=True)
-            self.reply(
-                Message(Kind.STEPPED, message.step, message.layer, message.expert, meta={"skipped": None})
-            )
-            return
-        if message.meta.get("zero_missing_grads"):  # called with no tokens: in-process it gets zeros
-            for param in hosted.module.parameters():
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-        params = [p for p in hosted.module.parameters() if p.grad is not None]
-        skipped, norm = None, 0.0
-        if params:
-            if hosted.grad_clip > 0:
-                norm = float(nn.utils.clip_grad_norm_(hosted.module.parameters(), hosted.grad_clip))
-            else:
-                norm = float(nn.utils.get_total_norm([p.grad for p in params]))
-            if not math.isfinite(norm):
-                skipped = "non-finite gradient"
-        if skipped is None:
-            hosted.optimizer.step()
-            hosted.steps += 1
-        hosted.optimizer.zero_grad(set_to_none=True)
-        meta = {"skipped": skipped, "grad_norm": norm if math.isfinite(norm) else None, "steps": hosted.steps}
-        self.reply(Message(Kind.STEPPED, message.step, message.layer, message.expert, meta=meta))
+        """The owner's step, as in `LocalPool`: clip, step, zero; a non-finite gradient skips it."""
+        owner = self.expert_of(message).owner
+        report = owner.step(
+            learns=bool(message.meta.get("learns", True)),  # a stale miner has stopped stepping
+            zero_missing_grads=bool(message.meta.get("zero_missing_grads")),  # called with no tokens
+        )
+        meta = {"skipped": report.skipped, "grad_norm": report.grad_norm, "steps": owner.steps}
+        self.reply_to(message, Kind.STEPPED, meta=meta)
 
     def single_tensor(self, message: Message) -> torch.Tensor:
         if len(message.tensors) != 1:
@@ -439,54 +359,39 @@ class Worker:
         hosted = self.expert_of(message)
         self.reply(self.state_message(Kind.STATE, message.layer, message.expert, hosted, step=message.step))
 
-    def state_message(
-        self, kind: Kind, layer: int, expert: int, hosted: HostedExpert, step: int = 0
-    ) -> Message:
-        params = {k: v.detach().cpu() for k, v in hosted.module.state_dict().items()}
-        meta = {"layer_name": hosted.layer_name, "spec": hosted.spec, "steps": hosted.steps}
-        return expert_state_message(
-            kind, params, hosted.optimizer.state_dict(), meta=meta, step=step, layer=layer, expert=expert
-        )
+    def state_message(self, kind: Kind, layer: int, expert: int, hosted: HostedExpert, step: int = 0) -> Message:
+        """Parameters, optimizer state, and what `restore` checks (layer name, spec, steps)."""
+        state = hosted.owner.state_dict()
+        params = {k: v.detach().cpu() for k, v in state["module"].items()}
+        meta = {"layer_name": hosted.layer_name, "spec": hosted.spec, "steps": hosted.owner.steps}
+        address = {"step": step, "layer": layer, "expert": expert}
+        return expert_state_message(kind, params, state["optimizer"], meta=meta, **address)
 
     def on_load_state(self, message: Message) -> None:
         self.load_state(self.expert_of(message), message)
-        self.reply(Message(Kind.LOADED, message.step, message.layer, message.expert))
+        self.reply_to(message, Kind.LOADED)
 
     def load_state(self, hosted: HostedExpert, message: Message) -> None:
         params, optimizer_state = expert_state_from(message)
-        hosted.module.load_state_dict({k: v.to(self.device) for k, v in params.items()}, strict=True)
-        hosted.optimizer.load_state_dict(optimizer_state)
+        hosted.owner.load_state_dict({"module": params, "optimizer": optimizer_state})
 
     def on_checkpoint(self, message: Message) -> None:
         path = self.checkpoint_path()
-        if path is None:  # a run without a run dir keeps no checkpoints
-            self.reply(Message(Kind.CHECKPOINTED, message.step, meta={"path": None, "experts": 0}))
-            return
-        saved = [
-            self.state_message(Kind.STATE, layer, expert, hosted)
-            for (layer, expert), hosted in self.experts.items()
-        ]
-        save_messages(path, saved)
-        self.reply(Message(Kind.CHECKPOINTED, message.step, meta={"path": str(path), "experts": len(saved)}))
+        if path is not None:  # a run without a run dir keeps no checkpoints
+            states = [self.state_message(Kind.STATE, *at, hosted) for at, hosted in self.experts.items()]
+            save_messages(path, states)
+        meta = {"path": str(path) if path else None, "experts": len(self.experts) if path else 0}
+        self.reply(Message(Kind.CHECKPOINTED, message.step, meta=meta))
 
     # --- control -----------------------------------------------------------------------------------
 
     def on_echo(self, message: Message) -> None:
-        self.reply(
-            Message(
-                Kind.ECHOED,
-                message.step,
-                message.layer,
-                message.expert,
-                meta=message.meta,
-                tensors=message.tensors,
-            )
-        )
+        self.reply_to(message, Kind.ECHOED, meta=message.meta, tensors=message.tensors)
 
     def on_train_mode(self, message: Message) -> None:
         for (layer, _), hosted in self.experts.items():
             if layer == message.layer:
-                hosted.module.train(bool(message.meta.get("mode", True)))
+                hosted.owner.module.train(bool(message.meta.get("mode", True)))
 
     def on_shutdown(self, message: Message) -> None:
         self.running = False
@@ -503,14 +408,16 @@ def behaviour_of(meta: dict) -> Behaviour:
         raise RequestError(str(err)) from None
 
 
+def nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def warm_up(device: torch.device) -> None:
     """Pay one-off costs (the optimizer's first use imports torch._dynamo: seconds) before registering,
     so a worker serving its first request is never silent long enough to look dead."""
-    module = FFN(4, 4).to(device)
-    optimizer = make_optimizer(module, lr=1e-3, weight_decay=0.0)
-    module(torch.zeros(2, 4, device=device)).sum().backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    owner = ExpertOwner(FFN(4, 4).to(device))
+    owner.module(torch.zeros(2, 4, device=device)).sum().backward()
+    owner.step()
 
 
 def _address_of(parts: list) -> tuple[int, int, int]:
@@ -525,20 +432,15 @@ def _address_of(parts: list) -> tuple[int, int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experts.worker", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--coordinator", required=True, help="tcp://HOST:PORT or ipc://PATH of the trainer")
-    parser.add_argument(
-        "--name", default=None, help="stable worker name; reuse it to rejoin (default host-pid)"
-    )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda:i")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument(
-        "--checkpoint-dir", default=None, help="own checkpoint folder (default: given by the trainer)"
-    )
-    parser.add_argument(
-        "--parent-pid", type=int, default=None, help="exit when this process is no longer the parent"
-    )
-    parser.add_argument("--max-frame-mb", type=float, default=1024.0, help="largest tensor frame accepted")
-    parser.add_argument("--log-level", default="INFO")
+    add = parser.add_argument
+    add("--coordinator", required=True, help="tcp://HOST:PORT or ipc://PATH of the trainer")
+    add("--name", default=None, help="stable worker name; reuse it to rejoin (default host-pid)")
+    add("--device", default="cpu", help="cpu or cuda:i")
+    add("--threads", type=int, default=1, help="torch intra-op threads")
+    add("--checkpoint-dir", default=None, help="own checkpoint folder (default: given by the trainer)")
+    add("--parent-pid", type=int, default=None, help="exit when this process is no longer the parent")
+    add("--max-frame-mb", type=float, default=1024.0, help="largest tensor frame accepted")
+    add("--log-level", default="INFO")
     return parser.parse_args(argv)
 
 
@@ -552,14 +454,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(args.device))
     worker = Worker(
-        args.coordinator,
-        name=name,
-        device=args.device,
-        threads=args.threads,
-        parent_pid=args.parent_pid,
-        checkpoint_dir=args.checkpoint_dir,
-        max_frame_mb=args.max_frame_mb,
-    )
+        args.coordinator, name=name, device=args.device, threads=args.threads, parent_pid=args.parent_pid,
+        checkpoint_dir=args.checkpoint_dir, max_frame_mb=args.max_frame_mb,
+    )  # fmt: skip
     try:
         worker.run()
     except KeyboardInterrupt:

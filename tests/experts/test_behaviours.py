@@ -15,9 +15,9 @@ from experts.behaviours import (
     HONEST,
     VALID_SPECS,
     Behaviour,
-    Call,
+    CallContext,
     ExpertFailure,
-    call_generator,
+    answer_call,
     parse_behaviour,
     parse_behaviours,
     run_expert,
@@ -27,6 +27,7 @@ from experts.pool import LocalPool
 from moe.errors import ConfigError
 from moe.nn.layer import combine
 from router.plan import build_plan
+from router.seeds import torch_generator
 
 D = 8
 
@@ -37,8 +38,8 @@ def expert() -> FFN:
     return FFN(D, 16)
 
 
-def call(step: int = 0, expert: int = 0, peer=None, seed: int = 0) -> Call:
-    return Call(step, expert, call_generator(seed, "layer0", step, expert), peer)
+def call(step: int = 0, expert: int = 0, peer=None, seed: int = 0) -> CallContext:
+    return CallContext(step, expert, torch_generator(seed, "behaviour", "layer0", step, expert), peer)
 
 
 def inputs(rows: int = 5) -> torch.Tensor:
@@ -204,13 +205,19 @@ def test_crash_fails_from_its_step_on():
     assert [_fails("crash:3", step) for step in range(6)] == [False, False, False, True, True, True]
 
 
-def test_call_draws_are_stable_across_processes():
-    """Workers and LocalPool must draw the same numbers: seeds come from a hash, not Python's `hash`."""
-    first = torch.rand(3, generator=call_generator(0, "layer1", 12, 4))
-    again = torch.rand(3, generator=call_generator(0, "layer1", 12, 4))
-    other = torch.rand(3, generator=call_generator(0, "layer1", 12, 5))
-    assert torch.equal(first, again)
-    assert not torch.equal(first, other)
+def test_call_draws_depend_only_on_seed_layer_step_and_expert(expert):
+    """Workers and LocalPool must draw the same numbers: `answer_call` seeds each call from
+    (seed, layer, step, expert) through `router.seeds`, never from Python's salted `hash`."""
+    noisy, x_aD = parse_behaviour("noisy:0.5"), inputs()
+
+    def answer(seed=0, layer="layer1", step=12, expert_idx=4):
+        with torch.no_grad():
+            return answer_call(expert, noisy, x_aD, seed=seed, layer=layer, step=step, expert_idx=expert_idx)
+
+    first = answer()
+    assert torch.equal(first, answer())
+    for changed in ({"seed": 1}, {"layer": "layer2"}, {"step": 13}, {"expert_idx": 5}):
+        assert not torch.equal(first, answer(**changed)), changed
 
 
 # ---------------------------------------------------------------------------------------------- in LocalPool

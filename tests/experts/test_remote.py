@@ -26,7 +26,7 @@ from experts.behaviours import parse_behaviours
 from experts.modules import FFN, ExpertsConfig
 from experts.network import FailureMemory, FaultPolicy, LinkSpec, NetworkConfig, Round, VirtualNetwork
 from experts.pool import LocalPool, all_finite, invalid_outputs
-from experts.remote.client import ProcessTransport, ProcessTransportConfig
+from experts.remote import ProcessTransport, ProcessTransportConfig
 from experts.remote.wire import HEADER, Kind, Message, encode
 from moe.errors import ConfigError
 from moe.nn.layer import combine
@@ -374,7 +374,7 @@ def test_a_killed_worker_fails_its_experts_and_rejoins_from_its_checkpoint(tmp_p
             run_layer(pool, torch.randn(NUM_TOKENS, D), PAIRS, seed=step)
             pool.step(0)
         checkpointed = pool.state_dict()  # the owners also write their own checkpoints
-        assert (tmp_path / "workers" / "w1" / "experts.pmoe").exists()
+        assert (tmp_path / "workers" / "w1" / "experts.safetensors").exists()
         run_layer(pool, torch.randn(NUM_TOKENS, D), PAIRS)
         pool.step(0)  # w1's experts move past their checkpoint
 
@@ -408,7 +408,7 @@ def test_a_killed_worker_fails_its_experts_and_rejoins_from_its_checkpoint(tmp_p
 LIFECYCLE_CHILD = textwrap.dedent(
     """
     import sys, time, torch
-    from experts.remote.client import ProcessTransport, ProcessTransportConfig
+    from experts.remote import ProcessTransport, ProcessTransportConfig
     transport = ProcessTransport(ProcessTransportConfig(workers=2), device=torch.device("cpu"), run_dir=None, seed=0)
     try:
         print(" ".join(str(p.pid) for p in transport.processes), flush=True)
@@ -659,6 +659,25 @@ def test_the_local_transport_simulates_the_configured_network_in_virtual_time():
     assert pool.last_failures == {1: "straggler"}
     with pytest.raises(ConfigError, match="latncy_ms"):
         pool_for("transport.network.experts={1: {latncy_ms: 5}}")
+
+
+def test_a_transport_gets_its_config_typed_and_the_config_is_its_fault_policy():
+    from omegaconf import OmegaConf
+
+    from experts.transport import LocalTransportConfig, open_transport
+    from tests.helpers import compose
+
+    def opened(node):
+        return open_transport(node, device=torch.device("cpu"), run_dir=None, seed=0)
+
+    cfg = opened(compose(["transport=local", "transport.k_min=2", "transport.backoff_max=8"]).transport).cfg
+    assert type(cfg) is LocalTransportConfig
+    assert isinstance(cfg, FaultPolicy)
+    assert (cfg.k_min, cfg.backoff_max, cfg.forward_timeout) == (2, 8, FaultPolicy().forward_timeout)
+    with pytest.raises(ConfigError, match=r"transport\.k_min"):
+        opened(OmegaConf.create({"name": "local", "k_min": "many"}))
+    with pytest.raises(ConfigError, match="k_min=-1"):
+        opened(OmegaConf.create({"name": "local", "k_min": -1}))
 
 
 @pytest.mark.slow

@@ -1,0 +1,100 @@
+"""ExpertOwner: the one step every owner takes (LocalPool and workers): clip, step, zero; a stale owner
+only drops its gradients; a non-finite gradient skips the step instead of poisoning the expert."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from experts.modules import FFN
+from experts.owner import ExpertOwner, OptimizerSettings, step_owners
+
+pytestmark = pytest.mark.timeout(60)
+
+SETTINGS = OptimizerSettings(lr=1e-2, weight_decay=0.1, grad_clip=0.5)
+
+
+def backward(module: torch.nn.Module, seed: int = 0) -> None:
+    module(torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))).square().sum().backward()
+
+
+def owner_with_gradients(seed: int = 0) -> ExpertOwner:
+    torch.manual_seed(seed)
+    owner = ExpertOwner(FFN(4, 8), SETTINGS)
+    backward(owner.module, seed)
+    return owner
+
+
+def test_a_step_clips_then_steps_adamw_and_zeroes_the_gradients():
+    torch.manual_seed(0)
+    owner = ExpertOwner(FFN(4, 8), SETTINGS)
+    reference = copy.deepcopy(owner.module)
+    backward(owner.module)
+    backward(reference)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    norm = float(torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5))
+    optimizer.step()
+    report = owner.step()
+    assert report.skipped is None
+    assert report.grad_norm == pytest.approx(norm)
+    assert owner.steps == 1
+    for mine, theirs in zip(owner.module.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs)
+        assert mine.grad is None
+
+
+def test_a_stale_owner_drops_its_gradients_without_stepping():
+    owner = owner_with_gradients()
+    before = copy.deepcopy(owner.module.state_dict())
+    assert owner.step(learns=False).skipped is None
+    assert owner.steps == 0
+    assert all(p.grad is None for p in owner.module.parameters())
+    for name, value in owner.module.state_dict().items():
+        assert torch.equal(value, before[name])
+
+
+def test_a_non_finite_gradient_skips_the_step_and_says_so():
+    owner = owner_with_gradients()
+    before = copy.deepcopy(owner.module.state_dict())
+    next(owner.module.parameters()).grad[0, 0] = float("nan")
+    report = owner.step()
+    assert report.skipped == "non-finite gradient"
+    assert report.grad_norm is None
+    assert owner.steps == 0
+    for name, value in owner.module.state_dict().items():
+        assert torch.equal(value, before[name])
+
+
+def test_zero_missing_grads_moves_adamw_as_an_empty_call_does_in_process():
+    torch.manual_seed(0)
+    called_empty = ExpertOwner(FFN(4, 8), SETTINGS)
+    never_called = copy.deepcopy(called_empty)
+    called_empty.module(torch.empty(0, 4)).sum().backward()  # in-process: zero gradients
+    called_empty.step()
+    never_called.step(zero_missing_grads=True)  # a worker told it was called with no tokens
+    for a, b in zip(called_empty.module.parameters(), never_called.module.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert called_empty.optimizer.state.keys() == set(called_empty.module.parameters())
+    assert never_called.optimizer.state.keys() == set(never_called.module.parameters())
+
+
+def test_stepping_owners_together_equals_stepping_each():
+    together = [owner_with_gradients(seed) for seed in range(3)]
+    alone = [owner_with_gradients(seed) for seed in range(3)]
+    reports = step_owners(together, [True, False, True])
+    assert reports == [alone[0].step(), alone[1].step(learns=False), alone[2].step()]
+    for a, b in zip(together, alone, strict=True):
+        for name, value in a.module.state_dict().items():
+            torch.testing.assert_close(value, b.module.state_dict()[name], atol=0, rtol=0)
+
+
+def test_state_round_trips_into_a_fresh_owner():
+    owner = owner_with_gradients()
+    owner.step()
+    clone = ExpertOwner(FFN(4, 8), OptimizerSettings(lr=1.0))
+    clone.load_state_dict(owner.state_dict())
+    assert clone.optimizer.param_groups[0]["lr"] == 1e-2
+    for a, b in zip(owner.module.parameters(), clone.module.parameters(), strict=True):
+        assert torch.equal(a, b)
