@@ -26,23 +26,31 @@ def test_every_group_option_composes(group, option):
 SCHEMA_FILES = [(group, option) for group, option in GROUP_FILES if group != "debug"]
 
 
-@pytest.mark.parametrize(("group", "option"), SCHEMA_FILES)
-def test_group_files_hold_only_what_differs_from_their_schema(group, option):
-    """The dataclass is the one source of defaults: a YAML line repeating a default would let the two drift."""
+def inherited_values(group: str, option: str) -> dict:
+    """What `configs/<group>/<option>.yaml` starts from: its schema's defaults, or the option it extends."""
     from hydra.core.config_store import ConfigStore
 
     import moe.engine.config  # noqa: F401  (registers the schemas)
 
-    text = OmegaConf.load(CONFIGS / group / f"{option}.yaml")
-    schema_name = next(d for d in text.defaults if isinstance(d, str) and d.endswith("_schema"))
-    schema = OmegaConf.to_container(ConfigStore.instance().load(f"{group}/{schema_name}.yaml").node)
-    values = OmegaConf.to_container(text)
+    parent = next(d for d in OmegaConf.load(CONFIGS / group / f"{option}.yaml").defaults if d != "_self_")
+    if parent.endswith("_schema"):
+        return OmegaConf.to_container(ConfigStore.instance().load(f"{group}/{parent}.yaml").node)
+    values = OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{parent}.yaml"))
+    values.pop("defaults")
+    return {**inherited_values(group, parent), **values}
+
+
+@pytest.mark.parametrize(("group", "option"), SCHEMA_FILES)
+def test_group_files_hold_only_what_differs_from_their_schema(group, option):
+    """The dataclass is the one source of defaults: a YAML line repeating a default would let the two drift."""
+    inherited = inherited_values(group, option)
+    values = OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{option}.yaml"))
     values.pop("defaults")
     for key, value in values.items():
-        assert key in schema, f"configs/{group}/{option}.yaml: {key} is not in {schema_name}"
+        assert key in inherited, f"configs/{group}/{option}.yaml: {key} is not in its schema"
         is_interpolation = isinstance(value, str) and value.startswith("${")
-        assert is_interpolation or value != schema[key], (
-            f"configs/{group}/{option}.yaml repeats the schema default {key}: {value!r}; delete the line"
+        assert is_interpolation or value != inherited[key], (
+            f"configs/{group}/{option}.yaml repeats the default {key}: {value!r}; delete the line"
         )
 
 
