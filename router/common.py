@@ -19,19 +19,21 @@ from router.registry import RouterConfig
 from router.seeds import derive_seed
 
 
-class LearnedRouter(nn.Module):
-    """A linear gate computed in fp32 (also under bf16 autocast) with the shared aux losses."""
+class Router(nn.Module):
+    """The contract every strategy meets: `forward(x_ND, token_ids_N, selection_bias_E) -> DispatchPlan`.
+
+    `token_ids_N` (long [N] or None) is what hash routing keys on; `selection_bias_E` (float [E] or None)
+    steers which experts are chosen, never a gate value. A strategy implements `route_tokens`.
+    """
 
     # True where a token's experts depend on later tokens of its sequence (expert choice): a decoder
     # trained with such a router sees the future, so its eval loss is not a causal LM's loss.
     non_causal: bool = False
 
-    def __init__(self, d_model: int, num_experts: int, config: RouterConfig):
+    def __init__(self, num_experts: int, config: RouterConfig):
         super().__init__()
         self.config = config
         self.num_experts = num_experts
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
 
     def forward(
         self,
@@ -39,17 +41,27 @@ class LearnedRouter(nn.Module):
         token_ids_N: torch.Tensor | None = None,
         selection_bias_E: torch.Tensor | None = None,
     ) -> DispatchPlan:
+        return self.route_tokens(x_ND, token_ids_N, selection_bias_E)
+
+    def route_tokens(self, x_ND, token_ids_N, selection_bias_E) -> DispatchPlan:
+        raise NotImplementedError
+
+
+class LearnedRouter(Router):
+    """A linear gate computed in fp32 (also under bf16 autocast) with the shared aux losses; a strategy
+    implements `route(x_ND, logits_NE, probs_NE, selection_bias_E)`."""
+
+    def __init__(self, d_model: int, num_experts: int, config: RouterConfig):
+        super().__init__(num_experts, config)
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+
+    def route_tokens(self, x_ND, token_ids_N, selection_bias_E) -> DispatchPlan:
         logits_NE = self.logits(self.router_input(x_ND))
         return self.route(x_ND, logits_NE, logits_NE.softmax(-1), selection_bias_E)
 
-    def route(
-        self,
-        x_ND: torch.Tensor,
-        logits_NE: torch.Tensor,
-        probs_NE: torch.Tensor,
-        selection_bias_E: torch.Tensor | None,
-    ) -> DispatchPlan:
-        """The strategy: which experts each token goes to, with which gates (fp32 logits given)."""
+    def route(self, x_ND, logits_NE, probs_NE, selection_bias_E) -> DispatchPlan:
+        """The strategy: which experts each token goes to, with which gates, from the fp32 logits."""
         raise NotImplementedError
 
     def router_input(self, x_ND: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from router.common import check_config, check_no_router_losses, plan_from_token_choices
+from router.common import Router, check_config, check_no_router_losses, plan_from_token_choices
 from router.plan import DispatchPlan
 from router.registry import RouterConfig, register
 
@@ -23,7 +22,7 @@ class HashConfig(RouterConfig):
 
 
 @register("hash", HashConfig)
-class HashRouter(nn.Module):
+class HashRouter(Router):
     """Token id v goes to expert perm(v) mod E for a fixed random permutation of the vocabulary, so every
     expert owns ⌊V/E⌋ or ⌈V/E⌉ ids (balanced over the vocabulary, not over a batch's frequencies) and
     the hash is unrelated to id order. Gate 1: the token's output is its expert's output. Real text
@@ -38,20 +37,13 @@ class HashRouter(nn.Module):
     def __init__(self, d_model: int, num_experts: int, config: HashConfig):
         check_no_router_losses(config)
         check_config(config.vocab_size >= 1, f"router.vocab_size={config.vocab_size} must be >= 1")
-        super().__init__()
-        self.config = config
-        self.num_experts = num_experts
+        super().__init__(num_experts, config)
         generator = torch.Generator().manual_seed(config.seed)
         permutation_Y = torch.randperm(config.vocab_size, generator=generator)
         # A function of the config, rebuilt on construction; not part of the checkpoint.
         self.register_buffer("expert_of_id_Y", permutation_Y % num_experts, persistent=False)
 
-    def forward(
-        self,
-        x_ND: torch.Tensor,
-        token_ids_N: torch.Tensor | None = None,
-        selection_bias_E: torch.Tensor | None = None,
-    ) -> DispatchPlan:
+    def route_tokens(self, x_ND, token_ids_N, selection_bias_E) -> DispatchPlan:
         self._check_ids(token_ids_N, x_ND.shape[0])
         expert_N1 = self.expert_of_id_Y[token_ids_N][:, None]
         gate_N1 = torch.ones(expert_N1.shape, dtype=torch.float32, device=x_ND.device)

@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from router.common import StepRng, check_no_router_losses, check_top_k, plan_from_token_choices
+from router.common import Router, StepRng, check_no_router_losses, check_top_k, plan_from_token_choices
 from router.plan import DispatchPlan
 from router.registry import RouterConfig, register
 
@@ -23,7 +22,7 @@ class RandomConfig(RouterConfig):
 
 
 @register("random", RandomConfig)
-class RandomRouter(nn.Module):
+class RandomRouter(Router):
     """Every token gets k distinct experts drawn uniformly at random, each with gate 1/k.
 
     Training draws fresh experts every step; evaluation reuses one draw (the step counter does not
@@ -36,17 +35,10 @@ class RandomRouter(nn.Module):
     def __init__(self, d_model: int, num_experts: int, config: RandomConfig):
         check_no_router_losses(config)
         check_top_k(config.top_k, num_experts)
-        super().__init__()
-        self.config = config
-        self.num_experts = num_experts
+        super().__init__(num_experts, config)
         self.rng = StepRng(config.seed)
 
-    def forward(
-        self,
-        x_ND: torch.Tensor,
-        token_ids_N: torch.Tensor | None = None,
-        selection_bias_E: torch.Tensor | None = None,
-    ) -> DispatchPlan:
+    def route_tokens(self, x_ND, token_ids_N, selection_bias_E) -> DispatchPlan:
         generator = self.rng.generator(x_ND.device, advance=self.training)
         uniform_NE = torch.rand((x_ND.shape[0], self.num_experts), generator=generator, device=x_ND.device)
         expert_NK = uniform_NE.topk(self.config.top_k, dim=-1).indices
