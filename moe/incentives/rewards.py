@@ -60,7 +60,7 @@ def _measure(run, validator: int) -> dict[str, torch.Tensor]:
 
 def gate_mass_by_layer(run) -> dict[str, torch.Tensor]:
     """Per layer, each expert's gate mass summed over this step's assignments: the view validators
-    fall back on without a PoI scorer (not PoI's `gate_mass(evidence)`, which scores one layer's evidence)."""
+    fall back on without a PoI scorer (PoI's `gate` scorer averages it per token: `mean_gate_mass`)."""
     views = {}
     for layer in run.layers:
         plan = layer.last_plan
