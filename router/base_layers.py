@@ -175,9 +175,9 @@ def expert_prices(
     """A full expert costs its lowest kept bid (the slot a newcomer would take); others their reserve."""
     num_experts = reserve_E.numel()
     held_N = owner_N >= 0
-    expert_H, bid_H = owner_N[held_N], bid_N[held_N]
-    load_E = torch.bincount(expert_H, minlength=num_experts)
-    lowest_bid_E = bid_N.new_full((num_experts,), float("inf")).scatter_reduce(0, expert_H, bid_H, "amin")
+    expert_P, bid_P = owner_N[held_N], bid_N[held_N]
+    load_E = torch.bincount(expert_P, minlength=num_experts)
+    lowest_bid_E = bid_N.new_full((num_experts,), float("inf")).scatter_reduce(0, expert_P, bid_P, "amin")
     return torch.where(load_E >= capacity_E, lowest_bid_E, reserve_E)
 
 

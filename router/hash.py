@@ -12,6 +12,7 @@ import torch
 from router.common import Router, check_config, check_no_router_losses, plan_from_token_choices
 from router.plan import DispatchPlan
 from router.registry import RouterConfig, register
+from router.seeds import torch_generator
 
 
 @dataclass
@@ -38,7 +39,7 @@ class HashRouter(Router):
         check_no_router_losses(config)
         check_config(config.vocab_size >= 1, f"router.vocab_size={config.vocab_size} must be >= 1")
         super().__init__(num_experts, config)
-        generator = torch.Generator().manual_seed(config.seed)
+        generator = torch_generator(config.seed, "hash")
         permutation_Y = torch.randperm(config.vocab_size, generator=generator)
         # A function of the config, rebuilt on construction; not part of the checkpoint.
         self.register_buffer("expert_of_id_Y", permutation_Y % num_experts, persistent=False)

@@ -1,6 +1,6 @@
 """The one shape every routing strategy returns: flat token→expert assignments sorted by expert.
 
-Legend: N tokens, E experts, A assignments (token, expert) pairs, K choices per token.
+Legend: N tokens, E experts, A assignments (token, expert) pairs, K choices per token, X dropped choices.
 """
 
 from __future__ import annotations

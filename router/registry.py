@@ -14,7 +14,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from router.errors import ConfigError
-from router.typed_config import typed_config
+from router.typed_config import choose, typed_config
 
 
 @dataclass
@@ -57,9 +57,7 @@ def strategies() -> dict[str, Strategy]:
 
 
 def lookup(name: str) -> Strategy:
-    if name not in _STRATEGIES:
-        raise ConfigError(f"unknown router '{name}'; valid routers: {', '.join(names())}")
-    return _STRATEGIES[name]
+    return choose(_STRATEGIES, name, "router")
 
 
 def make_config(name: str, **options) -> RouterConfig:

@@ -1,6 +1,7 @@
 """One way to turn a config node into its typed dataclass, for every package (router is the lowest).
 
-`typed_config(RouterCls, node, "router")` accepts an OmegaConf node, a plain mapping or an instance of
+`typed_choice(classes, node, "router", "router")` picks the dataclass the node's `name` names from a
+registry (an unknown name lists the valid ones), then `typed_config(Cls, node, "router")`, which accepts an OmegaConf node, a plain mapping or an instance of
 the dataclass, and returns an instance whose fields have the schema's types. An unknown key or a
 value of the wrong type raises `ConfigError` naming the full key (`router.top_k`) and the reason.
 The dataclass is the single source of defaults and types.
@@ -29,6 +30,20 @@ def plain(cfg: Any) -> dict[str, Any]:
     if isinstance(cfg, Mapping):
         return dict(cfg)
     raise ConfigError(f"expected a config mapping, got {type(cfg).__name__}")
+
+
+def choose(options: Mapping[str, T], name: object, kind: str) -> T:
+    """`options[name]`; an unknown name is a ConfigError listing the valid ones."""
+    if name not in options:
+        raise ConfigError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(options))}")
+    return options[name]
+
+
+def typed_choice(config_classes: Mapping[str, type], cfg: Any, prefix: str, kind: str) -> Any:
+    """The typed config of the registered option `cfg.name` names (see `choose` and `typed_config`)."""
+    if isinstance(cfg, tuple(config_classes.values())):
+        return cfg
+    return typed_config(choose(config_classes, plain(cfg).get("name"), kind), cfg, prefix)
 
 
 def typed_config(config_cls: type[T], cfg: Any, prefix: str) -> T:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from moe.errors import ConfigError
-from router.typed_config import typed_config
+from router.typed_config import typed_choice
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,9 @@ def data_configs() -> dict[str, type]:
 
 def build_data(cfg: Any, seed: int) -> DataSource:
     """Build the data source named by `cfg.name` (a DictConfig, a mapping or one of the config dataclasses)."""
-    name = cfg.get("name") if hasattr(cfg, "get") else getattr(cfg, "name", None)
-    if name not in _REGISTRY:
-        raise ConfigError(f"data.name={name!r} is unknown; valid names: {', '.join(sorted(_REGISTRY))}")
-    config_cls, builder = _REGISTRY[name]
-    return builder(typed_config(config_cls, cfg, "data"), seed)
+    typed = typed_choice(data_configs(), cfg, "data", "data source")
+    _, builder = _REGISTRY[typed.name]
+    return builder(typed, seed)
 
 
 def require(ok: bool, key: str, value: Any, expectation: str) -> None:

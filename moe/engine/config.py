@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 import router
 from experts.modules import ExpertsConfig
@@ -97,4 +97,10 @@ def register_configs() -> None:
         store.store(group="poi", name=f"{name}_schema", node=config_cls)
 
 
+def first_set(*values: Any) -> Any:
+    """The first value that is not None (configs/hydra: `run_dir=` decides Hydra's run dir when set)."""
+    return next((value for value in values if value is not None), None)
+
+
 register_configs()
+OmegaConf.register_new_resolver("poimoe.first_set", first_set, replace=True)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from moe.engine.build import Run, build_run, trainer_threads
 from moe.engine.checkpoint import checkpoint_state, load_checkpoint, restore, run_dir_of, save_checkpoint
 from moe.engine.metrics import MetricsLogger, read_metrics, truncate_after
-from moe.engine.run_info import resolved, write_run_info
+from moe.engine.run_info import SUMMARY_FILE, resolved, write_run_info
 from moe.engine.validation import evaluate, specialisation_metrics, write_routing_tables
 from moe.errors import ConfigError
 from moe.incentives.rewards import open_run_ledger, reward_metrics, score_view, step_failures
@@ -150,7 +150,7 @@ def train_step(run: Run) -> dict:
         "train/grad_norm": float(grad_norm),
         "train/lr": run.scheduler.get_last_lr()[0],
         **{f"train/{name}": value.item() for name, value in aux_losses.items()},
-        **routing_metrics(run.layers),
+        **logged_routing_metrics(run.layers),
         **simulated_latency(run.layers),
     }
     return {**metrics, "tokens": targets.numel() if run.model.task == "lm" else targets.shape[0],
@@ -172,7 +172,7 @@ def simulated_latency(layers: list[MoELayer]) -> dict[str, float]:
     }
 
 
-def routing_metrics(layers: list[MoELayer]) -> dict[str, float]:
+def logged_routing_metrics(layers: list[MoELayer]) -> dict[str, float]:
     return {
         f"router/{layer.name}/{name}": float(value)
         for layer in layers
@@ -204,5 +204,5 @@ def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
         **(run.scorer.summary() if run.scorer is not None else {}),
         **({"rewards": run.ledger.summary()} if run.ledger is not None else {}),
     }
-    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary

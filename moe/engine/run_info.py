@@ -12,6 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe.engine.build import Run, cpu_count
 
+RUN_INFO_FILE = "run_info.json"
+SUMMARY_FILE = "summary.json"  # written by the loop at the end of a run: final metrics, PoI, rewards
+
 
 def resolved(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
@@ -26,7 +29,7 @@ def write_run_info(run: Run) -> None:
         "device": str(run.accelerator.device),
         "machine": {"platform": platform.platform(), "cpus": cpu_count(), "torch": torch.__version__},
     }
-    (run.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+    (run.run_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
 
 
 def git_commit() -> str | None:

@@ -17,13 +17,13 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from moe.engine.metrics import METRICS_FILE, read_metrics
+from moe.engine.run_info import SUMMARY_FILE
 from moe.errors import DataError
 from moe.experiments.columns import COLUMNS, Column, EventValue, event_metric, layer_mean
 from moe.experiments.render import figure_link, markdown_table, mean_pm_std, pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 SEED_KEYS = {"seed"}
 VAL_LOSS_PLOT, LOAD_CV_PLOT = "val_loss.png", "load_cv.png"

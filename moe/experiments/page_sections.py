@@ -22,7 +22,7 @@ from moe.experiments.columns import is_number, natural_key
 from moe.experiments.comparison import split_override
 from moe.experiments.page_spec import GapGridSpec, HeatmapSpec
 from moe.experiments.render import figure_link, markdown_table, mean_pm_std, pyplot, save_figure
-from moe.experiments.sweeps import Sweep, lookup
+from moe.experiments.sweeps import Sweep, dotted_get
 
 Cells = dict[tuple[float, float], list[float]]  # (factor value, by value) → one value per seed
 
@@ -36,7 +36,7 @@ def cell_values(sweep: Sweep, grid: GapGridSpec, key: str) -> dict[tuple[float, 
         config = sweep.configs.get(run.job)
         if not run.complete or config is None or not is_number(run.summary.get(key)):
             continue
-        cell = (float(lookup(config, grid.factor) or 0.0), float(lookup(config, grid.by) or 0.0))
+        cell = (float(dotted_get(config, grid.factor) or 0.0), float(dotted_get(config, grid.by) or 0.0))
         cells.setdefault(cell, {})[str(config.get("seed"))] = float(run.summary[key])
     return cells
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from moe.engine.run_info import RUN_INFO_FILE
 from moe.errors import DataError
 from moe.experiments.columns import is_number, natural_key
 from moe.experiments.comparison import OVERRIDES_FILE, JobRun, group_rows, read_job, split_override
@@ -83,7 +84,7 @@ def read_sweep(path: Path) -> Sweep:
     runs = [read_job(job) for job in jobs]
     sweep = Sweep(path=path, experiment="", runs=runs)
     for job in jobs:
-        info = read_yaml(job / "run_info.json")
+        info = read_yaml(job / RUN_INFO_FILE)
         if info:
             sweep.run_infos[job.name] = info
         config = (info or {}).get("config") or read_yaml(job / ".hydra" / "config.yaml")
@@ -154,13 +155,13 @@ def scale_line(sweep: Sweep) -> str:
     """The settings that set the compute of a job, with every value the jobs used."""
     parts = []
     for key in SCALE_KEYS:
-        values = sorted({str(lookup(c, key)) for c in sweep.configs.values()} - {"None"}, key=natural_key)
+        values = sorted({str(dotted_get(c, key)) for c in sweep.configs.values()} - {"None"}, key=natural_key)
         if values:
             parts.append(f"{key}={'/'.join(values)}")
     return ", ".join(parts) or "unknown (no run_info.json)"
 
 
-def lookup(config: dict, dotted: str):
+def dotted_get(config: dict, dotted: str):
     """`config[a][b][c]` for `a.b.c`; None when a part is missing."""
     node = config
     for part in dotted.split("."):

@@ -1,6 +1,7 @@
 """The MoE layer: router → DispatchPlan → expert pool → combine.
 
-What a scorer (PoI) may ask of a layer, by name, and nothing else:
+What a scorer (PoI) may ask of a layer, by name (besides torch's public forward hooks, with which
+taylor's curvature term keeps each layer's output tensor):
 - `record_evidence()`: from then on every grad-enabled forward keeps its `LayerEvidence` in `evidence`.
 - `set_selection_bias(bias_E)`: the selection-only bias on router logits (feedback, bans).
 - `with layer.side_pass() as side:`: evaluation passes that leave the training step's trace

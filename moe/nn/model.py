@@ -1,6 +1,7 @@
 """Models: a small decoder-only byte LM whose FFNs are MoE layers, and an MLP with one MoE layer.
 
-Legend: B batch, T time, D model width, H heads, Y vocabulary, I/O regression input/output width.
+Legend: B batch, T time, D model width, H heads, k head width (D / H), Y vocabulary, I/O regression
+input/output width.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        q_BHTd, k_BHTd, v_BHTd = rearrange(
-            self.qkv(x_BTD), "b t (three h d) -> three b h t d", three=3, h=self.n_heads
+        q_BHTk, k_BHTk, v_BHTk = rearrange(
+            self.qkv(x_BTD), "b t (three h k) -> three b h t k", three=3, h=self.n_heads
         )
-        y_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, is_causal=True)
-        return self.proj(rearrange(y_BHTd, "b h t d -> b t (h d)"))
+        y_BHTk = F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTk, is_causal=True)
+        return self.proj(rearrange(y_BHTk, "b h t k -> b t (h k)"))
 
 
 class DenseFFN(nn.Module):

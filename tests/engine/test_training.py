@@ -9,7 +9,7 @@ import pytest
 
 from moe.engine.metrics import read_metrics
 from moe.errors import CheckpointError, DataError
-from tests.helpers import TINY, compose, run_cli
+from tests.helpers import REPO, TINY, compose, run_cli
 
 
 def first_and_last(events: list[dict], key: str) -> tuple[float, float]:
@@ -130,3 +130,13 @@ def test_wandb_logger_runs_offline_and_still_writes_metrics(run_tiny, monkeypatc
     summary, run_dir = run_tiny("data=clusters", "logger=wandb")
     assert (run_dir / "metrics.jsonl").read_text().count("\n") >= 6
     assert summary["step"] == 6
+
+
+def test_run_dir_holds_the_whole_run_and_nothing_lands_in_the_working_directory(tmp_path):
+    """`run_dir=` is where everything goes, Hydra's own .hydra/ and log included."""
+    cwd, run_dir = tmp_path / "cwd", tmp_path / "run"
+    cwd.mkdir()
+    result = run_cli(str(REPO / "train.py"), *TINY, "data=clusters", "trainer.max_steps=2", f"run_dir={run_dir}", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list(cwd.iterdir()) == []
+    assert {".hydra", "summary.json", "run_info.json", "metrics.jsonl"} <= {p.name for p in run_dir.iterdir()}

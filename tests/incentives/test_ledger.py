@@ -10,7 +10,7 @@ import torch
 
 from moe.errors import LedgerError
 from moe.ledger import TOKEN, WEIGHT_MAX, RewardLedger, ValidatorSpec, verify_ledger
-from tests.incentives.ledger_drivers import (
+from tests.helpers.ledger_drivers import (
     SUBNETS,
     balances,
     failures_at,

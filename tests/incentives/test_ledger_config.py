@@ -12,7 +12,7 @@ from moe.incentives.ledger.config import BEHAVIOURS
 from moe.incentives.ledger.validators import WEIGHT_SETTERS
 from moe.ledger import LedgerConfig, RewardLedger, ValidatorSpec, as_ledger_config
 from tests.helpers import compose
-from tests.incentives.ledger_drivers import SUBNETS, drive
+from tests.helpers.ledger_drivers import SUBNETS, drive
 
 
 def test_composed_default_config_is_the_dataclass():

@@ -11,7 +11,7 @@ import pytest
 
 from moe.errors import LedgerError
 from moe.ledger import RewardLedger, verify_ledger
-from tests.incentives.ledger_drivers import (
+from tests.helpers.ledger_drivers import (
     PROCESS_TIMEOUT_S,
     SUBNETS,
     balances,

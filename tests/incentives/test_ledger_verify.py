@@ -13,7 +13,7 @@ import pytest
 from moe.errors import LedgerError
 from moe.ledger import TOKEN, iter_blocks, main, read_summary, verify_ledger
 from tests.helpers import REPO
-from tests.incentives.ledger_drivers import PROCESS_TIMEOUT_S, write_ledger
+from tests.helpers.ledger_drivers import PROCESS_TIMEOUT_S, write_ledger
 
 
 @pytest.fixture

@@ -418,7 +418,7 @@ def test_fresh_view_touches_no_gradient_no_score_and_not_the_step_trace(tmp_path
 
 
 def test_unknown_scorer_and_bad_options_fail_naming_them():
-    with pytest.raises(ConfigError, match="valid scorers: gate, loo, shapley, taylor"):
+    with pytest.raises(ConfigError, match="valid poi scorers: gate, loo, shapley, taylor"):
         typed_poi_config({"name": "oracle"})
     with pytest.raises(ConfigError, match="counterfactual"):
         validate_poi_config(TaylorConfig(counterfactual="imagined"))
@@ -449,3 +449,12 @@ def test_report_has_a_poi_section_with_behaviours(run_tiny, tmp_path):
     assert "Spearman" in report
     assert (run_dir / "poi_scores.png").exists()
     assert (run_dir / "poi_fidelity.png").exists()
+
+
+def test_every_registered_scorer_has_a_view():
+    """A new scorer must say how it scores: from each step's evidence, or from coalition losses."""
+    from moe.incentives.poi.config import EVIDENCE_SCORERS, poi_configs
+    from moe.incentives.poi.views import COALITION_SCORERS
+
+    assert set(poi_configs()) == set(EVIDENCE_SCORERS) | set(COALITION_SCORERS)
+    assert not set(EVIDENCE_SCORERS) & set(COALITION_SCORERS)

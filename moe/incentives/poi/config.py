@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from moe.errors import ConfigError
-from router.typed_config import plain, typed_config
+from router.typed_config import typed_choice
 
 COUNTERFACTUALS = ("renormalized", "removed")
 EVIDENCE_SCORERS = ("taylor", "gate")  # score from each training step's evidence; the others mask experts
@@ -80,11 +80,7 @@ def poi_configs() -> dict[str, type[PoIConfig]]:
 def typed_poi_config(cfg) -> PoIConfig:
     """The typed config of the scorer `cfg` names (a Hydra node, a mapping or a config dataclass),
     checked; an unknown name lists the valid ones."""
-    if not isinstance(cfg, PoIConfig):
-        name = plain(cfg).get("name")
-        if name not in _CONFIGS:
-            raise ConfigError(f"unknown poi scorer '{name}'; valid scorers: {', '.join(sorted(_CONFIGS))}")
-        cfg = typed_config(_CONFIGS[name], cfg, "poi")
+    cfg = typed_choice(_CONFIGS, cfg, "poi", "poi scorer")
     validate_poi_config(cfg)
     return cfg
 

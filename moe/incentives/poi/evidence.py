@@ -3,7 +3,7 @@ Taylor estimate of L(without e) − L(all) from the layer evidence, its second-o
 one extra backward against targets sampled from the model, and the gate mass baseline.
 
 Legend: N tokens, D model width, E experts, A assignments sorted by expert, B examples, T time,
-M = B·T predictions, V vocabulary.
+Y vocabulary.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def taylor_contributions(
 
 def mean_gate_mass(evidence: LayerEvidence) -> torch.Tensor:
     """Mean gate mass per token each expert carried [E] (after renormalising over the answered): the
-    `gate` scorer's view. Not the ledger's fallback `rewards.gate_mass` (a raw sum per expert)."""
+    `gate` scorer's view. Not the ledger's fallback `rewards.gate_mass_by_layer` (a raw sum per expert)."""
     plan = evidence.plan
     weight_A = assignment_weights(evidence).cpu()
     return torch.zeros(plan.num_experts).index_add_(0, plan.expert_idx.cpu(), weight_A) / max(plan.num_tokens, 1)
@@ -110,8 +110,8 @@ def sampled_targets(task: str, pred: torch.Tensor, generator: torch.Generator) -
     """
     pred = pred.detach().float()
     if task == "lm":
-        probs_MV = pred.reshape(-1, pred.shape[-1]).softmax(-1)
-        targets = torch.multinomial(probs_MV.cpu(), 1, generator=generator).view(pred.shape[:-1])
+        probs_NY = pred.reshape(-1, pred.shape[-1]).softmax(-1)
+        targets = torch.multinomial(probs_NY.cpu(), 1, generator=generator).view(pred.shape[:-1])
         return targets.to(pred.device), float(pred.shape[1])
     noise = torch.randn(pred.shape, generator=generator).to(pred.device)
     return pred + math.sqrt(pred.shape[-1] / 2) * noise, 1.0

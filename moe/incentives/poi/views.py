@@ -145,6 +145,18 @@ def permutation_shapley(
     return (phi_E / samples).float()
 
 
+def _loo_contributions(loss_of, num_experts: int, cfg: PoIConfig, generator: torch.Generator) -> torch.Tensor:
+    return leave_one_out(loss_of, num_experts)
+
+
+def _shapley_contributions(loss_of, num_experts: int, cfg: PoIConfig, generator: torch.Generator) -> torch.Tensor:
+    return permutation_shapley(loss_of, num_experts, cfg.samples, generator, cfg.truncation)
+
+
+# Counterfactual scorers by name: each turns a coalition loss L(keep_E) into contributions [E].
+COALITION_SCORERS = {"loo": _loo_contributions, "shapley": _shapley_contributions}
+
+
 def evidence_views(
     cfg: PoIConfig, evidence: dict[str, LayerEvidence | None], curvature: Curvature | None = None
 ) -> dict[str, LayerView]:
@@ -173,12 +185,8 @@ def masked_views(cfg: PoIConfig, model, batch, generator: torch.Generator) -> di
         batch_loss(model, batch)  # the unmasked pass: every layer's first answer, reused below
         for layer in model.moe_layers():
             loss_of = coalition_loss(model, batch, passes[layer.name])
-            if cfg.name == "loo":
-                contributions[layer.name] = leave_one_out(loss_of, layer.pool.num_experts)
-            else:
-                contributions[layer.name] = permutation_shapley(
-                    loss_of, layer.pool.num_experts, cfg.samples, generator, cfg.truncation
-                )
+            contribute = COALITION_SCORERS[cfg.name]
+            contributions[layer.name] = contribute(loss_of, layer.pool.num_experts, cfg, generator)
     views = {}
     for name, contribution_E in contributions.items():
         failed_E, had_tokens_E = passes[name].unmasked_answers()

@@ -74,7 +74,7 @@ def try_second_writer(path: str) -> None:
 @contextlib.contextmanager
 def child_process(function: str, *args: str):
     """Run ``function(*args)`` from this module in a child process; always kill it on the way out."""
-    code = f"import sys; import tests.incentives.ledger_drivers as t; t.{function}(*sys.argv[1:])"
+    code = f"import sys; import tests.helpers.ledger_drivers as t; t.{function}(*sys.argv[1:])"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
         [sys.executable, "-c", code, *args],
