@@ -21,6 +21,8 @@ def open_run_ledger(run, resume_step: int | None) -> RewardLedger | None:
     """The run's ledger (`run_dir/ledger.sqlite`), or None when `ledger=null` or `ledger.enabled=false`."""
     if run.cfg.get("ledger") is None or not run.cfg.ledger.enabled:
         return None
+    for layer in run.layers:
+        layer.record_evidence()  # the ledger needs each step's failures, with or without a PoI scorer
     return RewardLedger(
         Path(run.run_dir) / LEDGER_FILE,
         as_ledger_config(run.cfg.ledger),

@@ -140,3 +140,14 @@ def test_run_dir_holds_the_whole_run_and_nothing_lands_in_the_working_directory(
     assert result.returncode == 0, result.stderr[-2000:]
     assert list(cwd.iterdir()) == []
     assert {".hydra", "summary.json", "run_info.json", "metrics.jsonl"} <= {p.name for p in run_dir.iterdir()}
+
+
+def test_ledger_records_failures_without_a_poi_scorer(run_tiny):
+    """The ledger's failure rule needs each step's answers whether or not PoI scores the experts."""
+    import sqlite3
+
+    _, run_dir = run_tiny("data=clusters", "~poi", "++experts.behaviours={1: crash:0}", "trainer.max_steps=4")
+    with sqlite3.connect(run_dir / "ledger.sqlite") as conn:
+        failed = dict(conn.execute("SELECT miner, SUM(failed) FROM failures GROUP BY miner").fetchall())
+    assert failed.get(1, 0) >= 4, failed
+    assert all(count == 0 for miner, count in failed.items() if miner != 1), failed
