@@ -60,7 +60,7 @@ def compose(overrides: list[str]):
 
 
 def build(scenario: list[str], variant: list[str], run_dir: Path, threads: int):
-    from moe.engine.loop import build_run
+    from moe.engine.build import build_run
 
     cfg = compose([*scenario, *variant, f"run_dir={run_dir}", "trainer.progress=false", f"trainer.threads={threads}"])
     return build_run(cfg, run_dir)

@@ -28,7 +28,7 @@ def load_trained(ckpt: str | Path, num_val_batches: int | None = None):
     from omegaconf import OmegaConf
 
     from moe.engine.checkpoint import load_checkpoint, run_dir_of
-    from moe.engine.loop import build_run
+    from moe.engine.build import build_run
 
     path, state = load_checkpoint(ckpt)
     cfg = OmegaConf.create(state["config"])

@@ -67,7 +67,8 @@ def train_clusters(tmp_path: Path, *overrides: str, steps: int = 300, name: str 
 
 def trained_run(tmp_path: Path, *overrides: str, steps: int = 150):
     """A run object trained in-process for `steps` steps (the model stays available)."""
-    from moe.engine.loop import build_run, seed_everything, train_step
+    from moe.engine.build import build_run
+    from moe.engine.loop import seed_everything, train_step
 
     cfg = compose([*CLUSTERS, f"run_dir={tmp_path}", *overrides])
     seed_everything(cfg.seed)  # as `train` does: the same run whatever ran before it
