@@ -115,9 +115,7 @@ def bench_layer(args, transport: ProcessTransport) -> None:
     device = torch.device(args.device)
 
     torch.set_num_threads(compute_threads)
-    local_pool = LocalPool(
-        copy.deepcopy(experts), lr=experts_cfg.lr, grad_clip=experts_cfg.grad_clip, device=device
-    )
+    local_pool = LocalPool(copy.deepcopy(experts), experts_cfg, policy=transport.cfg, device=device)
     local = make_layer(args, local_pool).to(device)
     local_s = median_seconds(lambda: layer_step(local, x_BTD.to(device)), repeats=args.repeats)
     remote = make_layer(args, transport.make_pool("bench", experts, experts_cfg))  # trainer side on the CPU

@@ -1,6 +1,6 @@
 """Expert modules: feed-forward networks that may differ in size from expert to expert.
 
-Legend: A assignments routed to this expert, D model width, F hidden width.
+Legend: a one expert's rows (assignments routed to it), D model width, F hidden width.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experts.errors import ConfigError
+from experts.owner import OptimizerSettings
 
 
 class FFN(nn.Module):
@@ -28,30 +29,28 @@ class FFN(nn.Module):
         nn.init.normal_(self.w_in.weight, std=d_model**-0.5)
         nn.init.normal_(self.w_out.weight, std=d_ff**-0.5 / 2)
 
-    def forward(self, x_AD: torch.Tensor) -> torch.Tensor:
-        h_AF = ACTIVATIONS[self.activation](self.w_in(x_AD))
-        return self.w_out(h_AF)
+    def forward(self, x_aD: torch.Tensor) -> torch.Tensor:
+        h_aF = ACTIVATIONS[self.activation](self.w_in(x_aD))
+        return self.w_out(h_aF)
 
 
-def _swiglu(h_A2F: torch.Tensor) -> torch.Tensor:
-    gate_AF, value_AF = h_A2F.chunk(2, dim=-1)
-    return F.silu(gate_AF) * value_AF
+def _swiglu(h_a2F: torch.Tensor) -> torch.Tensor:
+    gate_aF, value_aF = h_a2F.chunk(2, dim=-1)
+    return F.silu(gate_aF) * value_aF
 
 
 ACTIVATIONS = {"gelu": F.gelu, "swiglu": _swiglu}
 
 
 @dataclass
-class ExpertsConfig:
-    """Per-layer experts: how many, their size, and the owner's optimizer (each expert has its own)."""
+class ExpertsConfig(OptimizerSettings):
+    """Per-layer experts: how many, their size, and the owner's optimizer (each expert has its own).
+    The config is its own `OptimizerSettings` (`lr`, `weight_decay`, `grad_clip`, inherited)."""
 
     num: int = 8
     d_ff: int = 256
     d_ff_per_expert: list[int] | None = None  # heterogeneous sizes; overrides d_ff when given
     activation: str = "gelu"
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # per-expert gradient norm clip applied by the owner before its step
     behaviours: dict[int, str] = field(default_factory=dict)  # expert index -> behaviour spec (experts/behaviours.py)
 
 

@@ -16,14 +16,14 @@ Legend: N tokens, A assignments sorted by expert, E experts.
 from __future__ import annotations
 
 import math
-import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from experts.errors import ConfigError
-from router.seeds import derive_seed
+from router.seeds import python_rng
 from router.typed_config import plain, typed_config
 
 DISTRIBUTIONS = ("constant", "normal", "lognormal", "exponential")
@@ -81,17 +81,18 @@ def network_is_ideal(cfg: NetworkConfig | None) -> bool:
     return all(link_for(cfg, int(e)).is_ideal for e in [0, *(cfg.experts or {})])
 
 
-def link_seed(run_seed: int, network: NetworkConfig | None, layer: str, expert: int) -> int:
-    """The seed of one expert's link in one layer: the same in `VirtualNetwork` and in a worker."""
-    return derive_seed(run_seed, "link", network.seed if network is not None else 0, layer, expert)
+def link_stream(run_seed: int, network: NetworkConfig | None, layer: str, expert: int) -> list:
+    """`(seed, *names)` of one expert's link stream in one layer for `router.seeds.python_rng`: the same
+    in `VirtualNetwork` and in a worker (HOST carries it as JSON)."""
+    return [run_seed, "link", network.seed if network is not None else 0, layer, expert]
 
 
 class Link:
     """Samples what the link does to one call; seeded per (layer, expert) so runs repeat exactly."""
 
-    def __init__(self, spec: LinkSpec, seed: int):
+    def __init__(self, spec: LinkSpec, stream: Sequence):
         self.spec = spec
-        self.rng = random.Random(seed)  # `seed` comes from `link_seed`
+        self.rng = python_rng(*stream)  # `stream` comes from `link_stream`
 
     def one_way_s(self) -> float:
         spec, mean = self.spec, self.spec.latency_ms / 1e3
@@ -193,9 +194,6 @@ class Round:
             self._add(self.in_play_N, expert, -1)
             self._check_k_min(now)
 
-    def done(self, now: float) -> bool:
-        return not self.pending or now >= self.deadline
-
     def expire(self) -> dict[int, str]:
         """Experts still pending at the deadline, with why: cut off as straggler or timed out."""
         reason = "straggler" if self.k_min_met_at is not None else "timeout"
@@ -247,9 +245,9 @@ class VirtualNetwork:
         layer: str = "layer",
         seed: int = 0,
     ):
-        """`seed` is the run's; each link draws from `link_seed(seed, cfg, layer, expert)`."""
+        """`seed` is the run's; each link draws from `link_stream(seed, cfg, layer, expert)`."""
         self.policy = policy
-        self.links = [Link(link_for(cfg, e), link_seed(seed, cfg, layer, e)) for e in range(num_experts)]
+        self.links = [Link(link_for(cfg, e), link_stream(seed, cfg, layer, e)) for e in range(num_experts)]
         self.memory = FailureMemory(num_experts, policy.backoff_base, policy.backoff_max)
         self.round_no = 0
         self.clock_s = 0.0

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from experts.behaviours import HONEST, Behaviour, ExpertFailure, answer_call
+from experts.network import FaultPolicy, VirtualNetwork
 from experts.owner import ExpertOwner, OptimizerSettings, step_owners
 from router.plan import DispatchPlan
 
@@ -138,22 +139,21 @@ class LocalPool(ExpertPool):
     def __init__(
         self,
         experts: list[nn.Module],
+        optimizer: OptimizerSettings | None = None,
         *,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        grad_clip: float = 0.0,
+        policy: FaultPolicy | None = None,
+        network: VirtualNetwork | None = None,
         device: torch.device | str = "cpu",
-        network=None,
-        max_output_norm: float = 0.0,
     ):
-        """`network` (an `experts.network.VirtualNetwork`) simulates links in virtual time; experts
-        it fails do not compute, as their remote answer would not have arrived."""
+        """Each expert's owner trains it with `optimizer` (an `ExpertsConfig` is one; default: its
+        defaults). Outputs are checked against `policy.max_output_norm` (a transport config is its own
+        `FaultPolicy`). `network` simulates links in virtual time; experts it fails do not compute, as
+        their remote answer would not have arrived."""
         self.experts = nn.ModuleList(experts).to(device)
         self.num_experts = len(experts)
-        settings = OptimizerSettings(lr=lr, weight_decay=weight_decay, grad_clip=grad_clip)
-        self.owners = [ExpertOwner(expert, settings) for expert in self.experts]
+        self.owners = [ExpertOwner(expert, optimizer) for expert in self.experts]
+        self.policy = policy or FaultPolicy()
         self.network = network
-        self.max_output_norm = max_output_norm
         self.last_failures: dict[int, str] = {}
         self.failure_counts: Counter = Counter()
         self.behaviours: dict[int, Behaviour] = {}
@@ -174,7 +174,7 @@ class LocalPool(ExpertPool):
         self.simulated_latency_ms = max(
             (self.behaviours[e].latency_ms for e in self.behaviours if sizes[e] > 0), default=0.0
         )
-        invalid = invalid_outputs(y_slices, x_slices, self.max_output_norm)
+        invalid = invalid_outputs(y_slices, x_slices, self.policy.max_output_norm)
         for e in invalid:  # a rejected output must not train its expert: drop it from the graph
             y_slices[e] = x_slices[e].new_zeros(x_slices[e].shape)
         failures |= invalid
@@ -192,7 +192,7 @@ class LocalPool(ExpertPool):
         try:
             return answer_call(
                 self.experts[e], behaviour, x_aD, seed=self.behaviour_seed, layer=self.layer_name,
-                step=step, expert_idx=e, peer=lambda j, x_jD: self.experts[j](x_jD),
+                step=step, expert_idx=e, peer=lambda j, x_aD: self.experts[j](x_aD),
             )
         except ExpertFailure as failure:
             failures[e] = f"behaviour: {failure}"

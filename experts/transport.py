@@ -52,12 +52,10 @@ class LocalTransport(Transport):
     def make_pool(self, layer: str, experts: list[nn.Module], experts_cfg: ExpertsConfig) -> ExpertPool:
         return LocalPool(
             experts,
-            lr=experts_cfg.lr,
-            weight_decay=experts_cfg.weight_decay,
-            grad_clip=experts_cfg.grad_clip,
-            device=self.device,
+            experts_cfg,  # the experts config is its own `OptimizerSettings`
+            policy=self.cfg,  # and the transport config its own `FaultPolicy`
             network=self.virtual_network(layer, len(experts)),
-            max_output_norm=self.cfg.max_output_norm,
+            device=self.device,
         )
 
     def virtual_network(self, layer: str, num_experts: int) -> VirtualNetwork | None:

@@ -22,12 +22,19 @@ import torch
 from torch import nn
 
 from experts.behaviours import HONEST
-from experts.modules import ExpertsConfig, build_expert, expert_spec
-from experts.network import FailureMemory, FaultPolicy, NetworkConfig, Round, link_for, link_seed
+from experts.modules import build_expert, expert_spec
+from experts.network import FailureMemory, FaultPolicy, NetworkConfig, Round, link_for, link_stream
 from experts.owner import ExpertOwner, OptimizerSettings
 from experts.pool import ExpertPool, PoolOutput, all_finite, invalid_outputs
 from experts.remote.coordinator import Coordinator, Key
-from experts.remote.wire import Kind, Message, expert_state_from, expert_state_message, named_message
+from experts.remote.wire import (
+    Kind,
+    Message,
+    expert_state_from,
+    expert_state_message,
+    named_message,
+    settings_meta,
+)
 from router.plan import DispatchPlan
 
 log = logging.getLogger(__name__)
@@ -74,7 +81,7 @@ class RemotePool(ExpertPool):
         coordinator: Coordinator,
         layer_name: str,
         experts: list[nn.Module],
-        experts_cfg: ExpertsConfig,
+        optimizer: OptimizerSettings,
         hosts: list[str],  # the worker that hosts (owns) each expert
         policy: FaultPolicy,
         *,
@@ -82,18 +89,18 @@ class RemotePool(ExpertPool):
         seed: int = 0,
         checkpoint_every: int = 0,
     ):
-        """`seed` is the run's: the links of the simulated `network` draw from it (`link_seed`)."""
+        """Each expert's owner trains it with `optimizer` (an `ExpertsConfig` is one). `seed` is the
+        run's: the links of the simulated `network` draw from it (`link_stream`)."""
         self.coordinator = coordinator
-        self.layer = len(coordinator.pools)
         self.layer_name = layer_name
         self.num_experts = len(experts)
         self.hosts = hosts
         self.policy = policy
-        self.optim = OptimizerSettings(experts_cfg.lr, experts_cfg.weight_decay, experts_cfg.grad_clip)
+        self.optimizer = optimizer
         self.specs = [expert_spec(module, e) for e, module in enumerate(experts)]
         self.initial = [{k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for m in experts]
         self.links = [link_for(network, e) for e in range(self.num_experts)]
-        self.link_seeds = [link_seed(seed, network, layer_name, e) for e in range(self.num_experts)]
+        self.link_streams = [link_stream(seed, network, layer_name, e) for e in range(self.num_experts)]
         self.checkpoint_every = checkpoint_every
         self.memory = FailureMemory(self.num_experts, policy.backoff_base, policy.backoff_max)
         self.calls = itertools.count(1)
@@ -105,16 +112,16 @@ class RemotePool(ExpertPool):
         self.touched: set[int] = set()  # called with no tokens in a backward since the last step
         self.behaviours, self.behaviour_seed = {}, 0
         self.anchor = torch.zeros((), requires_grad=True)  # keeps the call in the graph for param grads
-        coordinator.pools[self.layer] = self
+        self.layer = coordinator.attach(self)
         self.host_all()
 
     def host_message(self, expert: int, restore: bool) -> Message:
         meta = {
             "layer_name": self.layer_name,
             "spec": self.specs[expert],
-            "optim": asdict(self.optim),
+            "optim": settings_meta(OptimizerSettings, self.optimizer),
             "link": asdict(self.links[expert]),
-            "link_seed": self.link_seeds[expert],
+            "link_stream": self.link_streams[expert],
             "restore": restore,
         }
         key = {"step": next(self.coordinator.request_ids), "layer": self.layer, "expert": expert}
@@ -326,7 +333,7 @@ class RemotePool(ExpertPool):
         """An expert's initial parameters and the state of a fresh optimizer for them."""
         module = build_expert(self.specs[expert])
         module.load_state_dict(self.initial[expert])
-        return dict(self.initial[expert]), ExpertOwner(module, self.optim).optimizer.state_dict()
+        return dict(self.initial[expert]), ExpertOwner(module, self.optimizer).optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         requests = {}

@@ -27,7 +27,16 @@ from typing import TYPE_CHECKING
 import zmq
 
 from experts.errors import ConfigError, WireError
-from experts.remote.wire import Kind, Message, WireLimits, WorkerSettings, decode, encode
+from experts.remote.wire import (
+    Kind,
+    Message,
+    Welcome,
+    WireLimits,
+    WorkerSettings,
+    decode,
+    encode,
+    settings_meta,
+)
 
 if TYPE_CHECKING:
     from experts.remote.client import RemotePool
@@ -242,6 +251,12 @@ class Coordinator:
     def expect(self, name: str, process: subprocess.Popen | None) -> None:
         self.workers[name] = WorkerRecord(name=name, process=process, pid=process.pid if process else None)
 
+    def attach(self, pool: RemotePool) -> int:
+        """Route `pool`'s asynchronous acks and rejoins to it; returns its layer number on the wire."""
+        layer = len(self.pools)
+        self.pools[layer] = pool
+        return layer
+
     def register(self, identity: bytes, meta: dict) -> None:
         name = str(meta.get("name", ""))[:128]
         if not name:
@@ -258,12 +273,8 @@ class Coordinator:
         record.identity, record.pid, record.device = identity, meta.get("pid"), str(meta.get("device", "?"))
         record.alive, record.exited, record.last_seen = True, False, time.monotonic()
         self.names_by_identity[identity] = name
-        welcome = WorkerSettings(
-            heartbeat_interval=self.cfg.heartbeat_interval,
-            cache_size=self.cfg.cache_size,
-            max_grad_norm=self.cfg.max_grad_norm,
-            checkpoint_dir=str(self.run_dir / "workers" / name) if self.run_dir is not None else None,
-        )
+        checkpoint_dir = str(self.run_dir / "workers" / name) if self.run_dir is not None else None
+        welcome = Welcome(**settings_meta(WorkerSettings, self.cfg), checkpoint_dir=checkpoint_dir)
         self.send(name, Message(Kind.WELCOME, meta=asdict(welcome)))
         log.info(
             "worker %s %s (pid %s, %s)",

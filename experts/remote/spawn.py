@@ -27,15 +27,17 @@ from experts.modules import ExpertsConfig
 from experts.network import network_is_ideal
 from experts.remote.client import RemotePool
 from experts.remote.coordinator import Coordinator
+from experts.remote.wire import WorkerSettings
 from experts.transport import LocalTransportConfig, Transport, register_transport
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class ProcessTransportConfig(LocalTransportConfig):
+class ProcessTransportConfig(WorkerSettings, LocalTransportConfig):
     """Workers and addresses of `transport=process`; the fault semantics and the simulated network
-    come from `LocalTransportConfig` (see `FaultPolicy`) and mean the same in both transports."""
+    come from `LocalTransportConfig` (see `FaultPolicy`) and mean the same in both transports. How
+    workers serve (`max_grad_norm`, `heartbeat_interval`, `cache_size`) comes from `WorkerSettings`."""
 
     name: str = "process"
     workers: int = 2  # worker processes the trainer spawns on this machine
@@ -46,12 +48,9 @@ class ProcessTransportConfig(LocalTransportConfig):
     threads: int = 1  # torch intra-op threads per worker
     # one device per spawned worker, e.g. [cuda:1, cuda:2]; None: cuda:i round-robin, else the CPU
     devices: list[str] | None = None
-    max_grad_norm: float = 1e4  # workers reject grad_out with a larger L2 norm; 0 disables
-    heartbeat_interval: float = 1.0  # seconds between worker heartbeats
     heartbeat_misses: int = 5  # silent intervals before a worker counts as dead
     register_timeout: float = 60.0  # seconds to wait for workers to start and register
     request_timeout: float = 60.0  # seconds for hosting, state and checkpoint requests
-    cache_size: int = 256  # forward graphs a worker keeps for backward (oldest evicted)
     max_frame_mb: float = 1024.0  # largest tensor frame either side accepts
     checkpoint_every: int = 0  # workers checkpoint themselves every N steps; 0: at trainer checkpoints
 
@@ -160,7 +159,7 @@ class ProcessTransport(Transport):
             self.coordinator,
             layer,
             experts,
-            experts_cfg,
+            experts_cfg,  # the experts config is its own `OptimizerSettings`
             hosts,
             self.cfg,  # the transport config is its own fault policy
             network=self.cfg.network,

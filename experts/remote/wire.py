@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import IntEnum
 
 import torch
@@ -44,7 +44,7 @@ class Kind(IntEnum):
     """Message kinds; `→w` is trainer to worker, `→c` worker to coordinator (the trainer)."""
 
     HELLO = 1  # →c: a worker registers: meta {name, pid, device, threads}
-    WELCOME = 2  # →w: registration accepted: meta {checkpoint_dir, heartbeat_interval, ...}
+    WELCOME = 2  # →w: registration accepted: meta `Welcome` {checkpoint_dir, heartbeat_interval, ...}
     HOST = 3  # →w: host expert (layer, expert): meta {spec, optim, link, restore}, tensors = parameters
     HOSTED = 4  # →c: hosted: meta {restored}
     FORWARD = 5  # →w: tensors [x_aD] for one expert, one call; meta {keep, grad_input}
@@ -102,14 +102,28 @@ class WireLimits:
     max_tensors: int = 4096
 
 
-@dataclass(frozen=True)
+@dataclass
 class WorkerSettings:
-    """What WELCOME tells a worker (the meta of that message); a worker uses the defaults until then."""
+    """How workers serve, as configured for the run: `ProcessTransportConfig` inherits these fields
+    (`transport.cache_size`) and the coordinator sends them in WELCOME."""
 
-    heartbeat_interval: float = 1.0  # seconds between heartbeats
-    cache_size: int = 256  # forward graphs kept for backward (oldest evicted)
-    max_grad_norm: float = 1e4  # grad_out with a larger L2 norm is rejected; 0 disables
+    max_grad_norm: float = 1e4  # workers reject grad_out with a larger L2 norm; 0 disables
+    heartbeat_interval: float = 1.0  # seconds between worker heartbeats
+    cache_size: int = 256  # forward graphs a worker keeps for backward (oldest evicted)
+
+
+@dataclass
+class Welcome(WorkerSettings):
+    """The meta of WELCOME: the run's `WorkerSettings` and this worker's own checkpoint folder. A
+    worker uses the defaults until it is welcomed."""
+
     checkpoint_dir: str | None = None  # where the worker writes its own checkpoint; None: nowhere
+
+
+def settings_meta(settings_cls: type, source: object) -> dict:
+    """The fields of dataclass `settings_cls` read from `source` (an instance of it or of a config that
+    inherits it), as JSON meta: a config sends only the part a worker takes."""
+    return {f.name: getattr(source, f.name) for f in fields(settings_cls)}
 
 
 @dataclass

@@ -43,11 +43,12 @@ from experts.modules import FFN, build_expert
 from experts.network import Link, LinkSpec
 from experts.owner import ExpertOwner, OptimizerSettings
 from experts.remote.checkpoint import load_messages, save_messages
+from experts.remote.spawn import ProcessTransportConfig
 from experts.remote.wire import (
     Kind,
     Message,
+    Welcome,
     WireLimits,
-    WorkerSettings,
     decode,
     encode,
     expert_state_from,
@@ -80,12 +81,12 @@ class Worker:
 
     def __init__(
         self, coordinator: str, *, name: str, device: str, threads: int, parent_pid: int | None = None,
-        checkpoint_dir: str | None = None, max_frame_mb: float = 1024,
+        checkpoint_dir: str | None = None, max_frame_mb: float = ProcessTransportConfig.max_frame_mb,
     ):  # fmt: skip
         self.name, self.device, self.threads = name, torch.device(device), threads
         self.parent_pid = parent_pid
         self.fixed_checkpoint_dir = checkpoint_dir
-        self.settings = WorkerSettings(checkpoint_dir=checkpoint_dir)
+        self.settings = Welcome(checkpoint_dir=checkpoint_dir)
         self.limits = WireLimits(max_tensor_bytes=int(max_frame_mb * 2**20))
         self.experts: dict[tuple[int, int], HostedExpert] = {}
         self.cache: OrderedDict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -208,7 +209,7 @@ class Worker:
     # --- registration and hosting ------------------------------------------------------------------
 
     def on_welcome(self, message: Message) -> None:
-        settings = typed_config(WorkerSettings, message.meta, "welcome")
+        settings = typed_config(Welcome, message.meta, "welcome")
         self.settings = replace(settings, checkpoint_dir=self.fixed_checkpoint_dir or settings.checkpoint_dir)
         self.registered = True
         log.info("registered with the coordinator; checkpoints in %s", self.settings.checkpoint_dir)
@@ -225,7 +226,7 @@ class Worker:
             layer_name=str(meta["layer_name"]),
             spec=meta["spec"],
             owner=ExpertOwner(module, typed_config(OptimizerSettings, meta["optim"], "optim")),
-            link=Link(typed_config(LinkSpec, meta.get("link", {}), "link"), int(meta.get("link_seed", 0))),
+            link=Link(typed_config(LinkSpec, meta.get("link", {}), "link"), meta.get("link_stream", [0])),
         )
         restored = bool(meta.get("restore")) and self.restore(hosted, message.expert)
         self.experts[(message.layer, message.expert)] = hosted
@@ -244,7 +245,6 @@ class Worker:
             log.warning("checkpoint of %s/%d has another shape; starting fresh", hosted.layer_name, expert)
             return False
         self.load_state(hosted, saved[0])
-        hosted.owner.steps = int(saved[0].meta.get("steps", 0))
         log.info("restored %s/%d from %s (step %d)", hosted.layer_name, expert, path, hosted.owner.steps)
         return True
 
@@ -286,7 +286,7 @@ class Worker:
             return hosted.owner.module(x_aD)
         peer = None
         if behaviour.kind == "copycat" and (message.layer, int(behaviour.arg)) in self.experts:
-            peer = lambda j, x_jD: self.experts[(message.layer, j)].owner.module(x_jD)  # hosted here only
+            peer = lambda j, x_aD: self.experts[(message.layer, j)].owner.module(x_aD)  # hosted here only
         seed, step = int(message.meta.get("seed", 0)), int(message.meta.get("step", 0))
         return answer_call(hosted.owner.module, behaviour, x_aD, seed=seed, layer=hosted.layer_name,
                            step=step, expert_idx=message.expert, peer=peer)  # fmt: skip
@@ -363,7 +363,7 @@ class Worker:
         """Parameters, optimizer state, and what `restore` checks (layer name, spec, steps)."""
         state = hosted.owner.state_dict()
         params = {k: v.detach().cpu() for k, v in state["module"].items()}
-        meta = {"layer_name": hosted.layer_name, "spec": hosted.spec, "steps": hosted.owner.steps}
+        meta = {"layer_name": hosted.layer_name, "spec": hosted.spec, "steps": state["steps"]}
         address = {"step": step, "layer": layer, "expert": expert}
         return expert_state_message(kind, params, state["optimizer"], meta=meta, **address)
 
@@ -372,8 +372,10 @@ class Worker:
         self.reply_to(message, Kind.LOADED)
 
     def load_state(self, hosted: HostedExpert, message: Message) -> None:
+        """Parameters and optimizer state, and the step count where the message has one (a checkpoint)."""
         params, optimizer_state = expert_state_from(message)
-        hosted.owner.load_state_dict({"module": params, "optimizer": optimizer_state})
+        steps = {"steps": int(message.meta["steps"])} if "steps" in message.meta else {}
+        hosted.owner.load_state_dict({"module": params, "optimizer": optimizer_state, **steps})
 
     def on_checkpoint(self, message: Message) -> None:
         path = self.checkpoint_path()
@@ -433,13 +435,14 @@ def _address_of(parts: list) -> tuple[int, int, int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experts.worker", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
+    defaults = ProcessTransportConfig  # a hand-started worker takes the values a spawned one is given
     add("--coordinator", required=True, help="tcp://HOST:PORT or ipc://PATH of the trainer")
     add("--name", default=None, help="stable worker name; reuse it to rejoin (default host-pid)")
     add("--device", default="cpu", help="cpu or cuda:i")
-    add("--threads", type=int, default=1, help="torch intra-op threads")
+    add("--threads", type=int, default=defaults.threads, help="torch intra-op threads")
     add("--checkpoint-dir", default=None, help="own checkpoint folder (default: given by the trainer)")
     add("--parent-pid", type=int, default=None, help="exit when this process is no longer the parent")
-    add("--max-frame-mb", type=float, default=1024.0, help="largest tensor frame accepted")
+    add("--max-frame-mb", type=float, default=defaults.max_frame_mb, help="largest tensor frame accepted")
     add("--log-level", default="INFO")
     return parser.parse_args(argv)
 

@@ -23,6 +23,7 @@ from experts.behaviours import (
     run_expert,
 )
 from experts.modules import FFN
+from experts.owner import OptimizerSettings
 from experts.pool import LocalPool
 from moe.errors import ConfigError
 from moe.nn.layer import combine
@@ -225,7 +226,7 @@ def test_call_draws_depend_only_on_seed_layer_step_and_expert(expert):
 
 def pool_with(behaviours: dict[int, str], num_experts: int = 4, lr: float = 1e-2) -> LocalPool:
     torch.manual_seed(0)
-    pool = LocalPool([FFN(D, 16) for _ in range(num_experts)], lr=lr)
+    pool = LocalPool([FFN(D, 16) for _ in range(num_experts)], OptimizerSettings(lr=lr, grad_clip=0.0))
     pool.set_behaviours(parse_behaviours(behaviours, num_experts), seed=0, layer="layer0")
     return pool
 

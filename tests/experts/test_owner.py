@@ -96,5 +96,15 @@ def test_state_round_trips_into_a_fresh_owner():
     clone = ExpertOwner(FFN(4, 8), OptimizerSettings(lr=1.0))
     clone.load_state_dict(owner.state_dict())
     assert clone.optimizer.param_groups[0]["lr"] == 1e-2
+    assert clone.steps == owner.steps == 1  # a restored miner reports the steps it had taken
     for a, b in zip(owner.module.parameters(), clone.module.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_state_without_a_step_count_leaves_the_count_as_it_is():
+    owner = owner_with_gradients()
+    owner.step()
+    state = owner.state_dict()
+    del state["steps"]  # a pool's layout (LocalPool, RemotePool checkpoints) keeps no counts
+    owner.load_state_dict(state)
+    assert owner.steps == 1
