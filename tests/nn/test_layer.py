@@ -8,6 +8,7 @@ import torch
 
 import router
 from experts.modules import FFN
+from experts.owner import OptimizerSettings
 from experts.pool import LocalPool, PoolOutput
 from moe.nn.layer import MoELayer, combine
 from router.plan import DispatchPlan, build_plan
@@ -28,7 +29,8 @@ class CountingPool(LocalPool):
 def make_layer(top_k: int = 2, activation: str = "gelu", seed: int = 0) -> MoELayer:
     torch.manual_seed(seed)
     experts = [FFN(D, F, activation) for _ in range(E)]
-    return MoELayer("layer0", router.build("topk", D, E, top_k=top_k), CountingPool(experts, lr=1e-2))
+    pool = CountingPool(experts, OptimizerSettings(lr=1e-2, grad_clip=0.0))
+    return MoELayer("layer0", router.build("topk", D, E, top_k=top_k), pool)
 
 
 def dense_reference(layer: MoELayer, x_ND: torch.Tensor) -> torch.Tensor:
