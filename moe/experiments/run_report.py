@@ -27,8 +27,8 @@ def load_trained(ckpt: str | Path, num_val_batches: int | None = None):
     """Rebuild a run's data and model from a checkpoint, with its experts in this process."""
     from omegaconf import OmegaConf
 
-    from moe.engine.checkpoint import load_checkpoint, run_dir_of
     from moe.engine.build import build_run
+    from moe.engine.checkpoint import load_checkpoint, run_dir_of
 
     path, state = load_checkpoint(ckpt)
     cfg = OmegaConf.create(state["config"])
