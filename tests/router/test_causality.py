@@ -54,6 +54,11 @@ def routing_of(plan: DispatchPlan, tokens: range) -> tuple[Routing, list[int]]:
     return {t: tuple(sorted(pairs)) for t, pairs in routes.items()}, dropped
 
 
+def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(B, T, D, generator=generator), torch.randint(0, VOCAB, (B, T), generator=generator)
+
+
 def route_batch(module, x_BTD: torch.Tensor, ids_BT: torch.Tensor) -> DispatchPlan:
     """Route from a copy, so every call starts from the same state (step counters, balancing biases)."""
     with torch.no_grad():
@@ -83,9 +88,7 @@ def future_changes(module, x_BTD: torch.Tensor, ids_BT: torch.Tensor, seq: int, 
 def past_routing_changes(module, training: bool) -> tuple[bool, bool]:
     """(whether any future change moved the past's routing, whether any moved the future's own routing)."""
     module.train(training)
-    generator = torch.Generator().manual_seed(0)
-    x_BTD = torch.randn(B, T, D, generator=generator)
-    ids_BT = torch.randint(0, VOCAB, (B, T), generator=generator)
+    x_BTD, ids_BT = make_batch()
     plan = route_batch(module, x_BTD, ids_BT)
     past_moved = future_moved = False
     for seq in (0, B - 1):
@@ -147,3 +150,26 @@ def test_base_evaluates_as_trained_when_asked():
     assert evaluated.counts.tolist() == [64 // E] * E
     assert torch.equal(evaluated.token_idx, trained.token_idx)
     assert torch.equal(evaluated.expert_idx, trained.expert_idx)
+
+
+@pytest.mark.parametrize(
+    ("case", "depends"),
+    [(("switch", TIGHT), True), (("gshard", TIGHT), True), (("topk", {}), False)],
+    ids=lambda v: case_id(v) if isinstance(v, tuple) else str(v),
+)
+def test_capacity_routers_are_causal_yet_depend_on_earlier_sequences(case, depends):
+    """What the definition allows: a buffer filled by an earlier sequence drops a later sequence's
+    token, so a batched score differs from one-sequence generation, with no look-ahead in its own text."""
+    name, options = case
+    torch.manual_seed(0)
+    module = router.build(name, D, E, **options).train()
+    x_BTD, ids_BT = make_batch()
+    later_sequences = range(T, B * T)
+    plan = route_batch(module, x_BTD, ids_BT)
+    moved = False
+    for changed_batch in future_changes(module, x_BTD, ids_BT, seq=0, t0=-1):  # all of sequence 0 changes
+        moved |= routing_of(plan, later_sequences) != routing_of(
+            route_batch(module, *changed_batch), later_sequences
+        )
+    assert moved == depends
+    assert module.is_causal()
