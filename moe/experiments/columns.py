@@ -1,6 +1,7 @@
 """Table columns of sweep reports: a title, a format and how to read one run's value from its
 summary.json and logged events. The comparison's standard columns live here; experiment files add
-their own through `moe.experiments.page_spec`, built from the value readers below.
+their own through `moe.experiments.page_spec`, built from the value readers below. The causal column
+reads the router registry's declaration (`causality_label`).
 """
 
 from __future__ import annotations
