@@ -30,21 +30,37 @@ class BaseConfig(RouterConfig):
     auction_epsilon: float = 1e-3
     # Rounds per ε phase; tokens still free after the last phase take the open slots greedily.
     auction_phase_rounds: int = 48
+    # How evaluation routes. "greedy": top-1 by logits (the paper's choice), causal. "balanced": the
+    # training assignment, so the score measures the model as trained, but non-causal (a token's expert
+    # depends on the whole batch, its own future included).
+    eval_routing: str = "greedy"
 
 
 @register("base", BaseConfig)
 class BaseRouter(LearnedRouter):
     """Training: the assignment of tokens to experts maximising Σ h_t·w_e subject to every expert getting
-    exactly N/E tokens (within one when E does not divide N), solved by an auction. Evaluation: greedy
-    top-1, as in the paper (the balanced assignment would make a token's expert depend on the future).
-    The gate is σ(h_t·w_e) of the chosen expert, through which the router learns.
+    exactly N/E tokens (within one when E does not divide N), solved by an auction. The gate is
+    σ(h_t·w_e) of the chosen expert, through which the router learns.
+
+    Non-causal while training: the balanced assignment gives a token the expert that fits the whole
+    batch, its own future tokens included. The way it was trained cannot be run causally, so
+    evaluation by default routes greedily (top-1 by logits, as in the paper), which is causal but is not
+    how the model was trained: its load is unbalanced and its score can differ from a balanced one.
+    `eval_routing: balanced` evaluates with the training assignment instead (flagged non-causal at
+    evaluation), so a comparison can report both numbers.
 
     The selection bias is ignored while training: adding a per-expert constant adds the same amount to
     every balanced assignment's score, so it cannot change the optimum (bans are not honoured there
-    either). At evaluation it is added to the greedy key.
+    either). At greedy evaluation it is added to the key.
     """
 
+    EVAL_ROUTINGS = ("greedy", "balanced")
+    causal_in_training = False
     config: BaseConfig
+
+    @classmethod
+    def causal_for(cls, config: BaseConfig, training: bool) -> bool:
+        return not training and config.eval_routing == "greedy"
 
     def __init__(self, d_model: int, num_experts: int, config: BaseConfig):
         check_config(
@@ -54,10 +70,14 @@ class BaseRouter(LearnedRouter):
             config.auction_phase_rounds >= 1,
             f"router.auction_phase_rounds={config.auction_phase_rounds} must be >= 1",
         )
+        check_config(
+            config.eval_routing in self.EVAL_ROUTINGS,
+            f"router.eval_routing={config.eval_routing!r} must be one of {self.EVAL_ROUTINGS}",
+        )
         super().__init__(d_model, num_experts, config)
 
     def route(self, x_ND, logits_NE, probs_NE, selection_bias_E) -> DispatchPlan:
-        if self.training:
+        if self.training or self.config.eval_routing == "balanced":
             expert_N = balanced_assignment(
                 logits_NE.detach(), self.config.auction_epsilon, self.config.auction_phase_rounds
             )

@@ -26,14 +26,33 @@ class Router(nn.Module):
     steers which experts are chosen, never a gate value. A strategy implements `route_tokens`.
     """
 
-    # True where a token's experts depend on later tokens of its sequence (expert choice): a decoder
-    # trained with such a router sees the future, so its eval loss is not a causal LM's loss.
-    non_causal: bool = False
+    # Causality, declared per mode for the strategy's default options (`causal_for` sees the options).
+    # Causal: the routing (experts, gates, drops) of the token at position t of a sequence never changes
+    # when tokens after t in that same sequence change, i.e. it depends only on that token, the earlier
+    # tokens of its sequence, and data-independent state (parameters, seeded draws). A decoder trained
+    # or evaluated with a non-causal router sees its own future there, so its loss is not a causal
+    # LM's. Batch-level balancing is non-causal: a token's expert depends on every token of the batch,
+    # its own future included. Dependence on *other* sequences of the batch is allowed here (capacity
+    # routers count earlier tokens of the flattened batch): no look-ahead into the token's own text,
+    # but a batched score can differ from one-sequence generation. tests/router/test_causality.py
+    # checks every declaration against the behaviour.
+    causal_in_training: bool = True
+    causal_in_eval: bool = True
 
     def __init__(self, num_experts: int, config: RouterConfig):
         super().__init__()
         self.config = config
         self.num_experts = num_experts
+
+    @classmethod
+    def causal_for(cls, config: RouterConfig, training: bool) -> bool:
+        """Whether a router built from `config` is causal in this mode; a strategy whose causality
+        depends on an option overrides this."""
+        return cls.causal_in_training if training else cls.causal_in_eval
+
+    def is_causal(self, training: bool | None = None) -> bool:
+        """Whether this router is causal in `training` mode (default: its current mode)."""
+        return self.causal_for(self.config, self.training if training is None else training)
 
     def forward(
         self,
@@ -209,19 +228,25 @@ def clip_to_capacity(
     *,
     group_N: torch.Tensor | None = None,
     wanted_NK: torch.Tensor | None = None,
+    token_order: bool = False,
 ) -> torch.Tensor:
     """Which choices fit in their expert's buffer of `capacity` slots (per group when `group_N` is given).
 
-    Slots go to all first choices before any second choice (GShard), and within one choice rank to
-    earlier tokens first (Switch). Choices not in `wanted_NK` take no slot and are not kept.
-    Returns kept_NK (bool).
+    Slots go to earlier tokens first (Switch). With several choices per token, by default all first
+    choices take slots before any second choice (the GShard paper's order, in which a token's second
+    choice depends on later tokens' first choices: not causal); with `token_order` every choice of a
+    token takes its slot before the next token's (causal). Choices not in `wanted_NK` take no slot and
+    are not kept. Returns kept_NK (bool).
     """
     num_tokens, k = expert_NK.shape
     bucket_NK = expert_NK if group_N is None else group_N[:, None] * num_experts + expert_NK
     num_buckets = num_experts if group_N is None else (int(group_N.max()) + 1) * num_experts
     if wanted_NK is not None:
         bucket_NK = torch.where(wanted_NK, bucket_NK, num_buckets)  # a spare bucket nobody is kept from
-    rank_NK = rank_within_bucket(bucket_NK.T.reshape(-1), num_buckets + 1).view(k, num_tokens).T
+    if token_order:
+        rank_NK = rank_within_bucket(bucket_NK.reshape(-1), num_buckets + 1).view(num_tokens, k)
+    else:
+        rank_NK = rank_within_bucket(bucket_NK.T.reshape(-1), num_buckets + 1).view(k, num_tokens).T
     kept_NK = rank_NK < capacity
     return kept_NK if wanted_NK is None else kept_NK & wanted_NK
 

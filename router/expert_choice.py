@@ -27,13 +27,17 @@ class ExpertChoiceRouter(LearnedRouter):
     or by none (the fraction with none is logged as `unrouted_frac`; such a token keeps only its
     residual).
 
-    Non-causal: which tokens an expert takes depends on the whole batch, later positions included, so
-    in a decoder a token's output depends on the future. The selection bias is added to the logits
+    Non-causal in both modes: which tokens an expert takes depends on the whole batch, later positions
+    included, so in a decoder a token's output depends on its own future. Evaluation routes exactly as
+    training does (same rule, C from the evaluation batch's size): the score measures the model as
+    trained, and is flagged non-causal like training. There is no causal form of this rule (an expert
+    cannot know a token is among its top C before seeing the rest of the batch). The selection bias is added to the logits
     before the softmax that ranks tokens, so it shifts which tokens an expert prefers relative to
     other experts; an expert whose key is zero for a token (a ban of −inf) never takes it.
     """
 
-    non_causal = True
+    causal_in_training = False
+    causal_in_eval = False
     config: ExpertChoiceConfig
 
     def __init__(self, d_model: int, num_experts: int, config: ExpertChoiceConfig):

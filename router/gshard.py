@@ -30,6 +30,11 @@ class GShardConfig(RouterConfig):
     eval_capacity_factor: float = 2.0
     group_size: int = 1024  # S: capacity is enforced inside each group of S consecutive tokens
     random_second_at_eval: bool = False  # keep the second expert at random at evaluation too (else always)
+    # Who gets buffer slots first. "causal": token by token, a token's first then second choice before
+    # the next token's, so a token's experts never depend on later tokens. "paper": every first choice
+    # of the group before any second choice (Lepikhin et al.): a token's second expert then depends on
+    # later tokens' first choices, in training and at evaluation alike (non-causal).
+    order: str = "causal"
     aux_loss_weight: float = 0.01  # load-balancing loss over first choices
     seed: int = 0  # second-expert draws come from (seed, step): reproducible and resumable
 
@@ -38,18 +43,33 @@ class GShardConfig(RouterConfig):
 class GShardRouter(LearnedRouter):
     """Top-2 gating: g₁, g₂ renormalised over the two; the second expert is kept with probability
     min(1, 2·g₂) (the paper's random routing, which skips weak second choices and saves capacity).
-    In every group of `group_size` tokens all first choices take buffer slots before any second
-    choice; overflow is dropped and listed in `dropped`. A dropped choice's gate is not given to
-    the other expert, as in the paper.
+    In every group of `group_size` consecutive tokens each expert has a buffer of capacity slots;
+    overflow is dropped and listed in `dropped`. A dropped choice's gate is not given to the other
+    expert, as in the paper.
+
+    Slot order (`order`): by default token by token, first then second choice of a token before the
+    next token's, which is causal (a later token never takes an earlier token's slot); a first choice
+    can then lose its slot to an earlier token's second choice. `order: paper` serves every first
+    choice of the group before any second choice, as the paper does, so a token's second expert
+    depends on its own future tokens: flagged non-causal in both modes (the cap applies at evaluation
+    too, with `eval_capacity_factor`).
     """
 
+    ORDERS = ("causal", "paper")
     config: GShardConfig
+
+    @classmethod
+    def causal_for(cls, config: GShardConfig, training: bool) -> bool:
+        return config.order == "causal"
 
     def __init__(self, d_model: int, num_experts: int, config: GShardConfig):
         check_config(num_experts >= 2, f"router 'gshard' routes to 2 experts but experts.num={num_experts}")
         for key in ("capacity_factor", "eval_capacity_factor", "group_size"):
             value = getattr(config, key)
             check_config(value > 0, f"router.{key}={value} must be > 0")
+        check_config(
+            config.order in self.ORDERS, f"router.order={config.order!r} must be one of {self.ORDERS}"
+        )
         super().__init__(d_model, num_experts, config)
         self.rng = StepRng(config.seed)
 
@@ -63,10 +83,21 @@ class GShardRouter(LearnedRouter):
         capacity = expert_capacity(group_size, self.num_experts, factor, choices_per_token=2)
         group_N = torch.arange(num_tokens, device=x_ND.device) // group_size
         kept_N2 = clip_to_capacity(
-            expert_N2, self.num_experts, capacity, group_N=group_N, wanted_NK=wanted_N2
+            expert_N2,
+            self.num_experts,
+            capacity,
+            group_N=group_N,
+            wanted_NK=wanted_N2,
+            token_order=self.config.order == "causal",
         )
         return self.token_choice_plan(
-            expert_N2, gate_N2, logits_NE, probs_NE, balanced_NK=expert_N2[:, :1], wanted_NK=wanted_N2, kept_NK=kept_N2
+            expert_N2,
+            gate_N2,
+            logits_NE,
+            probs_NE,
+            balanced_NK=expert_N2[:, :1],
+            wanted_NK=wanted_N2,
+            kept_NK=kept_N2,
         )
 
     def _wanted(self, gate_N2: torch.Tensor) -> torch.Tensor:

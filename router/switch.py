@@ -37,6 +37,11 @@ class SwitchRouter(LearnedRouter):
     through it. Tokens beyond an expert's capacity, earliest first, are dropped: they keep only the
     residual and are listed in the plan's `dropped`. The load-balancing loss counts the router's choices
     before dropping, as in the paper.
+
+    Causal in both modes: earlier tokens of the flattened batch take slots first, so a later token
+    never takes an earlier one's slot. A token's drop still depends on the earlier *sequences* of the
+    batch and on the batch size (the capacity), so a batched score can differ from one-sequence
+    token-by-token generation, where a one-token buffer never overflows.
     """
 
     config: SwitchConfig

@@ -1,6 +1,7 @@
 """Table columns of sweep reports: a title, a format and how to read one run's value from its
 summary.json and logged events. The comparison's standard columns live here; experiment files add
-their own through `moe.experiments.page_spec`, built from the value readers below.
+their own through `moe.experiments.page_spec`, built from the value readers below. The causal column
+reads the router registry's declaration (`causality_label`).
 """
 
 from __future__ import annotations
@@ -8,8 +9,12 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+from router.errors import ConfigError
+from router.registry import lookup
+from router.typed_config import typed_config
 
 FinalValue = Callable[[dict | None, list[dict]], float | None]  # (summary or None, events) → value
 EventValue = Callable[[dict], float | None]  # one logged event → value
@@ -127,3 +132,42 @@ COLUMNS = [
     Column("dropped %", router_metric("dropped_frac", scale=100.0), ".2f"),
     Column("tokens/s", plain_metric("perf/tokens_per_s"), ".0f"),
 ]
+
+
+# ---------------------------------------------------------------------------------------------- causality
+
+# (causal in training, causal at evaluation) → the table's word; see `Router` for what causal means.
+CAUSALITY_LABELS = {
+    (True, True): "yes",
+    (False, True): "eval only",
+    (True, False): "training only",
+    (False, False): "no",
+}
+CAUSALITY_NOTE = (
+    "Causal: whether a token's routing ignores the later tokens of its own sequence, as a decoder "
+    "generating text needs (the router's declaration, tested in tests/router/test_causality.py); "
+    "'eval only': routing looks ahead while training (batch-level balancing) but not at evaluation; "
+    "'no': it looks ahead at evaluation too, so the val loss is not a causal LM's loss."
+)
+
+
+def causality_label(router_node: Mapping | None) -> str:
+    """The declared causality of the router a run's config `router` node describes ('?' when unknown).
+
+    Options that cannot be read (unresolved interpolations, wrong types) fall back to the defaults;
+    the options that change causality (gshard `order`, base `eval_routing`) are plain strings.
+    """
+    if not router_node or not isinstance(router_node.get("name"), str):
+        return "?"
+    try:
+        strategy = lookup(router_node["name"])
+    except ConfigError:
+        return "?"
+    options = {k: v for k, v in router_node.items() if not (isinstance(v, str) and "${" in v)}
+    try:
+        config = typed_config(strategy.config_cls, options, "router")
+    except ConfigError:
+        config = typed_config(strategy.config_cls, {"name": strategy.name}, "router")
+    return CAUSALITY_LABELS[
+        strategy.factory.causal_for(config, True), strategy.factory.causal_for(config, False)
+    ]

@@ -17,14 +17,23 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from moe.engine.metrics import METRICS_FILE, read_metrics
-from moe.engine.run_info import SUMMARY_FILE
+from moe.engine.run_info import RUN_INFO_FILE, SUMMARY_FILE
 from moe.errors import DataError
-from moe.experiments.columns import COLUMNS, Column, EventValue, event_metric, layer_mean
+from moe.experiments.columns import (
+    CAUSALITY_NOTE,
+    COLUMNS,
+    Column,
+    EventValue,
+    causality_label,
+    event_metric,
+    layer_mean,
+)
 from moe.experiments.render import figure_link, markdown_table, mean_pm_std, pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+HYDRA_CONFIG_FILE = Path(".hydra") / "config.yaml"
 SEED_KEYS = {"seed"}
 VAL_LOSS_PLOT, LOAD_CV_PLOT = "val_loss.png", "load_cv.png"
 
@@ -38,6 +47,7 @@ class JobRun:
     summary: dict | None
     events: list[dict]
     problems: list[str] = field(default_factory=list)
+    router: dict | None = None  # the run's `router` config node (name and options), when it can be told
 
     @property
     def seed(self) -> str:
@@ -106,7 +116,28 @@ def read_job(job_dir: Path) -> JobRun:
         run.events = read_metrics(job_dir)
     if not run.events:
         run.problems.append(f"no metrics ({METRICS_FILE} missing or empty)")
+    run.router = router_node(job_dir, run.overrides)
     return run
+
+
+def router_node(job_dir: Path, overrides: list[str]) -> dict | None:
+    """The job's `router` config: run_info.json's resolved config, else Hydra's saved config, else the
+    `router=` / `router.<key>=` overrides (enough when the router is the default's plus overrides)."""
+    for source in (job_dir / RUN_INFO_FILE, job_dir / HYDRA_CONFIG_FILE):
+        try:
+            config = OmegaConf.to_container(OmegaConf.load(source), resolve=False)
+        except Exception:  # missing or unreadable: try the next source
+            continue
+        config = config.get("config", config) if source.name == RUN_INFO_FILE else config
+        if isinstance(config, dict) and isinstance(config.get("router"), dict):
+            return config["router"]
+    node = {}
+    for key, value in map(split_override, overrides):
+        if key == "router":
+            node["name"] = value
+        elif key.startswith("router."):
+            node[key.removeprefix("router.")] = value
+    return node if "name" in node else None
 
 
 # ---------------------------------------------------------------------------------------------- curves
@@ -138,8 +169,11 @@ def group_rows(runs: list[JobRun]) -> dict[tuple[str, ...], list[JobRun]]:
     return rows
 
 
-def table(rows: dict[tuple[str, ...], list[JobRun]], columns: list[Column] | None = None) -> list[str]:
-    """One row per override combination, mean ± std over seeds of each column (default `COLUMNS`)."""
+def table(
+    rows: dict[tuple[str, ...], list[JobRun]], columns: list[Column] | None = None, *, causal: bool = False
+) -> list[str]:
+    """One row per override combination, mean ± std over seeds of each column (default `COLUMNS`); with
+    `causal`, a column saying whether the row's router is causal (see `causality_label`)."""
     columns = COLUMNS if columns is None else columns
     common = common_overrides(rows)
     lines = [f"Common to all rows: `{' '.join(common)}`", ""] if common else []
@@ -149,9 +183,10 @@ def table(rows: dict[tuple[str, ...], list[JobRun]], columns: list[Column] | Non
             mean_pm_std([v for r in runs if (v := c.final(r.summary, r.events)) is not None], c.fmt)
             for c in columns
         ]
-        body.append([config_label(config, common), ", ".join(r.seed for r in runs), *cells])
-    header = ["run", "seeds", *(c.title for c in columns)]
-    return lines + markdown_table(header, body, align="ll" + "r" * len(columns))
+        labels = [causality_label(runs[0].router)] if causal else []
+        body.append([config_label(config, common), ", ".join(r.seed for r in runs), *labels, *cells])
+    header = ["run", "seeds", *(["causal"] if causal else []), *(c.title for c in columns)]
+    return lines + markdown_table(header, body, align="ll" + "l" * causal + "r" * len(columns))
 
 
 def plot_mean_curve_per_row(
@@ -230,12 +265,12 @@ def compare_sweep(multirun_dir: Path) -> Path:
         "",
         found_line(runs, failed, without_metrics),
         "",
-        *table(rows),
+        *table(rows, causal=True),
         "",
         "One row per distinct override combination apart from `seed`; mean ± sample std over its seeds. "
         "Val loss, bits/byte and tokens/s are the final values from summary.json (the last logged value "
         "where summary.json lacks one); load CV, MaxVio and dropped % are the last logged routing metrics, "
-        "averaged over MoE layers.",
+        "averaged over MoE layers. " + CAUSALITY_NOTE,
         "",
         figure_link("val loss vs step", val_loss_png),
         "",

@@ -80,8 +80,9 @@ def test_one_row_per_config_with_mean_and_std_over_seeds(sweep):
     report = out.read_text()
     rows = table_rows(report)
     assert set(rows) == {"router=switch", "router=topk"}
-    seeds, val_loss, bpb, load_cv, max_vio, dropped, tokens = rows["router=switch"]
+    seeds, causal, val_loss, bpb, load_cv, max_vio, dropped, tokens = rows["router=switch"]
     assert seeds == "0, 1, 2"
+    assert causal == "yes"
     assert val_loss == f"{statistics.fmean([2.0, 2.2, 2.4]):.4f} ± {statistics.stdev([2.0, 2.2, 2.4]):.4f}"
     assert bpb.startswith(f"{2.2 / 0.69:.4f} ±")
     assert load_cv == "0.300 ± 0.000"  # the last logged value, averaged over the two layers
@@ -107,8 +108,8 @@ def test_failed_and_metricless_runs_are_named_not_skipped(sweep):
     assert "1 complete without metrics (jobs 7)" in report
     rows = table_rows(report)
     assert rows["router=base"][0] == "1"  # only the complete seed
-    assert rows["router=base"][1] == "3.0000"
-    assert rows["router=base"][3] == "n/a"  # no routing metrics were logged
+    assert rows["router=base"][2] == "3.0000"
+    assert rows["router=base"][4] == "n/a"  # no routing metrics were logged
     problems = report.split("## Runs with problems", 1)[1]
     assert "job 6 (router=base seed=0): failed: no summary.json" in problems
     assert "job 7 (router=base seed=1): no metrics" in problems
@@ -122,7 +123,7 @@ def test_seed_only_sweep_is_one_defaults_row_and_a_truncated_line_is_tolerated(t
             f.write('{"step": 40, "val/lo')  # killed mid-write
     rows = table_rows(compare_sweep(tmp_path).read_text())
     assert list(rows) == ["(defaults)"]
-    assert rows["(defaults)"][1] == "1.5000 ± 0.7071"
+    assert rows["(defaults)"][2] == "1.5000 ± 0.7071"
 
 
 def test_not_a_sweep_dir_is_a_clear_error(tmp_path):
@@ -140,3 +141,33 @@ def test_overrides_shared_by_every_row_are_stated_once(tmp_path):
     report = compare_sweep(tmp_path).read_text()
     assert "Common to all rows: `experiment=routing_comparison`" in report
     assert set(table_rows(report)) == {"router=switch", "router=topk"}
+
+
+def test_rows_say_whether_their_router_is_causal(tmp_path):
+    """From the overrides alone, from run_info.json's resolved config, from Hydra's saved config."""
+    routers = {
+        "router=switch": "yes",
+        "router=base": "eval only",  # balanced while training, greedy at evaluation
+        "router=expert_choice": "no",
+        "router=gshard": "yes",
+        "router=gshard, router.order=paper": "no",
+        "router=base, router.eval_routing=balanced": "no",
+    }
+    for job, overrides in enumerate(routers):
+        write_job(tmp_path, job, overrides.split(", "), final_loss=1.0)
+    info_job = write_job(tmp_path, len(routers), ["router.name=unreadable"], final_loss=1.0)
+    config = {"router": {"name": "gshard", "order": "paper", "seed": 0}}
+    (info_job / "run_info.json").write_text(json.dumps({"seed": 0, "config": config}))
+    hydra_job = write_job(tmp_path, len(routers) + 1, ["experiment=x"], final_loss=1.0)
+    (hydra_job / ".hydra" / "config.yaml").write_text(
+        "router:\n  name: base\n  seed: ${oc.select:seed,0}\n  eval_routing: greedy\n"
+    )
+    write_job(tmp_path, len(routers) + 2, ["router=nonexistent"], final_loss=1.0)
+    report = compare_sweep(tmp_path).read_text()
+    rows = table_rows(report)
+    assert {label: rows[label][1] for label in routers} == routers
+    assert rows["router.name=unreadable"][1] == "no"  # run_info.json wins over the overrides
+    assert rows["experiment=x"][1] == "eval only"
+    assert rows["router=nonexistent"][1] == "?"
+    assert "| run | seeds | causal | val loss |" in report
+    assert "'eval only': routing looks ahead while training" in report

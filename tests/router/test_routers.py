@@ -27,7 +27,7 @@ from router.plan import DispatchPlan
 D, E, VOCAB = 8, 4, 256
 ALL = router.names()
 LEARNED = [name for name in ALL if issubclass(router.lookup(name).factory, LearnedRouter)]
-TOKEN_CHOICE = [name for name in LEARNED if not router.lookup(name).factory.non_causal]
+TOKEN_CHOICE = [name for name in LEARNED if name != "expert_choice"]  # each token picks its experts
 SMALL = settings(max_examples=12, deadline=None)
 
 
@@ -209,8 +209,9 @@ def test_a_banned_expert_gets_no_tokens_at_evaluation(name):
     assert int(plan.counts[-1]) == 0
 
 
-def test_only_expert_choice_is_flagged_non_causal():
-    flagged = [name for name in ALL if router.lookup(name).factory.non_causal]
+def test_only_expert_choice_is_flagged_non_causal_at_evaluation():
+    """Per-mode behaviour is checked in test_causality.py; at evaluation only expert choice looks ahead."""
+    flagged = [name for name in ALL if not router.build(name, D, E).eval().is_causal()]
     assert flagged == ["expert_choice"]
 
 
@@ -260,21 +261,27 @@ def test_topk_noise_is_training_only_and_learned_noise_gets_gradients():
 # ---------------------------------------------------------------------------------------------- capacity
 
 
-def capacity_reference(wanted: list[list[int | None]], capacity: int, group_of_token: list[int]):
-    """Plain loop: choice rank by choice rank, token by token; a choice fits while its bucket has room."""
+def capacity_reference(
+    wanted: list[list[int | None]], capacity: int, group_of_token: list[int], token_order: bool = False
+):
+    """Plain loop: choice rank by choice rank, token by token (GShard's paper order; token by token when
+    `token_order`); a choice fits while its bucket has room."""
     used: Counter = Counter()
     kept, dropped = set(), []
-    for rank in range(len(wanted[0])):
-        for token, choices in enumerate(wanted):
-            expert = choices[rank]
-            if expert is None:
-                continue
-            bucket = (group_of_token[token], expert)
-            if used[bucket] < capacity:
-                used[bucket] += 1
-                kept.add((token, expert))
-            else:
-                dropped.append(token)
+    ranks, tokens = range(len(wanted[0])), range(len(wanted))
+    order = (
+        [(t, r) for t in tokens for r in ranks] if token_order else [(t, r) for r in ranks for t in tokens]
+    )
+    for token, rank in order:
+        expert = wanted[token][rank]
+        if expert is None:
+            continue
+        bucket = (group_of_token[token], expert)
+        if used[bucket] < capacity:
+            used[bucket] += 1
+            kept.add((token, expert))
+        else:
+            dropped.append(token)
     return kept, sorted(dropped)
 
 
@@ -312,6 +319,7 @@ def test_switch_jitter_only_changes_routing_while_training():
     assert experts_of_tokens(jittery.train()(x_ND)) != experts_of_tokens(steady.train()(x_ND))
 
 
+@pytest.mark.parametrize("order", ["paper", "causal"])
 @SMALL
 @given(
     num_tokens=st.integers(1, 80),
@@ -319,20 +327,29 @@ def test_switch_jitter_only_changes_routing_while_training():
     factor=st.floats(0.25, 1.5),
     group_size=st.integers(1, 40),
 )
-def test_gshard_serves_first_choices_first_and_drops_exactly_the_overflow(
-    num_tokens, num_experts, factor, group_size
+def test_gshard_serves_slots_in_its_order_and_drops_exactly_the_overflow(
+    order, num_tokens, num_experts, factor, group_size
 ):
+    """Paper order: every first choice before any second; causal order: token by token."""
     plan, module, x_ND = route(
-        "gshard", num_tokens, num_experts, training=False, eval_capacity_factor=factor, group_size=group_size
+        "gshard",
+        num_tokens,
+        num_experts,
+        training=False,
+        eval_capacity_factor=factor,
+        group_size=group_size,
+        order=order,
     )
     size = min(group_size, num_tokens)
     capacity = expected_capacity(size, num_experts, factor, k=2)
     top2 = module.logits(x_ND).topk(2, dim=-1).indices.tolist()
-    kept, dropped = capacity_reference(top2, capacity, [t // size for t in range(num_tokens)])
+    groups = [t // size for t in range(num_tokens)]
+    kept, dropped = capacity_reference(top2, capacity, groups, token_order=order == "causal")
     assert kept_pairs(plan) == kept
     assert sorted(plan.dropped.tolist()) == dropped
 
 
+@pytest.mark.parametrize("order", ["paper", "causal"])
 @SMALL
 @given(
     num_tokens=st.integers(1, 80),
@@ -341,7 +358,9 @@ def test_gshard_serves_first_choices_first_and_drops_exactly_the_overflow(
     group_size=st.integers(1, 40),
     seed=st.integers(0, 99),
 )
-def test_gshard_training_never_exceeds_group_capacity(num_tokens, num_experts, factor, group_size, seed):
+def test_gshard_training_never_exceeds_group_capacity(
+    order, num_tokens, num_experts, factor, group_size, seed
+):
     plan, module, x_ND = route(
         "gshard",
         num_tokens,
@@ -350,6 +369,7 @@ def test_gshard_training_never_exceeds_group_capacity(num_tokens, num_experts, f
         seed=seed,
         capacity_factor=factor,
         group_size=group_size,
+        order=order,
     )
     size = min(group_size, num_tokens)
     capacity = expected_capacity(size, num_experts, factor, k=2)
