@@ -30,12 +30,13 @@ class BiasBalancedConfig(RouterConfig):
     name: str = "bias_balanced"
     top_k: int = 2
     # γ: each training step every bias moves by γ·sign(mean load − load). The bias needs about
-    # (logit spread)/γ steps to balance and then hovers within ±γ of its target, so γ trades speed for
-    # ripple: 3e-2 balances this repo's byte LMs (logit spread ≈ 1–3) within a few hundred steps
-    # (measured: benchmarks/balance.py). For a run of S steps take γ ≈ 3e-2·√(600/S), i.e. γ ∝ 1/√S
-    # (fast enough to cross the spread early, small ripple late): ≈ 2e-3 at 10^5 steps, the order of
-    # the paper's 1e-3 for DeepSeek-V3's ~10^5-step runs.
-    bias_update_rate: float = 3e-2
+    # (logit spread)/γ steps to reach its target and then hovers within ±γ of it, so γ trades speed for
+    # ripple. Measured on routing_comparison (benchmarks/balance.py, eval-mode load CV, seeds 0 and 1):
+    # 1e-3 → 0.35–0.62 at 600 steps (seed 0); 1e-2 → ≤ 0.11 at 300 and 600 steps; 3e-2 → ≤ 0.10 at 300 but up
+    # to 0.20 at 600 (ripple). Longer runs, a rule of thumb: γ ≈ 1e-2·√(600 / steps), still crossing the
+    # spread within the first few percent of the run, with a ripple that shrinks as the run grows; it
+    # gives 1e-3 at ~6·10^4 steps, the paper's value for DeepSeek-V3's ~10^5-step runs.
+    bias_update_rate: float = 1e-2
     normalize_gates: bool = True  # renormalise the k gates to sum 1 (DeepSeek-V3); False keeps raw probs
 
 
