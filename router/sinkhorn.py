@@ -59,6 +59,8 @@ class SinkhornRouter(LearnedRouter):
     selection bias is added after it: balancing would otherwise cancel a per-expert bias.
     """
 
+    causal_in_training = False  # balancing runs over the whole batch: a token's expert depends on others
+
     config: SinkhornConfig
 
     def __init__(self, d_model: int, num_experts: int, config: SinkhornConfig):

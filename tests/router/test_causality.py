@@ -31,7 +31,6 @@ CASES = [(name, {}) for name in router.names()] + [
     ("switch", TIGHT),
     ("base", {"eval_routing": "balanced"}),
 ]
-PENDING = {("sinkhorn", True): "SinkhornRouter needs `causal_in_training = False` (router/sinkhorn.py)"}
 
 
 def case_id(case) -> str:
@@ -103,10 +102,8 @@ def past_routing_changes(module, training: bool) -> tuple[bool, bool]:
 
 @pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_future_tokens_change_past_routing_exactly_when_declared_non_causal(case, training, request):
+def test_future_tokens_change_past_routing_exactly_when_declared_non_causal(case, training):
     name, options = case
-    if (name, training) in PENDING:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=PENDING[name, training]))
     torch.manual_seed(0)
     module = router.build(name, D, E, **options)
     past_moved, future_moved = past_routing_changes(module, training)
@@ -135,9 +132,7 @@ DEFAULT_CAUSALITY = {  # what the test above establishes for each router's defau
 
 
 @pytest.mark.parametrize("name", router.names())
-def test_every_router_declares_its_causality_per_mode(name, request):
-    if (name, True) in PENDING:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=PENDING[name, True]))
+def test_every_router_declares_its_causality_per_mode(name):
     factory, config = router.lookup(name).factory, router.registry.make_config(name)
     assert (factory.causal_for(config, True), factory.causal_for(config, False)) == DEFAULT_CAUSALITY[name]
 
