@@ -145,6 +145,7 @@ def plan_from_token_choices(
     discards some second choices on purpose: those are neither routed nor dropped); `kept_NK` marks
     the wanted choices that fit: a wanted choice that is not kept is reported in `dropped`."""
     num_tokens = expert_NK.shape[0]
+    first_choice_E = torch.bincount(expert_NK[:, 0], minlength=num_experts)  # before any capacity drop
     token_NK = torch.arange(num_tokens, device=expert_NK.device)[:, None].expand_as(expert_NK)
     dropped_X = None
     if wanted_NK is not None or kept_NK is not None:
@@ -162,6 +163,7 @@ def plan_from_token_choices(
         probs_NE=probs_NE,
         aux_losses=aux_losses,
         extra_metrics=extra_metrics,
+        first_choice_E=first_choice_E,
     )
 
 

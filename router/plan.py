@@ -17,6 +17,8 @@ class DispatchPlan:
     `token_idx[a]` is routed to `expert_idx[a]` with weight `gate[a]`; the slice of expert e is
     `counts[:e].sum() : counts[:e+1].sum()`. `dropped` lists the token index of every assignment a
     strategy wanted but dropped (capacity overflow), one entry per dropped assignment.
+    `first_choice_counts` counts each token's first choice before any capacity limit (None where a
+    strategy has no per-token first choice, as expert choice): the imbalance the router asked for.
     """
 
     token_idx: torch.Tensor  # long [A]
@@ -27,6 +29,7 @@ class DispatchPlan:
     num_tokens: int
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    first_choice_counts: torch.Tensor | None = None  # long [E]
 
     @property
     def num_experts(self) -> int:
@@ -48,6 +51,7 @@ def build_plan(
     probs_NE: torch.Tensor | None = None,
     aux_losses: dict[str, torch.Tensor] | None = None,
     extra_metrics: dict[str, torch.Tensor] | None = None,
+    first_choice_E: torch.Tensor | None = None,
 ) -> DispatchPlan:
     """Sort assignments by expert (stable, so token order is kept inside an expert) and add metrics."""
     order_A = torch.argsort(expert_idx_A, stable=True)
@@ -55,7 +59,7 @@ def build_plan(
     counts_E = torch.bincount(expert_idx_A, minlength=num_experts)
     if dropped_X is None:
         dropped_X = token_idx_A.new_empty(0)
-    metrics = routing_metrics(counts_E, dropped_X.numel(), probs_NE)
+    metrics = routing_metrics(counts_E, dropped_X.numel(), probs_NE, first_choice_E)
     metrics.update(extra_metrics or {})
     losses = dict(aux_losses or {})
     for name, loss in losses.items():
@@ -69,16 +73,21 @@ def build_plan(
         num_tokens=num_tokens,
         aux_losses=losses,
         metrics=metrics,
+        first_choice_counts=first_choice_E,
     )
 
 
 def routing_metrics(
-    counts_E: torch.Tensor, num_dropped: int, probs_NE: torch.Tensor | None = None
+    counts_E: torch.Tensor,
+    num_dropped: int,
+    probs_NE: torch.Tensor | None = None,
+    first_choice_E: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load balance and routing-confidence statistics shared by every strategy.
 
     load_cv: std/mean of per-expert load; max_vio: max load / mean load - 1 (MaxVio, Wang et al. 2024);
-    dropped_frac: dropped / requested assignments; entropy: mean router entropy per token (nats).
+    dropped_frac: dropped / requested assignments; entropy: mean router entropy per token (nats);
+    first_choice_max_vio: MaxVio of the tokens' first choices before capacity drops.
     """
     load_E = counts_E.float()
     mean_load = load_E.mean().clamp_min(1e-9)
@@ -89,6 +98,9 @@ def routing_metrics(
         "unused_experts": (counts_E == 0).sum().float(),
         "dropped_frac": torch.tensor(float(num_dropped)) / requested.clamp_min(1.0),
     }
+    if first_choice_E is not None:
+        first_E = first_choice_E.float()
+        metrics["first_choice_max_vio"] = first_E.max() / first_E.mean().clamp_min(1e-9) - 1.0
     if probs_NE is not None and probs_NE.numel() > 0:
         p_NE = probs_NE.detach().float()
         metrics["entropy"] = -(p_NE * p_NE.clamp_min(1e-12).log()).sum(-1).mean()

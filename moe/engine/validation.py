@@ -1,5 +1,6 @@
-"""Validation during training: loss per domain, domain × expert routing counts and their mutual
-information, and the routing tables file reports read later (reports live in `moe.experiments`).
+"""Validation during training: loss per domain, each layer's load balance pooled over the whole
+validation set in evaluation mode, domain × expert routing counts and their mutual information, and the
+routing tables file reports read later (reports live in `moe.experiments`).
 
 Legend: B batch, T time, N tokens, A token-expert assignments, E experts, G domains.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from moe.nn.model import MoEModel
+from router.plan import DispatchPlan, routing_metrics
 
 LN2 = math.log(2.0)
 ROUTING_TABLES_FILE = "routing_tables.json"
@@ -33,6 +35,9 @@ def evaluate(
     """Validation loss (and bits-per-byte for byte LMs) overall and per domain, as the experts answer at
     training step `step`.
 
+    Per layer, `val/router/<layer>/{load_cv,max_vio,dropped_frac,first_choice_max_vio}` describe the load
+    pooled over every validation batch, as evaluation routes: what the val loss was measured with (the
+    training-batch `router/...` series is one batch, after drops, in training-mode routing).
     With `collect_routing`, also returns `routing/<layer>` → a [G, E] tensor counting how often
     tokens of each domain were sent to each expert (the domain × expert table of the report).
     """
@@ -41,6 +46,7 @@ def evaluate(
     loss_sum_G = torch.zeros(len(domains), dtype=torch.float64)
     count_G = torch.zeros(len(domains), dtype=torch.float64)
     routing: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(len(domains), 0))
+    load = {layer.name: PooledLoad(layer.pool.num_experts) for layer in model.moe_layers()}
     try:
         for batch in batches:
             with autocast():
@@ -49,14 +55,40 @@ def evaluate(
             domain_B = batch.domain_B.cpu()
             loss_sum_G.index_add_(0, domain_B, loss_B)
             count_G.index_add_(0, domain_B, torch.ones_like(loss_B))
+            for layer in model.moe_layers():
+                load[layer.name].add(layer.last_plan)
             if collect_routing:
                 _count_routing(model, domain_B, routing)
     finally:
         model.train(was_training)
     results = _loss_metrics(loss_sum_G, count_G, domains, byte_lm=model.task == "lm")
+    for name, pooled in load.items():
+        results.update({f"val/router/{name}/{key}": value for key, value in pooled.metrics().items()})
     if collect_routing:
         results.update({f"routing/{name}": table for name, table in routing.items()})
     return results
+
+
+class PooledLoad:
+    """One layer's assignments, drops and first choices summed over validation batches."""
+
+    def __init__(self, num_experts: int):
+        self.counts_E = torch.zeros(num_experts, dtype=torch.long)
+        self.first_choice_E: torch.Tensor | None = torch.zeros(num_experts, dtype=torch.long)
+        self.dropped = 0
+
+    def add(self, plan: DispatchPlan) -> None:
+        self.counts_E += plan.counts.cpu()
+        self.dropped += plan.dropped.numel()
+        if plan.first_choice_counts is None or self.first_choice_E is None:
+            self.first_choice_E = None  # the strategy has no per-token first choice
+        else:
+            self.first_choice_E += plan.first_choice_counts.cpu()
+
+    def metrics(self) -> dict[str, float]:
+        pooled = routing_metrics(self.counts_E, self.dropped, first_choice_E=self.first_choice_E)
+        keys = ("load_cv", "max_vio", "dropped_frac", "first_choice_max_vio")
+        return {key: float(pooled[key]) for key in keys if key in pooled}
 
 
 def _loss_metrics(loss_sum_G, count_G, domains, *, byte_lm: bool) -> dict[str, float]:

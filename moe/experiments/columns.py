@@ -51,19 +51,20 @@ def plain_metric(key: str) -> FinalValue:
     return final
 
 
-def layer_mean(record: dict, name: str) -> float | None:
-    """Mean over MoE layers of `router/<layer>/<name>` (or a layerless `router/<name>`) in one record."""
-    pattern = re.compile(rf"^router/(?:[^/]+/)?{re.escape(name)}$")
+def layer_mean(record: dict, name: str, prefix: str = "router/") -> float | None:
+    """Mean over MoE layers of `<prefix><layer>/<name>` (or a layerless `<prefix><name>`) in one record."""
+    pattern = re.compile(rf"^{re.escape(prefix)}(?:[^/]+/)?{re.escape(name)}$")
     values = [float(v) for k, v in record.items() if pattern.match(k) and is_number(v)]
     return statistics.fmean(values) if values else None
 
 
-def router_metric(name: str, scale: float = 1.0) -> FinalValue:
-    """Final layer-mean of a routing metric: summary.json's if it has one, else the last logged event's."""
+def router_metric(name: str, scale: float = 1.0, prefix: str = "val/router/") -> FinalValue:
+    """Final layer-mean of a routing metric, by default the evaluation-mode one pooled over the validation
+    set: summary.json's if it has one, else the last logged event's (none for runs that never logged it)."""
 
     def final(summary: dict | None, events: list[dict]) -> float | None:
         for record in [summary or {}, *reversed(events)]:
-            value = layer_mean(record, name)
+            value = layer_mean(record, name, prefix)
             if value is not None:
                 return value * scale
         return None
@@ -129,6 +130,7 @@ COLUMNS = [
     Column("bits/byte", plain_metric("val/bpb"), ".4f"),
     Column("load CV", router_metric("load_cv"), ".3f"),
     Column("MaxVio", router_metric("max_vio"), ".3f"),
+    Column("1st-choice MaxVio", router_metric("first_choice_max_vio"), ".3f"),
     Column("dropped %", router_metric("dropped_frac", scale=100.0), ".2f"),
     Column("tokens/s", plain_metric("perf/tokens_per_s"), ".0f"),
 ]

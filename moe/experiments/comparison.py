@@ -269,12 +269,13 @@ def compare_sweep(multirun_dir: Path) -> Path:
         "",
         "One row per distinct override combination apart from `seed`; mean ± sample std over its seeds. "
         "Val loss, bits/byte and tokens/s are the final values from summary.json (the last logged value "
-        "where summary.json lacks one); load CV, MaxVio and dropped % are the last logged routing metrics, "
-        "averaged over MoE layers. " + CAUSALITY_NOTE,
+        "where summary.json lacks one); load CV, MaxVio, 1st-choice MaxVio (before capacity drops) and "
+        "dropped % are pooled over the whole validation set in evaluation mode at the final validation, "
+        "averaged over MoE layers (– for runs that did not log them). " + CAUSALITY_NOTE,
         "",
         figure_link("val loss vs step", val_loss_png),
         "",
-        figure_link("load CV vs step", load_cv_png),
+        figure_link("load CV vs step (training batches)", load_cv_png),
         "",
         *runs_section(runs),
         "",

@@ -81,7 +81,7 @@ class HeatmapSpec:
 @dataclass
 class ReportSpec:
     # titles of the standard columns to keep, in order (None: all): val loss, bits/byte, load CV,
-    # MaxVio, dropped %, tokens/s (as in comparison.md) and "MI {layer} (bits)"
+    # MaxVio, 1st-choice MaxVio, dropped %, tokens/s (as in comparison.md) and "MI {layer} (bits)"
     standard_columns: list[str] | None = None
     columns: list[ColumnSpec] = field(default_factory=list)  # added after the standard ones
     gap_grid: GapGridSpec | None = None

@@ -38,10 +38,15 @@ def write_job(
                 f"router/{layer}/max_vio": 2 * cv * scale,
                 f"router/{layer}/dropped_frac": cv / 10,
             }
-        events += [
-            train,
-            {"step": step, "val/loss": final_loss * scale, "val/bpb": final_loss * scale / 0.69},
-        ]
+        val = {"step": step, "val/loss": final_loss * scale, "val/bpb": final_loss * scale / 0.69}
+        for layer, cv in zip(LAYERS, load_cv, strict=True):  # evaluation mode: what the table must show
+            val |= {
+                f"val/router/{layer}/load_cv": cv * scale / 2,
+                f"val/router/{layer}/max_vio": cv * scale,
+                f"val/router/{layer}/first_choice_max_vio": 3 * cv * scale,
+                f"val/router/{layer}/dropped_frac": cv / 20,
+            }
+        events += [train, val]
     if metrics:
         (job_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     if complete:
@@ -80,14 +85,16 @@ def test_one_row_per_config_with_mean_and_std_over_seeds(sweep):
     report = out.read_text()
     rows = table_rows(report)
     assert set(rows) == {"router=switch", "router=topk"}
-    seeds, causal, val_loss, bpb, load_cv, max_vio, dropped, tokens = rows["router=switch"]
+    seeds, causal, val_loss, bpb, load_cv, max_vio, first_max_vio, dropped, tokens = rows["router=switch"]
     assert seeds == "0, 1, 2"
     assert causal == "yes"
     assert val_loss == f"{statistics.fmean([2.0, 2.2, 2.4]):.4f} ± {statistics.stdev([2.0, 2.2, 2.4]):.4f}"
     assert bpb.startswith(f"{2.2 / 0.69:.4f} ±")
-    assert load_cv == "0.300 ± 0.000"  # the last logged value, averaged over the two layers
-    assert max_vio == "0.600 ± 0.000"
-    assert dropped == "3.00 ± 0.00"
+    # the final evaluation-mode values, averaged over the two layers, never the training-batch ones
+    assert load_cv == "0.150 ± 0.000"
+    assert max_vio == "0.300 ± 0.000"
+    assert first_max_vio == "0.900 ± 0.000"
+    assert dropped == "1.50 ± 0.00"
     assert tokens == "1001 ± 1"
     assert "Found 6 job dirs: 6 complete, 0 failed" in report
 

@@ -34,6 +34,7 @@ def test_standard_columns_expand_mi_per_layer_and_can_be_chosen():
         "bits/byte",
         "load CV",
         "MaxVio",
+        "1st-choice MaxVio",
         "dropped %",
         "tokens/s",
         "MI layer0 (bits)",
