@@ -319,14 +319,17 @@ def test_switch_jitter_only_changes_routing_while_training():
     assert experts_of_tokens(jittery.train()(x_ND)) != experts_of_tokens(steady.train()(x_ND))
 
 
+GSHARD_CASES = {  # token count, experts, capacity factor and group size that gshard's tests draw from
+    "num_tokens": st.integers(1, 80),
+    "num_experts": st.integers(2, 8),
+    "factor": st.floats(0.25, 1.5),
+    "group_size": st.integers(1, 40),
+}
+
+
 @pytest.mark.parametrize("order", ["paper", "causal"])
 @SMALL
-@given(
-    num_tokens=st.integers(1, 80),
-    num_experts=st.integers(2, 8),
-    factor=st.floats(0.25, 1.5),
-    group_size=st.integers(1, 40),
-)
+@given(**GSHARD_CASES)
 def test_gshard_serves_slots_in_its_order_and_drops_exactly_the_overflow(
     order, num_tokens, num_experts, factor, group_size
 ):
@@ -351,13 +354,7 @@ def test_gshard_serves_slots_in_its_order_and_drops_exactly_the_overflow(
 
 @pytest.mark.parametrize("order", ["paper", "causal"])
 @SMALL
-@given(
-    num_tokens=st.integers(1, 80),
-    num_experts=st.integers(2, 8),
-    factor=st.floats(0.25, 1.5),
-    group_size=st.integers(1, 40),
-    seed=st.integers(0, 99),
-)
+@given(**GSHARD_CASES, seed=st.integers(0, 99))
 def test_gshard_training_never_exceeds_group_capacity(
     order, num_tokens, num_experts, factor, group_size, seed
 ):
