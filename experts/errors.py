@@ -1,8 +1,8 @@
-"""Errors raised by the experts package: bad frames on the wire and unreadable expert state."""
+"""Errors raised by the experts package: bad frames on the wire, unreadable expert state, bad keys."""
 
 from router.errors import ConfigError, PoimoeError
 
-__all__ = ["CheckpointError", "ConfigError", "PoimoeError", "WireError"]
+__all__ = ["CheckpointError", "ConfigError", "IdentityError", "PoimoeError", "WireError"]
 
 
 class CheckpointError(PoimoeError):
@@ -11,3 +11,7 @@ class CheckpointError(PoimoeError):
 
 class WireError(PoimoeError):
     """A malformed network frame; the message says what was wrong with it."""
+
+
+class IdentityError(PoimoeError):
+    """A key file or public key is missing, malformed or readable by others; the message names it."""
