@@ -174,7 +174,7 @@ def bench_hivemind(args) -> float | None:
 
 
 def bench_ours_at_hivemind_shape(args, transport: ProcessTransport) -> float:
-    # the trainer takes the cores the workers leave free, as `python train.py` does (moe.engine.loop.trainer_threads)
+    # the trainer takes the cores the workers leave free, as `python train.py` does (moe.engine.cores.trainer_threads)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers * args.threads))
     torch.manual_seed(0)
     experts = [FFN(HIDDEN, 4 * HIDDEN) for _ in range(EXPERTS)]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,17 +52,6 @@ class Run:
 
     def autocast(self):
         return self.accelerator.autocast() if self.cfg.trainer.precision == "bf16" else contextlib.nullcontext()
-
-
-def trainer_threads(cfg: DictConfig) -> int:
-    """`trainer.threads` when set; with local worker processes, the cores they leave free (at least 1),
-    because oversubscribed cores make every parallel op wait for a descheduled thread; else 0 (torch's
-    default)."""
-    if cfg.trainer.threads > 0:
-        return cfg.trainer.threads
-    if cfg.transport.name != "process":
-        return 0
-    return max(1, cpu_count() - cfg.transport.workers * cfg.transport.threads)
 
 
 def build_run(cfg: DictConfig, run_dir: Path) -> Run:
@@ -124,7 +112,3 @@ def lr_schedule(trainer_cfg):
 
     return factor
 
-
-def cpu_count() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

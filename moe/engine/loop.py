@@ -17,8 +17,9 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from moe.engine.build import Run, build_run, trainer_threads
+from moe.engine.build import Run, build_run
 from moe.engine.checkpoint import checkpoint_state, load_checkpoint, restore, run_dir_of, save_checkpoint
+from moe.engine.cores import trainer_threads
 from moe.engine.metrics import MetricsLogger, read_metrics, truncate_after
 from moe.engine.run_info import SUMMARY_FILE, resolved, write_run_info
 from moe.engine.validation import evaluate, specialisation_metrics, write_routing_tables

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from moe.engine.build import Run, cpu_count
+from moe.engine.build import Run
+from moe.engine.cores import cpu_count
 
 RUN_INFO_FILE = "run_info.json"
 SUMMARY_FILE = "summary.json"  # written by the loop at the end of a run: final metrics, PoI, rewards
@@ -27,7 +28,12 @@ def write_run_info(run: Run) -> None:
         "git_commit": git_commit(),
         "config": resolved(run.cfg),
         "device": str(run.accelerator.device),
-        "machine": {"platform": platform.platform(), "cpus": cpu_count(), "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": cpu_count(),
+            "trainer_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
     }
     (run.run_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
 
