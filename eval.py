@@ -1,5 +1,5 @@
 """Evaluate a run or compare sweeps: `python eval.py ckpt=<run dir>` / `compare=<multirun dir>` /
-`report=<folder of sweeps> [out=<page.md>]`."""
+`report=<folder of sweeps> [out=<page.md>]`; `ckpt=<run dir> 'generate.prompt="def "'` also samples text."""
 
 import sys
 from pathlib import Path
@@ -21,8 +21,11 @@ def main(cfg: DictConfig) -> None:
         results = evaluate_command(cfg, CONFIG_DIR)
     except PoimoeError as err:
         sys.exit(f"error: {err}")
+    sample = results.pop("sample", None)
     for key, value in results.items():
         print(f"{key:40s} {value:.4f}" if isinstance(value, float) else f"{key:40s} {value}")
+    if sample is not None:
+        print(f"sample:\n{sample}")
 
 
 if __name__ == "__main__":

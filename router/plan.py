@@ -105,3 +105,28 @@ def routing_metrics(
         p_NE = probs_NE.detach().float()
         metrics["entropy"] = -(p_NE * p_NE.clamp_min(1e-12).log()).sum(-1).mean()
     return metrics
+
+
+def concat_plans(plans: list[DispatchPlan]) -> DispatchPlan:
+    """One plan for the tokens of `plans` laid end to end (plan i's tokens after plan i-1's), each routed
+    as its own plan decided (plans of one router, so with the same aux losses, averaged here). Metrics
+    are recomputed from the combined counts; strategy-specific extras are not carried over."""
+    if len(plans) == 1:
+        return plans[0]
+    offsets = [0]
+    for plan in plans[:-1]:
+        offsets.append(offsets[-1] + plan.num_tokens)
+    first_choices = [plan.first_choice_counts for plan in plans]
+    aux_losses = {
+        name: torch.stack([p.aux_losses[name] for p in plans]).mean() for name in plans[0].aux_losses
+    }
+    return build_plan(
+        torch.cat([plan.token_idx + offset for plan, offset in zip(plans, offsets, strict=True)]),
+        torch.cat([plan.expert_idx for plan in plans]),
+        torch.cat([plan.gate for plan in plans]),
+        num_tokens=offsets[-1] + plans[-1].num_tokens,
+        num_experts=plans[0].num_experts,
+        dropped_X=torch.cat([plan.dropped + offset for plan, offset in zip(plans, offsets, strict=True)]),
+        aux_losses=aux_losses,
+        first_choice_E=None if any(c is None for c in first_choices) else torch.stack(first_choices).sum(0),
+    )

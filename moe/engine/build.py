@@ -51,10 +51,13 @@ class Run:
         return self.model.moe_layers()
 
     def autocast(self):
-        return self.accelerator.autocast() if self.cfg.trainer.precision == "bf16" else contextlib.nullcontext()
+        return (
+            self.accelerator.autocast() if self.cfg.trainer.precision == "bf16" else contextlib.nullcontext()
+        )
 
 
-def build_run(cfg: DictConfig, run_dir: Path) -> Run:
+def build_run(cfg: DictConfig, run_dir: Path, data=None) -> Run:
+    """The run `cfg` describes, in `run_dir`; `data` when given is `cfg.data`'s source, already built."""
     # Sweeps run many jobs in one process; each job may ask for a different precision or device.
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
@@ -63,7 +66,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     )
     if cfg.trainer.precision not in ("fp32", "bf16"):
         raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}; valid: fp32, bf16")
-    data = build_data(cfg.data, seed=cfg.seed)
+    data = build_data(cfg.data, seed=cfg.seed) if data is None else data
     transport = open_transport(cfg.transport, device=accelerator.device, run_dir=run_dir, seed=cfg.seed)
     try:
         model = build_model(cfg.model, data, moe_factory(cfg, transport))
@@ -72,7 +75,9 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lr_schedule(cfg.trainer))
         model, optimizer = accelerator.prepare(model, optimizer)
-        scorer = build_scorer(cfg.get("poi"), accelerator.unwrap_model(model), data.val_batches(), seed=cfg.seed)
+        scorer = build_scorer(
+            cfg.get("poi"), accelerator.unwrap_model(model), data.val_batches(), seed=cfg.seed
+        )
     except BaseException:
         transport.close()
         raise
@@ -83,10 +88,14 @@ def moe_factory(cfg: DictConfig, transport: Transport):
     """Builds each MoE layer: its router from the registry and its pool from the transport."""
 
     def make(layer_name: str, d_model: int) -> MoELayer:
-        layer_router = router.build(**router_options(cfg.router, layer_name), d_model=d_model, num_experts=cfg.experts.num)
+        layer_router = router.build(
+            **router_options(cfg.router, layer_name), d_model=d_model, num_experts=cfg.experts.num
+        )
         experts = build_experts(cfg.experts, d_model)
         pool = transport.make_pool(layer_name, experts, cfg.experts)
-        pool.set_behaviours(parse_behaviours(cfg.experts.behaviours, cfg.experts.num), seed=cfg.seed, layer=layer_name)
+        pool.set_behaviours(
+            parse_behaviours(cfg.experts.behaviours, cfg.experts.num), seed=cfg.seed, layer=layer_name
+        )
         return MoELayer(layer_name, layer_router, pool)
 
     return make

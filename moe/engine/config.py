@@ -68,6 +68,16 @@ class TrainConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """`eval.py ckpt=<run> generate.prompt=...`: sample text from a byte LM's checkpoint."""
+
+    prompt: str | None = None  # the text to continue; set it to generate (quote it to keep spaces)
+    tokens: int = 200  # bytes to generate
+    temperature: float = 0.8  # 0: greedy (argmax); else softmax(logits / temperature)
+    seed: int = 0  # the sampling draws come from (seed, "generate")
+
+
+@dataclass
 class EvalConfig:
     ckpt: str | None = None  # run dir or checkpoint file to evaluate
     compare: str | None = None  # a multirun dir to summarise into comparison.md
@@ -76,6 +86,7 @@ class EvalConfig:
     # folder for results.md; default <report folder>/results.md)
     out: str | None = None
     num_val_batches: int | None = None
+    generate: GenerateConfig = field(default_factory=GenerateConfig)  # ckpt=: also sample text
 
 
 def register_configs() -> None:

@@ -1,7 +1,7 @@
 """Table columns of sweep reports: a title, a format and how to read one run's value from its
 summary.json and logged events. The comparison's standard columns live here; experiment files add
 their own through `moe.experiments.page_spec`, built from the value readers below. The causal column
-reads the router registry's declaration (`causality_label`).
+reads the router registry's declaration (`declared_causality`).
 """
 
 from __future__ import annotations
@@ -149,27 +149,37 @@ CAUSALITY_NOTE = (
     "Causal: whether a token's routing ignores the later tokens of its own sequence, as a decoder "
     "generating text needs (the router's declaration, tested in tests/router/test_causality.py); "
     "'eval only': routing looks ahead while training (batch-level balancing) but not at evaluation; "
-    "'no': it looks ahead at evaluation too, so the val loss is not a causal LM's loss."
+    "'no': it looks ahead at evaluation too, so the val loss is not a causal LM's loss. Causal val loss: "
+    "where evaluation routing looks ahead, every val token scored from the model run on its own prefix "
+    "alone, as generation sees it (prefix evaluation, moe/experiments/prefix_eval.py; cached in each "
+    "run's causal_eval.json); '= val loss' where evaluation routing is causal, so the val loss already "
+    "is a causal LM's (routers whose choices depend on the batch, through capacity drops or random "
+    "draws, can score one sequence alone slightly differently)."
 )
 
 
-def causality_label(router_node: Mapping | None) -> str:
-    """The declared causality of the router a run's config `router` node describes ('?' when unknown).
+def declared_causality(router_node: Mapping | None) -> tuple[bool, bool] | None:
+    """(causal in training, causal at evaluation) of the router a run's config `router` node describes,
+    as its strategy declares it; None when the node names no known router.
 
     Options that cannot be read (unresolved interpolations, wrong types) fall back to the defaults;
     the options that change causality (gshard `order`, base `eval_routing`) are plain strings.
     """
     if not router_node or not isinstance(router_node.get("name"), str):
-        return "?"
+        return None
     try:
         strategy = lookup(router_node["name"])
     except ConfigError:
-        return "?"
+        return None
     options = {k: v for k, v in router_node.items() if not (isinstance(v, str) and "${" in v)}
     try:
         config = typed_config(strategy.config_cls, options, "router")
     except ConfigError:
         config = typed_config(strategy.config_cls, {"name": strategy.name}, "router")
-    return CAUSALITY_LABELS[
-        strategy.factory.causal_for(config, True), strategy.factory.causal_for(config, False)
-    ]
+    return strategy.factory.causal_for(config, True), strategy.factory.causal_for(config, False)
+
+
+def causality_label(router_node: Mapping | None) -> str:
+    """The table's word for the declared causality of a run's router ('?' when unknown)."""
+    declared = declared_causality(router_node)
+    return "?" if declared is None else CAUSALITY_LABELS[declared]

@@ -1,5 +1,6 @@
-"""What `eval.py` runs: a run report (`ckpt=`), a sweep comparison (`compare=`) or the results page
-(`report=`). Returns the metrics and paths the command line prints."""
+"""What `eval.py` runs: a run report (`ckpt=`, with a text sample when `generate.prompt` is set), a sweep
+comparison (`compare=`) or the results page (`report=`). Returns the metrics, paths and text the command
+line prints."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from moe.errors import ConfigError
 def evaluate_command(cfg, config_dir: Path) -> dict:
     """`report=<folder of sweeps>` → `<folder>/results.md` + `figures/` (or the page `out` names);
     `compare=<multirun dir>` → comparison.md in it; `ckpt=<run>` → report.md + plots in the run dir
-    (or `out`). `config_dir` holds `experiment/<name>.yaml`, whose `report:` blocks shape the page."""
+    (or `out`), after sampling text into it when `generate.prompt` is set. `config_dir` holds
+    `experiment/<name>.yaml`, whose `report:` blocks shape the page."""
+    if cfg.generate.prompt is not None and (cfg.report or cfg.compare or not cfg.ckpt):
+        raise ConfigError("generate.prompt samples from one run: pass it with ckpt=<run dir> alone")
     if cfg.report:
         from moe.experiments.results_page import write_results_page
 
@@ -27,4 +31,9 @@ def evaluate_command(cfg, config_dir: Path) -> dict:
         )
     from moe.experiments.run_report import write_run_report
 
-    return write_run_report(cfg.ckpt, out_dir=cfg.out, num_val_batches=cfg.num_val_batches)
+    sample = {}
+    if cfg.generate.prompt is not None:
+        from moe.experiments.generation import generate_sample, printable
+
+        sample = {"sample": printable(generate_sample(cfg.ckpt, cfg.generate, out_dir=cfg.out)[0].text)}
+    return write_run_report(cfg.ckpt, out_dir=cfg.out, num_val_batches=cfg.num_val_batches) | sample

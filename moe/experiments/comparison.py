@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,14 +19,16 @@ from omegaconf import OmegaConf
 
 from moe.engine.metrics import METRICS_FILE, read_metrics
 from moe.engine.run_info import RUN_INFO_FILE, SUMMARY_FILE
-from moe.errors import DataError
+from moe.errors import DataError, PoimoeError
 from moe.experiments.columns import (
     CAUSALITY_NOTE,
     COLUMNS,
     Column,
     EventValue,
     causality_label,
+    declared_causality,
     event_metric,
+    is_number,
     layer_mean,
 )
 from moe.experiments.render import figure_link, markdown_table, mean_pm_std, pyplot, save_figure
@@ -48,6 +51,7 @@ class JobRun:
     events: list[dict]
     problems: list[str] = field(default_factory=list)
     router: dict | None = None  # the run's `router` config node (name and options), when it can be told
+    causal_loss: float | None = None  # its val loss by prefix evaluation (`add_causal_losses`)
 
     @property
     def seed(self) -> str:
@@ -61,6 +65,17 @@ class JobRun:
     @property
     def complete(self) -> bool:
         return self.summary is not None
+
+    @property
+    def looks_ahead_at_eval(self) -> bool:
+        """A byte LM (its summary has bits/byte) whose router is declared non-causal at evaluation."""
+        declared = declared_causality(self.router)
+        return (
+            self.complete
+            and declared is not None
+            and not declared[1]
+            and is_number(self.summary.get("val/bpb"))
+        )
 
 
 def split_override(override: str) -> tuple[str, str]:
@@ -169,12 +184,18 @@ def group_rows(runs: list[JobRun]) -> dict[tuple[str, ...], list[JobRun]]:
     return rows
 
 
+CAUSAL_LOSS_TITLE = "causal val loss"
+
+
 def table(
     rows: dict[tuple[str, ...], list[JobRun]], columns: list[Column] | None = None, *, causal: bool = False
 ) -> list[str]:
     """One row per override combination, mean ± std over seeds of each column (default `COLUMNS`); with
-    `causal`, a column saying whether the row's router is causal (see `causality_label`)."""
+    `causal`, a column saying whether the row's router is causal (see `causality_label`) and, after the
+    val loss, its causal val loss (see `causal_loss_cell`)."""
     columns = COLUMNS if columns is None else columns
+    titles = [c.title for c in columns]
+    at = titles.index("val loss") + 1 if causal and "val loss" in titles else None
     common = common_overrides(rows)
     lines = [f"Common to all rows: `{' '.join(common)}`", ""] if common else []
     body = []
@@ -183,10 +204,37 @@ def table(
             mean_pm_std([v for r in runs if (v := c.final(r.summary, r.events)) is not None], c.fmt)
             for c in columns
         ]
+        if at is not None:
+            cells.insert(at, causal_loss_cell(runs))
         labels = [causality_label(runs[0].router)] if causal else []
         body.append([config_label(config, common), ", ".join(r.seed for r in runs), *labels, *cells])
-    header = ["run", "seeds", *(["causal"] if causal else []), *(c.title for c in columns)]
-    return lines + markdown_table(header, body, align="ll" + "l" * causal + "r" * len(columns))
+    if at is not None:
+        titles.insert(at, CAUSAL_LOSS_TITLE)
+    header = ["run", "seeds", *(["causal"] if causal else []), *titles]
+    return lines + markdown_table(header, body, align="ll" + "l" * causal + "r" * len(titles))
+
+
+def causal_loss_cell(runs: list[JobRun]) -> str:
+    """'= val loss' where the row's evaluation routing is causal, '?' where its router is unknown, else the
+    mean ± std of its runs' causal val losses (`add_causal_losses`; n/a when none could be computed)."""
+    declared = declared_causality(runs[0].router)
+    if declared is None:
+        return "?"
+    if declared[1]:
+        return "= val loss"
+    return mean_pm_std([r.causal_loss for r in runs if r.causal_loss is not None], ".4f")
+
+
+def add_causal_losses(runs: list[JobRun], job_dir: Callable[[JobRun], Path]) -> None:
+    """Fill in `causal_loss` for every run that `looks_ahead_at_eval`, by prefix evaluation of its
+    checkpoint in `job_dir(run)` (cached there); a run where that fails says why among its problems."""
+    from moe.experiments.prefix_eval import causal_val_loss  # loads torch and the model: only when needed
+
+    for run in (r for r in runs if r.looks_ahead_at_eval):
+        try:
+            run.causal_loss = causal_val_loss(job_dir(run))["val/causal_loss"]
+        except PoimoeError as err:
+            run.problems.append(f"no causal val loss: {err}")
 
 
 def plot_mean_curve_per_row(
@@ -252,6 +300,7 @@ def compare_sweep(multirun_dir: Path) -> Path:
     """Write `comparison.md`, `val_loss.png` and `load_cv.png` into `multirun_dir`; returns the .md path."""
     multirun_dir = Path(multirun_dir)
     runs = [read_job(job_dir) for job_dir in find_job_dirs(multirun_dir)]
+    add_causal_losses(runs, lambda run: multirun_dir / run.job)
     rows = group_rows(runs)
     failed = [r for r in runs if not r.complete]
     without_metrics = [r for r in runs if r.complete and not r.events]

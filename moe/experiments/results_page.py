@@ -4,8 +4,10 @@ Every Hydra multirun dir found under the folder (numbered job dirs holding `.hyd
 section, named after the experiment its jobs ran (the config's `name`). Each section states how the
 numbers were made: the exact command (from the sweep's `multirun.yaml`), the seeds, the scale, the
 wall time and the machine (from `run_info.json`), then the table (mean ± std over seeds, through
-`moe.experiments.comparison`) and the plots. Runs that failed, cannot be read, or never started (fewer
-job dirs than the sweep defines) are listed, never dropped silently. What a section shows beyond the
+`moe.experiments.comparison`; for byte LMs with each router's causality and, where evaluation routing
+looks ahead, the causal val loss by prefix evaluation of the runs' checkpoints) and the plots. Runs
+that failed, cannot be read, or never started (fewer job dirs than the sweep defines) are listed, never
+dropped silently. What a section shows beyond the
 standard columns comes from the `report:` block of its experiment file (`moe.experiments.page_spec`).
 A `NOTES.md` in the folder (what was run at which scale, and why) is copied in under the page's header.
 
@@ -21,8 +23,8 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
-from moe.experiments.columns import event_metric
-from moe.experiments.comparison import plot_mean_curve_per_row, problem_lines, table
+from moe.experiments.columns import CAUSALITY_NOTE, event_metric
+from moe.experiments.comparison import add_causal_losses, plot_mean_curve_per_row, problem_lines, table
 from moe.experiments.page_sections import gap_grid_section, routing_heatmaps_section
 from moe.experiments.page_spec import ReportSpec, columns_for, load_report_spec
 from moe.experiments.render import display_path, figure_link
@@ -89,6 +91,10 @@ def sweep_section(sweep: Sweep, slug: str, figures: Path, root: Path, spec_file:
     curve_png = figures / f"{slug}_val_loss.png"
     plot_mean_curve_per_row(sweep.rows, event_metric("val/loss"), "val loss", curve_png)
     complete = sum(r.complete for r in sweep.runs)
+    summaries = [r.summary for r in sweep.runs if r.summary]
+    byte_lm = any("val/bpb" in summary for summary in summaries)  # causality means something for an LM only
+    if byte_lm:
+        add_causal_losses(sweep.runs, sweep.job_dir)
     folder = Path(display_path(root)) / sweep.path.relative_to(root)
     about = (
         f"- Experiment file: `configs/experiment/{spec_file.name}` (its header names the published result)."
@@ -105,9 +111,10 @@ def sweep_section(sweep: Sweep, slug: str, figures: Path, root: Path, spec_file:
         f"- Wall time: {wall_time_line(sweep)}",
         f"- Machine: {machine_line(sweep)}",
         "",
-        *table(sweep.rows, columns_for(spec, [r.summary for r in sweep.runs if r.summary])),
+        *table(sweep.rows, columns_for(spec, summaries), causal=byte_lm),
         "",
-        "Mean ± sample std over seeds; final values from summary.json (see `moe/experiments/comparison.py`).",
+        "Mean ± sample std over seeds; final values from summary.json (see `moe/experiments/comparison.py`)."
+        + (" " + CAUSALITY_NOTE if byte_lm else ""),
         "",
         figure_link(f"{slug} val loss", curve_png, figures.name),
         "",

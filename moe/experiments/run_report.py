@@ -2,8 +2,9 @@
 
 The checkpoint is rebuilt with every expert in this process, evaluated on the run's validation
 batches, and reported with its loss per domain, per-expert load, the domain × expert routing table,
-the training curves, and the PoI and rewards sections when the run had them. Everything is written
-into the run dir (or `out`), never into the source tree.
+the training curves, the PoI and rewards sections when the run had them, and the text samples
+`generate.*` made (`moe.experiments.generation`). Everything is written into the run dir (or `out`),
+never into the source tree.
 
 Legend: G domains, E experts.
 """
@@ -15,33 +16,14 @@ from pathlib import Path
 import torch
 
 from moe.engine.validation import evaluate
+from moe.experiments.generation import samples_section
 from moe.experiments.poi_report import poi_section
 from moe.experiments.render import figure_link, markdown_table, pyplot, save_figure
 from moe.experiments.rewards_report import rewards_section
+from moe.experiments.trained import load_trained
 
 REPORT_FILE = "report.md"
 LOSS_CURVE_PLOT = "loss_curve.png"
-
-
-def load_trained(ckpt: str | Path, num_val_batches: int | None = None):
-    """Rebuild a run's data and model from a checkpoint, with its experts in this process."""
-    from omegaconf import OmegaConf
-
-    from moe.engine.build import build_run
-    from moe.engine.checkpoint import load_checkpoint, run_dir_of
-
-    path, state = load_checkpoint(ckpt)
-    cfg = OmegaConf.create(state["config"])
-    cfg.transport = {"name": "local"}  # a report needs no workers: the checkpoint holds every expert
-    cfg.trainer.device = "cpu"
-    if num_val_batches is not None:
-        cfg.data.num_val_batches = num_val_batches
-    run = build_run(cfg, run_dir_of(path))
-    model = run.accelerator.unwrap_model(run.model)
-    model.load_state_dict(state["model"])
-    for layer in model.moe_layers():
-        layer.pool.load_state_dict(state["pools"][layer.name])
-    return run, state
 
 
 def write_run_report(
@@ -61,7 +43,7 @@ def write_run_report(
     figures = [plot_train_val_loss(events, out / LOSS_CURVE_PLOT)] if events else []
     report = render_report(state["step"], run, results, figures)
     report += poi_section(events, run.cfg, out)
-    report += "\n".join([*rewards_section(run.run_dir, out), ""])
+    report += "\n".join([*rewards_section(run.run_dir, out), *samples_section(out), ""])
     (out / REPORT_FILE).write_text(report)
     return {k: v for k, v in results.items() if not k.startswith("routing/")} | {
         "report": str(out / REPORT_FILE)

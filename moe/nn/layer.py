@@ -4,6 +4,8 @@ What a scorer (PoI) may ask of a layer, by name (besides torch's public forward 
 taylor's curvature term keeps each layer's output tensor):
 - `record_evidence()`: from then on every grad-enabled forward keeps its `LayerEvidence` in `evidence`.
 - `set_selection_bias(bias_E)`: the selection-only bias on router logits (feedback, bans).
+- `with layer.sequences_routed_alone():`: every sequence of a batch is routed as if it were the batch's
+  only one (what one-sequence generation sees), so many prefixes are evaluated in one forward.
 - `with layer.side_pass() as side:`: evaluation passes that leave the training step's trace
   (`last_plan`, `evidence`) alone; their own evidence goes to `side.evidence`, the pool's first answer
   is reused while the layer sees the same inputs, and `with side.masking(keep_E):` makes the experts
@@ -23,7 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from experts.pool import ExpertPool, PoolOutput
-from router.plan import DispatchPlan
+from router.plan import DispatchPlan, concat_plans
 
 
 @dataclass
@@ -141,6 +143,7 @@ class MoELayer(nn.Module):
         self.evidence: LayerEvidence | None = None
         self._recording_evidence = False
         self._side: SidePass | None = None
+        self._route_each_sequence = False
 
     def record_evidence(self) -> None:
         """From now on every grad-enabled forward keeps its `LayerEvidence` in `evidence`."""
@@ -160,6 +163,30 @@ class MoELayer(nn.Module):
         finally:
             self._side = None
 
+    @contextmanager
+    def sequences_routed_alone(self) -> Iterator[None]:
+        """Inside, the router sees each sequence of a batch on its own, exactly as when that sequence is
+        the whole batch (a non-causal router then cannot look across sequences either); the pool still
+        gets one call for the batch."""
+        self._route_each_sequence = True
+        try:
+            yield
+        finally:
+            self._route_each_sequence = False
+
+    def route(self, x_ND: torch.Tensor, token_ids_N: torch.Tensor | None, batch: int) -> DispatchPlan:
+        """The router's plan for the batch's `batch` sequences (flattened in `x_ND`), one sequence at a
+        time inside `sequences_routed_alone`."""
+        if not self._route_each_sequence or batch == 1:
+            return self.router(x_ND, token_ids_N, selection_bias_E=self.selection_bias_E)
+        ids = [None] * batch if token_ids_N is None else token_ids_N.chunk(batch)
+        return concat_plans(
+            [
+                self.router(x_TD, ids_T, selection_bias_E=self.selection_bias_E)
+                for x_TD, ids_T in zip(x_ND.chunk(batch), ids, strict=True)
+            ]
+        )
+
     def forward(
         self, x_BTD: torch.Tensor, token_ids_BT: torch.Tensor | None = None, step: int = 0
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -167,7 +194,7 @@ class MoELayer(nn.Module):
         batch = x_BTD.shape[0]
         x_ND = rearrange(x_BTD, "b t d -> (b t) d")
         token_ids_N = None if token_ids_BT is None else rearrange(token_ids_BT, "b t -> (b t)")
-        plan = self.router(x_ND, token_ids_N, selection_bias_E=self.selection_bias_E)
+        plan = self.route(x_ND, token_ids_N, batch)
         x_AD = x_ND.index_select(0, plan.token_idx)
         side = self._side
         pooled = self.pool(x_AD, plan, step) if side is None else side.answer(self.pool, x_AD, plan, step)

@@ -6,7 +6,8 @@ input/output width.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,9 @@ class Block(nn.Module):
         self.ln_ffn = nn.LayerNorm(d_model)
         self.ffn = ffn
 
-    def forward(self, x_BTD: torch.Tensor, token_ids_BT: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, dict]:
+    def forward(
+        self, x_BTD: torch.Tensor, token_ids_BT: torch.Tensor, step: int = 0
+    ) -> tuple[torch.Tensor, dict]:
         x_BTD = x_BTD + self.attn(self.ln_attn(x_BTD))
         y_BTD, aux = self.ffn(self.ln_ffn(x_BTD), token_ids_BT, step)
         return x_BTD + y_BTD, aux
@@ -80,12 +83,18 @@ class MoEModel(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [m for m in self.modules() if isinstance(m, MoELayer)]
 
+    @contextmanager
+    def sequences_routed_alone(self) -> Iterator[None]:
+        """Inside, every MoE layer routes each sequence of a batch as if it were alone in it."""
+        with ExitStack() as stack:
+            for layer in self.moe_layers():
+                stack.enter_context(layer.sequences_routed_alone())
+            yield
+
     def loss_per_example(self, pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean loss per example [B]: next-byte cross-entropy (nats) or mean squared error."""
         if self.task == "lm":
-            loss_BT = F.cross_entropy(
-                rearrange(pred.float(), "b t v -> b v t"), targets, reduction="none"
-            )
+            loss_BT = F.cross_entropy(rearrange(pred.float(), "b t v -> b v t"), targets, reduction="none")
             return loss_BT.mean(-1)
         return (pred.float() - targets).square().mean(-1)
 
@@ -106,7 +115,9 @@ class TransformerLM(MoEModel):
             Block(
                 cfg.d_model,
                 cfg.n_heads,
-                make_moe(f"layer{i}", cfg.d_model) if i in moe_blocks else DenseFFN(cfg.d_model, cfg.dense_d_ff),
+                make_moe(f"layer{i}", cfg.d_model)
+                if i in moe_blocks
+                else DenseFFN(cfg.d_model, cfg.dense_d_ff),
             )
             for i in range(cfg.n_layers)
         )
@@ -125,6 +136,15 @@ class TransformerLM(MoEModel):
             aux_losses.update({f"layer{i}/{name}": loss for name, loss in aux.items()})
         logits_BTY = F.linear(self.ln_f(x_BTD), self.embed.weight)  # tied embedding
         return logits_BTY, aux_losses
+
+    @torch.no_grad()
+    def next_token_logits(self, tokens_BT: torch.Tensor, window: int, step: int = 0) -> torch.Tensor:
+        """Logits [B, Y] of the token after each row, from the model (in its current mode) run on the
+        row's last `window` tokens alone, each row routed on its own: what generating one sequence
+        computes, so nothing after the row's end can reach them, whatever the router."""
+        with self.sequences_routed_alone():
+            logits_BTY, _ = self(tokens_BT[:, -window:], step=step)
+        return logits_BTY[:, -1].float()
 
 
 class MixtureMLP(MoEModel):

@@ -85,9 +85,12 @@ def test_one_row_per_config_with_mean_and_std_over_seeds(sweep):
     report = out.read_text()
     rows = table_rows(report)
     assert set(rows) == {"router=switch", "router=topk"}
-    seeds, causal, val_loss, bpb, load_cv, max_vio, first_max_vio, dropped, tokens = rows["router=switch"]
+    seeds, causal, val_loss, causal_loss, bpb, load_cv, max_vio, first_max_vio, dropped, tokens = rows[
+        "router=switch"
+    ]
     assert seeds == "0, 1, 2"
     assert causal == "yes"
+    assert causal_loss == "= val loss"
     assert val_loss == f"{statistics.fmean([2.0, 2.2, 2.4]):.4f} ± {statistics.stdev([2.0, 2.2, 2.4]):.4f}"
     assert bpb.startswith(f"{2.2 / 0.69:.4f} ±")
     # the final evaluation-mode values, averaged over the two layers, never the training-batch ones
@@ -116,7 +119,7 @@ def test_failed_and_metricless_runs_are_named_not_skipped(sweep):
     rows = table_rows(report)
     assert rows["router=base"][0] == "1"  # only the complete seed
     assert rows["router=base"][2] == "3.0000"
-    assert rows["router=base"][4] == "n/a"  # no routing metrics were logged
+    assert rows["router=base"][5] == "n/a"  # no routing metrics were logged
     problems = report.split("## Runs with problems", 1)[1]
     assert "job 6 (router=base seed=0): failed: no summary.json" in problems
     assert "job 7 (router=base seed=1): no metrics" in problems
@@ -176,5 +179,16 @@ def test_rows_say_whether_their_router_is_causal(tmp_path):
     assert rows["router.name=unreadable"][1] == "no"  # run_info.json wins over the overrides
     assert rows["experiment=x"][1] == "eval only"
     assert rows["router=nonexistent"][1] == "?"
-    assert "| run | seeds | causal | val loss |" in report
+    causal_losses = {label: rows[label][3] for label in (*routers, "router=nonexistent")}
+    assert causal_losses == {
+        "router=switch": "= val loss",
+        "router=base": "= val loss",
+        "router=expert_choice": "n/a",  # needs the run's checkpoint, which these jobs lack
+        "router=gshard": "= val loss",
+        "router=gshard, router.order=paper": "n/a",
+        "router=base, router.eval_routing=balanced": "n/a",
+        "router=nonexistent": "?",
+    }
+    assert "(router=expert_choice): no causal val loss: no checkpoint in" in report
+    assert "| run | seeds | causal | val loss | causal val loss |" in report
     assert "'eval only': routing looks ahead while training" in report

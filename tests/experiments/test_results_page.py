@@ -119,7 +119,8 @@ def test_page_has_a_section_with_command_seeds_machine_and_table(page):
     assert "- Seeds: 0" in text
     assert "CPU cores, device cpu" in text
     assert "- Wall time:" in text
-    assert "| run | seeds | val loss |" in text
+    assert "| run | seeds | causal | val loss | causal val loss |" in text  # a byte LM: causality shown
+    assert "| router=topk | 0 | yes |" in text
     assert "MI layer0 (bits)" in text
     assert "| router=topk |" in text
     assert "| router=hash |" in text

@@ -192,3 +192,26 @@ def test_selection_bias_moves_selection():
     layer.set_selection_bias(torch.tensor([0.0, 0.0, 0.0, 1.0e4]))
     layer(x_BTD)
     assert layer.last_plan.counts.tolist() == [0, 0, 0, 32]
+
+
+@pytest.mark.parametrize("strategy", ["expert_choice", "switch"])
+def test_sequences_routed_alone_equal_one_forward_per_sequence(strategy):
+    """Inside `sequences_routed_alone` a batch gives what each of its sequences gives as a batch of one,
+    in one pool call; outside, a batch-level router lets the sequences change each other's routing."""
+    torch.manual_seed(0)
+    experts = [FFN(D, F, "gelu") for _ in range(E)]
+    pool = CountingPool(experts, OptimizerSettings(lr=1e-2, grad_clip=0.0))
+    options = {"capacity_factor": 0.5, "eval_capacity_factor": 0.5} if strategy == "switch" else {}
+    layer = MoELayer("layer0", router.build(strategy, D, E, **options), pool).eval()
+    x_BTD = torch.randn(3, 7, D)
+    ids_BT = torch.randint(0, 256, (3, 7))
+    with torch.no_grad():
+        alone_BTD = torch.cat([layer(x_BTD[b : b + 1], ids_BT[b : b + 1])[0] for b in range(3)])
+        together_BTD, _ = layer(x_BTD, ids_BT)
+        pool.calls = 0
+        with layer.sequences_routed_alone():
+            routed_alone_BTD, _ = layer(x_BTD, ids_BT)
+    assert pool.calls == 1
+    assert torch.allclose(routed_alone_BTD, alone_BTD, atol=1e-6)
+    assert not torch.allclose(together_BTD, alone_BTD, atol=1e-3)
+    assert layer.last_plan.num_tokens == 21
