@@ -9,6 +9,7 @@ Legend: A assignments sorted by expert, D model width, E experts.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from experts.behaviours import HONEST, Behaviour, ExpertFailure, answer_call
 from experts.network import FaultPolicy, VirtualNetwork
 from experts.owner import ExpertOwner, OptimizerSettings, step_owners
 from router.plan import DispatchPlan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -220,6 +223,10 @@ class LocalPool(ExpertPool):
         return {"experts": [s["module"] for s in states], "optimizers": [s["optimizer"] for s in states]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Every expert's state; one missing from an incomplete checkpoint (None) keeps its initial weights."""
         pairs = zip(self.owners, state["experts"], state["optimizers"], strict=True)
-        for owner, module_state, optimizer_state in pairs:
+        for e, (owner, module_state, optimizer_state) in enumerate(pairs):
+            if module_state is None:
+                log.warning("expert %d is missing from the checkpoint; it keeps its initial weights", e)
+                continue
             owner.load_state_dict({"module": module_state, "optimizer": optimizer_state})

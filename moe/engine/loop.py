@@ -18,7 +18,14 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from moe.engine.build import Run, build_run, trainer_threads
-from moe.engine.checkpoint import checkpoint_state, load_checkpoint, restore, run_dir_of, save_checkpoint
+from moe.engine.checkpoint import (
+    check_complete,
+    checkpoint_state,
+    load_checkpoint,
+    restore,
+    run_dir_of,
+    save_checkpoint,
+)
 from moe.engine.metrics import MetricsLogger, read_metrics, truncate_after
 from moe.engine.run_info import SUMMARY_FILE, resolved, write_run_info
 from moe.engine.validation import evaluate, specialisation_metrics, write_routing_tables
@@ -34,6 +41,7 @@ def train(cfg: DictConfig) -> dict:
     resume_state = None
     if cfg.resume:
         resume_path, resume_state = load_checkpoint(cfg.resume)
+        check_complete(resume_path, resume_state, cfg.resume_incomplete)
         log.info("resuming from %s (step %d)", resume_path, resume_state["step"])
     run_dir = run_dir_of(resume_path) if resume_state is not None else resolve_run_dir(cfg)
     seed_everything(cfg.seed)

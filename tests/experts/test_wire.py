@@ -203,4 +203,4 @@ def test_welcome_carries_the_worker_settings_of_the_transport_config_and_nothing
     cfg = ProcessTransportConfig(cache_size=3, max_grad_norm=0.0, k_min=2)
     meta = wire.settings_meta(wire.WorkerSettings, cfg)
     assert meta == {"max_grad_norm": 0.0, "heartbeat_interval": 1.0, "cache_size": 3}
-    assert wire.Welcome(**meta, checkpoint_dir="w0").cache_size == 3
+    assert wire.typed_meta(wire.WorkerSettings, meta, "welcome").cache_size == 3
