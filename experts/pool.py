@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class PoolOutput:
     y_AD: torch.Tensor  # expert outputs in plan order; rows of failed experts are zero
-    answered_E: torch.Tensor  # bool [E]: expert e returned a valid output this step (True if it had no tokens)
+    answered_E: (
+        torch.Tensor
+    )  # bool [E]: expert e returned a valid output this step (True if it had no tokens)
 
 
 class ExpertPool(ABC):
@@ -114,7 +116,9 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(lowest) & torch.isfinite(highest)
 
 
-def invalid_outputs(y_slices: list[torch.Tensor], x_slices: list[torch.Tensor], max_norm: float) -> dict[int, str]:
+def invalid_outputs(
+    y_slices: list[torch.Tensor], x_slices: list[torch.Tensor], max_norm: float
+) -> dict[int, str]:
     """Experts whose output is not a finite tensor shaped and typed like its input, or whose per-token
     L2 norm exceeds `max_norm` (0: no bound); one host sync for all experts."""
     reasons, checks = {}, []
@@ -194,8 +198,14 @@ class LocalPool(ExpertPool):
             return self.experts[e](x_aD)
         try:
             return answer_call(
-                self.experts[e], behaviour, x_aD, seed=self.behaviour_seed, layer=self.layer_name,
-                step=step, expert_idx=e, peer=lambda j, x_aD: self.experts[j](x_aD),
+                self.experts[e],
+                behaviour,
+                x_aD,
+                seed=self.behaviour_seed,
+                layer=self.layer_name,
+                step=step,
+                expert_idx=e,
+                peer=lambda j, x_aD: self.experts[j](x_aD),
             )
         except ExpertFailure as failure:
             failures[e] = f"behaviour: {failure}"

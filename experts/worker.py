@@ -25,7 +25,8 @@ import torch
 
 from experts.errors import PoimoeError
 from experts.identity import Identity, load_or_create, read_hotkey
-from experts.remote.worker import Worker, WorkerLimits
+from experts.remote.settings import WorkerLimits
+from experts.remote.worker import Worker
 
 log = logging.getLogger("experts.remote.worker")
 
@@ -45,13 +46,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--coordinator-key", default=None, help="the coordinator's public key (hex, or a .pub file): CURVE")
     add("--key", default=None, help="this worker's key file (made there if missing): CURVE")
     add("--name", default=None, help="stable worker name; reuse it to rejoin (default host-pid)")
-    add("--state-dir", default=None, help="the only folder this worker writes to (default: none, no checkpoints)")
+    add(
+        "--state-dir",
+        default=None,
+        help="the only folder this worker writes to (default: none, no checkpoints)",
+    )
     add("--device", default="cpu", help="cpu or cuda:i")
     add("--threads", type=int, default=1, help="torch intra-op threads")
     add("--parent-pid", type=int, default=None, help="exit when this process is no longer the parent")
     for field, value in limits.items():
         flag = "--" + field.replace("_", "-")
-        add(flag, type=type(value), default=value, help=f"own limit, whatever the coordinator asks (default {value:g})")
+        add(
+            flag,
+            type=type(value),
+            default=value,
+            help=f"own limit, whatever the coordinator asks (default {value:g})",
+        )
     add("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -74,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(args.device))
-    limits = WorkerLimits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(WorkerLimits)})
+    limits = WorkerLimits(
+        **{field.name: getattr(args, field.name) for field in dataclasses.fields(WorkerLimits)}
+    )
     try:
         key = load_or_create(args.key) if args.key else None
         coordinator_key = read_hotkey(args.coordinator_key) if args.coordinator_key else None

@@ -29,14 +29,8 @@ from experts.owner import OptimizerSettings
 from experts.pool import ExpertPool, PoolOutput, all_finite, invalid_outputs
 from experts.remote.checkpoint import CHECKPOINT_FILE, load_messages
 from experts.remote.coordinator import Coordinator, Key
-from experts.remote.wire import (
-    Kind,
-    Message,
-    expert_state_from,
-    expert_state_message,
-    named_message,
-    settings_meta,
-)
+from experts.remote.settings import settings_meta
+from experts.remote.wire import Kind, Message, expert_state_from, expert_state_message, named_message
 from router.plan import DispatchPlan
 
 log = logging.getLogger(__name__)
@@ -56,7 +50,9 @@ class RemoteExpertsCall(torch.autograd.Function):
     """Autograd through a remote call: forward sends x slices, backward sends grad_out slices."""
 
     @staticmethod
-    def forward(ctx, pool: RemotePool, plan: DispatchPlan, x_AD: torch.Tensor, anchor: torch.Tensor, step: int):
+    def forward(
+        ctx, pool: RemotePool, plan: DispatchPlan, x_AD: torch.Tensor, anchor: torch.Tensor, step: int
+    ):
         grad_input = ctx.needs_input_grad[2]
         y_AD, answered_E, call = pool.forward_call(x_AD, plan, step, keep=True, grad_input=grad_input)
         ctx.pool, ctx.call, ctx.x_meta = pool, call, (x_AD.device, x_AD.dtype)
@@ -170,7 +166,9 @@ class RemotePool(ExpertPool):
             y_AD, answered_E, _ = self.forward_call(x_AD, plan, step, keep=False, grad_input=False)
         return PoolOutput(y_AD, answered_E)
 
-    def forward_call(self, x_AD: torch.Tensor, plan: DispatchPlan, step: int, *, keep: bool, grad_input: bool):
+    def forward_call(
+        self, x_AD: torch.Tensor, plan: DispatchPlan, step: int, *, keep: bool, grad_input: bool
+    ):
         """One round: every expert with tokens gets its slice; returns (y_AD, answered_E, PendingCall)."""
         call = PendingCall(next(self.calls), plan.split_sizes(), [], grad_input)
         self.rounds += 1
@@ -237,7 +235,9 @@ class RemotePool(ExpertPool):
             else:
                 self.memory.succeeded(e)
 
-    def backward_call(self, call: PendingCall, grad_y_AD: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    def backward_call(
+        self, call: PendingCall, grad_y_AD: torch.Tensor, device: torch.device, dtype: torch.dtype
+    ):
         """Send each expert that answered its grad_out slice; returns grad_x_AD (zeros where none came).
 
         Inside `only_input_gradients()` (read now, as backward runs) the owners only return input
@@ -387,4 +387,3 @@ class RemotePool(ExpertPool):
     def train(self, mode: bool = True) -> None:
         for host in sorted(set(self.hosts)):
             self.coordinator.send(host, Message(Kind.TRAIN_MODE, layer=self.layer, meta={"mode": mode}))
-

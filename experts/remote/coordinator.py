@@ -34,16 +34,8 @@ import zmq
 from experts.errors import ConfigError, WireError
 from experts.identity import Identity, load_or_create
 from experts.remote.auth import AllowList, PrivateFolder, peer_hotkey, serve_curve, sparse, uses_curve
-from experts.remote.wire import (
-    RECEIVE_HWM,
-    Kind,
-    Message,
-    WireLimits,
-    WorkerSettings,
-    decode,
-    encode,
-    settings_meta,
-)
+from experts.remote.settings import WorkerSettings, settings_meta
+from experts.remote.wire import RECEIVE_HWM, Kind, Message, WireLimits, decode, encode
 
 if TYPE_CHECKING:
     from experts.remote.client import RemotePool
@@ -102,20 +94,12 @@ class Coordinator:
         self.limits = WireLimits.from_mb(cfg.max_frame_mb, cfg.max_message_mb)
         self.max_workers = cfg.max_workers or cfg.workers + cfg.external_workers
         self.curve = uses_curve(cfg.auth, cfg.address)
-        self.private = PrivateFolder()  # the ipc socket and the keys made for this run
         self.identity: Identity = load_or_create(cfg.key) if cfg.key else Identity.generate()
         self.allow_list = AllowList(cfg.allowed_keys)
+        self.private = PrivateFolder()  # the ipc socket and the keys made for this run
         self.context = zmq.Context()
         self.authenticator = None
         self.socket = self.context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker fails at once
-        self.socket.setsockopt(zmq.SNDHWM, 64)
-        self.socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
-        if self.curve:
-            self.authenticator = serve_curve(self.socket, self.identity, self.allow_list)
-        self.address, self.connect_address = self._bind(cfg)
         self.workers: dict[str, WorkerRecord] = {}
         self.names_by_identity: dict[bytes, str] = {}
         self.pools: dict[int, RemotePool] = {}
@@ -123,10 +107,23 @@ class Coordinator:
         self.refused: Counter = Counter()  # HELLOs refused: name taken by another key, cap, bad name
         self.stray: Counter = Counter()  # replies nobody waits for any more (late, duplicate, foreign)
         self.request_ids = itertools.count(1)
+        try:
+            self.address, self.connect_address = self._open(cfg)
+        except BaseException:
+            self.close()
+            raise
         auth = f"CURVE, coordinator key {self.identity.hotkey}" if self.curve else "no authentication"
         log.info("coordinator listening on %s (%s)", self.address, auth)
 
-    def _bind(self, cfg) -> tuple[str, str]:
+    def _open(self, cfg) -> tuple[str, str]:
+        """Set the socket's limits (and CURVE, before any peer can connect), bind; (address, connect address)."""
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker fails at once
+        self.socket.setsockopt(zmq.SNDHWM, 64)
+        self.socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
+        if self.curve:
+            self.authenticator = serve_curve(self.socket, self.identity, self.allow_list)
         if cfg.address == "ipc":
             address = f"ipc://{self.private.path / 'coordinator.sock'}"
             self.socket.bind(address)
@@ -271,7 +268,11 @@ class Coordinator:
     # --- registry ----------------------------------------------------------------------------------
 
     def expect(
-        self, name: str, process: subprocess.Popen | None, key: Identity | None = None, state_dir: Path | None = None
+        self,
+        name: str,
+        process: subprocess.Popen | None,
+        key: Identity | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         """A worker this trainer started: its name is bound to `key` before anyone can say HELLO."""
         hotkey = key.hotkey if key is not None else None
@@ -295,7 +296,9 @@ class Coordinator:
             self.refuse(identity, "name", f"worker name {str(name)[:80]!r} is not [A-Za-z0-9._-], at most 64")
             return
         if record is None and len(self.workers) >= self.max_workers:
-            self.refuse(identity, "cap", f"{len(self.workers)} worker names registered (transport.max_workers)")
+            self.refuse(
+                identity, "cap", f"{len(self.workers)} worker names registered (transport.max_workers)"
+            )
             return
         if record is not None and record.hotkey != hotkey:
             self.refuse(identity, "taken", f"worker name {name} belongs to key {record.hotkey}, not {hotkey}")
@@ -326,7 +329,9 @@ class Coordinator:
         self.refused[reason] += 1
         if sparse(self.refused[reason]):
             log.warning("refused HELLO (%d× %s so far): %s", self.refused[reason], reason, detail)
-        self._send_raw(identity, Message(Kind.ERROR, meta={"reason": f"refused: {detail}", "request": "HELLO"}))
+        self._send_raw(
+            identity, Message(Kind.ERROR, meta={"reason": f"refused: {detail}", "request": "HELLO"})
+        )
 
     def is_alive(self, name: str) -> bool:
         """Whether `name` is registered, running and heard from lately. Call it after reading the
@@ -377,7 +382,9 @@ class Coordinator:
         """How a worker started by hand joins this coordinator."""
         command = f"python -m experts.worker --coordinator {self.address} --name NAME"
         if self.curve:
-            command += f" --coordinator-key {self.identity.hotkey} --key KEY (its hotkey in transport.allowed_keys)"
+            command += (
+                f" --coordinator-key {self.identity.hotkey} --key KEY (its hotkey in transport.allowed_keys)"
+            )
         return command
 
     def checkpoint_workers(self, names: list[str], wait: bool) -> None:
@@ -407,4 +414,3 @@ class Coordinator:
             self.authenticator.stop()
         self.context.term()
         self.private.close()
-

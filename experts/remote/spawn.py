@@ -31,7 +31,7 @@ from experts.network import network_is_ideal
 from experts.remote.auth import uses_curve
 from experts.remote.client import RemotePool
 from experts.remote.coordinator import Coordinator
-from experts.remote.wire import WorkerSettings
+from experts.remote.settings import DEFAULT_FRAME_MB, DEFAULT_MESSAGE_MB, WorkerSettings
 from experts.transport import LocalTransportConfig, Transport, register_transport
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,9 @@ class ProcessTransportConfig(WorkerSettings, LocalTransportConfig):
     port: int = 0  # tcp: port to bind; 0 picks a free one (logged)
     auth: str = "auto"  # curve | none | auto: CURVE on tcp; ipc sits in a private (0700) folder instead
     key: str | None = None  # the coordinator's (subnet owner's) key file; None: a key made for the run
-    allowed_keys: list[str] = field(default_factory=list)  # hotkeys (hex or .pub paths) of hand-started workers
+    allowed_keys: list[str] = field(
+        default_factory=list
+    )  # hotkeys (hex or .pub paths) of hand-started workers
     max_workers: int = 0  # cap on registered worker names; 0: workers + external_workers
     threads: int = 1  # torch intra-op threads per worker
     # one device per spawned worker, e.g. [cuda:1, cuda:2]; None: cuda:i round-robin, else the CPU
@@ -59,8 +61,8 @@ class ProcessTransportConfig(WorkerSettings, LocalTransportConfig):
     heartbeat_misses: int = 5  # silent intervals before a worker counts as dead
     register_timeout: float = 60.0  # seconds to wait for workers to start and register
     request_timeout: float = 60.0  # seconds for hosting, state and checkpoint requests
-    max_frame_mb: float = 1024.0  # largest tensor frame either side accepts
-    max_message_mb: float = 4096.0  # largest message (all its frames) either side accepts
+    max_frame_mb: float = DEFAULT_FRAME_MB  # largest tensor frame either side accepts
+    max_message_mb: float = DEFAULT_MESSAGE_MB  # largest message (all its frames) either side accepts
     checkpoint_every: int = 0  # workers checkpoint themselves every N steps; 0: at trainer checkpoints
 
 

@@ -8,8 +8,7 @@ its payload, so a truncated, garbled, oversized or unknown frame raises `WireErr
 is counted by the receiver, which then carries on: nothing received from a peer is ever unpickled.
 `decode` raises nothing but `WireError`, whatever the bytes: it bounds the frame count, the bytes of
 each frame and of the whole message, every tensor dimension (≤ 2³¹) and the JSON meta's nesting and
-integer size before anything is allocated. Meta read into a dataclass goes through `typed_meta`,
-which checks each field's JSON type (never OmegaConf, which would resolve interpolations).
+integer size before anything is allocated. (Meta becomes a dataclass through `settings.typed_meta`.)
 
 Parameters and optimizer state cross the wire as named tensors: their names are listed in
 `meta["names"]`, their non-tensor parts (param groups) as JSON. Workers write the same named tensors
@@ -22,10 +21,8 @@ from __future__ import annotations
 
 import json
 import struct
-import types
-import typing
 import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 import torch
@@ -121,23 +118,6 @@ class WireLimits:
     def max_frame_bytes(self) -> int:
         """The socket's per-frame cap (ZMQ_MAXMSGSIZE): the larger of a tensor and a meta frame."""
         return max(self.max_tensor_bytes, self.max_meta_bytes, HEADER.size)
-
-
-@dataclass
-class WorkerSettings:
-    """How workers serve, as configured for the run: `ProcessTransportConfig` inherits these fields
-    (`transport.cache_size`) and the coordinator sends them in WELCOME. A worker takes them within
-    its own limits: the coordinator can tighten its gradient check and cache, never loosen them."""
-
-    max_grad_norm: float = 1e4  # workers reject grad_out with a larger L2 norm; 0: the worker's own bound
-    heartbeat_interval: float = 1.0  # seconds between worker heartbeats
-    cache_size: int = 256  # forward graphs a worker keeps for backward (oldest evicted)
-
-
-def settings_meta(settings_cls: type, source: object) -> dict:
-    """The fields of dataclass `settings_cls` read from `source` (an instance of it or of a config that
-    inherits it), as JSON meta: a config sends only the part a worker takes."""
-    return {f.name: getattr(source, f.name) for f in fields(settings_cls)}
 
 
 @dataclass
@@ -358,7 +338,9 @@ def parse_meta(raw: memoryview | bytes, limits: WireLimits = WireLimits()) -> di
 
 def _bounded_int(digits: str) -> int:
     if len(digits.lstrip("-")) > MAX_INT_DIGITS:
-        raise WireError(f"meta holds an integer of {len(digits)} digits; at most {MAX_INT_DIGITS} are accepted")
+        raise WireError(
+            f"meta holds an integer of {len(digits)} digits; at most {MAX_INT_DIGITS} are accepted"
+        )
     return int(digits)
 
 
@@ -370,34 +352,6 @@ def _check_depth(meta: dict, max_depth: int) -> None:
             raise WireError(f"meta nests deeper than {max_depth} levels")
         children = node.values() if isinstance(node, dict) else node
         pending += [(child, depth + 1) for child in children if isinstance(child, (dict, list))]
-
-
-def typed_meta(settings_cls: type, meta: object, what: str):
-    """`meta` (JSON from a peer) as dataclass `settings_cls`, every field checked against its type
-    (bool, int, float, str, or one of them or None); WireError naming `what.field` otherwise.
-    Never OmegaConf: it would resolve `${...}` interpolations a peer sent."""
-    if not isinstance(meta, dict):
-        raise WireError(f"{what} must be a JSON object")
-    hints = typing.get_type_hints(settings_cls)
-    known = {f.name for f in fields(settings_cls)}
-    for key, value in meta.items():
-        if key not in known:
-            raise WireError(f"{what}.{str(key)[:40]}: unknown field; valid: {', '.join(sorted(known))}")
-        if not _json_type_fits(value, hints[key]):
-            raise WireError(f"{what}.{key}={str(value)[:40]}: expected {hints[key]}")
-    return settings_cls(**meta)
-
-
-def _json_type_fits(value: object, annotation) -> bool:
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return any(_json_type_fits(value, option) for option in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is float:  # JSON has one number type; an int is a float too, a bool is neither
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return annotation in (bool, str) and type(value) is annotation
 
 
 # --- parameters and optimizer state as named tensors -------------------------------------------------

@@ -48,18 +48,15 @@ from experts.network import Link, LinkSpec
 from experts.owner import ExpertOwner, OptimizerSettings
 from experts.remote.auth import connect_curve
 from experts.remote.checkpoint import CHECKPOINT_FILE, load_messages, save_messages
-from experts.remote.spawn import ProcessTransportConfig
+from experts.remote.settings import WorkerLimits, WorkerSettings, typed_meta
 from experts.remote.wire import (
     RECEIVE_HWM,
     Kind,
     Message,
-    WireLimits,
-    WorkerSettings,
     decode,
     encode,
     expert_state_from,
     expert_state_message,
-    typed_meta,
     unpack_header,
 )
 
@@ -67,32 +64,10 @@ log = logging.getLogger("experts.remote.worker")
 
 HELLO_RETRY_S = 1.0
 LOOP_TICK_S = 0.25  # longest sleep between parent checks and heartbeats
-HEARTBEAT_RANGE_S = (0.05, 60.0)  # a coordinator's heartbeat_interval is clamped to this
 
 
 class RequestError(Exception):
     """A well-formed request this worker cannot serve; answered with ERROR, never fatal."""
-
-
-@dataclass(frozen=True)
-class WorkerLimits:
-    """What a worker accepts whatever its coordinator asks: set on its command line, never by the wire."""
-
-    max_frame_mb: float = ProcessTransportConfig.max_frame_mb  # one tensor frame
-    max_message_mb: float = ProcessTransportConfig.max_message_mb  # one message, all frames
-    max_expert_mb: float = 4096.0  # parameters of one hosted expert
-    max_experts: int = 4096  # experts hosted at once
-    max_cache: int = 1024  # forward graphs kept for backward; WELCOME's cache_size is capped at this
-    max_grad_norm: float = 1e4  # grad_out norm bound; WELCOME may lower it, never raise or remove it
-
-    def wire(self) -> WireLimits:
-        return WireLimits.from_mb(self.max_frame_mb, self.max_message_mb)
-
-    def bound(self, asked: WorkerSettings) -> WorkerSettings:
-        """The settings a coordinator asked for, within these limits."""
-        grad = min(asked.max_grad_norm, self.max_grad_norm) if asked.max_grad_norm > 0 else self.max_grad_norm
-        heartbeat = min(max(asked.heartbeat_interval, HEARTBEAT_RANGE_S[0]), HEARTBEAT_RANGE_S[1])
-        return WorkerSettings(grad, heartbeat, max(0, min(asked.cache_size, self.max_cache)))
 
 
 @dataclass
@@ -108,7 +83,7 @@ class Worker:
 
     def __init__(
         self, coordinator: str, *, name: str, device: str, threads: int, parent_pid: int | None = None,
-        state_dir: str | Path | None = None, limits: WorkerLimits = WorkerLimits(),
+        state_dir: str | Path | None = None, limits: WorkerLimits | None = None,
         key: Identity | None = None, coordinator_key: str | None = None,
     ):  # fmt: skip
         """`state_dir`: the only folder this worker writes to (None: it keeps no checkpoint). `key` and
@@ -116,7 +91,7 @@ class Worker:
         self.name, self.device, self.threads = name, torch.device(device), threads
         self.parent_pid = parent_pid
         self.state_dir = Path(state_dir) if state_dir is not None else None
-        self.own_limits = limits
+        self.own_limits = limits = limits or WorkerLimits()
         self.settings = limits.bound(WorkerSettings())  # until WELCOME says otherwise
         self.limits = limits.wire()
         self.experts: dict[tuple[int, int], HostedExpert] = {}
@@ -221,6 +196,8 @@ class Worker:
         frames = encode(message)
         if delay <= 0:
             self.send(frames)
+        elif len(self.delayed) >= self.own_limits.max_cache:  # held replies are bounded like kept forwards
+            log.debug("%d replies held back already; this one is dropped", len(self.delayed))
         else:
             heapq.heappush(self.delayed, (time.monotonic() + delay, next(self.sequence), frames))
 
@@ -258,11 +235,17 @@ class Worker:
     def on_error(self, message: Message) -> None:
         """The coordinator refused something (a HELLO, say): logged, never answered."""
         self.errors += 1
-        log.warning("the coordinator answered %s with: %.300s", message.meta.get("request"), message.meta.get("reason"))
+        log.warning(
+            "the coordinator answered %s with: %.300s",
+            message.meta.get("request"),
+            message.meta.get("reason"),
+        )
 
     def on_host(self, message: Message) -> None:
         meta = message.meta
-        if (message.layer, message.expert) not in self.experts and len(self.experts) >= self.own_limits.max_experts:
+        if (message.layer, message.expert) not in self.experts and len(
+            self.experts
+        ) >= self.own_limits.max_experts:
             raise RequestError(f"already hosting {len(self.experts)} experts (--max-experts)")
         module = self.build_within_limits(meta["spec"])
         module.load_state_dict(message.named(), strict=True)
@@ -301,7 +284,9 @@ class Worker:
             raise RequestError(f"expert spec cannot be sized ({err}); nothing was built") from None
         megabytes = sum(p.numel() * p.element_size() for p in shape_only.parameters()) / 2**20
         if megabytes > self.own_limits.max_expert_mb:
-            raise RequestError(f"expert of {megabytes:.0f} MB exceeds --max-expert-mb {self.own_limits.max_expert_mb:g}")
+            raise RequestError(
+                f"expert of {megabytes:.0f} MB exceeds --max-expert-mb {self.own_limits.max_expert_mb:g}"
+            )
         return build_expert(spec).to(self.device)
 
     def checkpoint_path(self) -> Path | None:
@@ -414,7 +399,9 @@ class Worker:
         hosted = self.expert_of(message)
         self.reply(self.state_message(Kind.STATE, message.layer, message.expert, hosted, step=message.step))
 
-    def state_message(self, kind: Kind, layer: int, expert: int, hosted: HostedExpert, step: int = 0) -> Message:
+    def state_message(
+        self, kind: Kind, layer: int, expert: int, hosted: HostedExpert, step: int = 0
+    ) -> Message:
         """Parameters, optimizer state, and what `restore` checks (layer name, spec, steps)."""
         state = hosted.owner.state_dict()
         params = {k: v.detach().cpu() for k, v in state["module"].items()}

@@ -94,7 +94,9 @@ def missing_experts(pools: dict[str, dict]) -> dict[str, list[int]]:
     """Experts whose state a pool could not get (an unreachable worker, no own checkpoint), by layer."""
     missing = {layer: state["missing"] for layer, state in pools.items() if state.get("missing")}
     if missing:
-        log.warning("checkpoint is incomplete: experts %s are missing (their workers were unreachable)", missing)
+        log.warning(
+            "checkpoint is incomplete: experts %s are missing (their workers were unreachable)", missing
+        )
     return missing
 
 

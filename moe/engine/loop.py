@@ -161,8 +161,12 @@ def train_step(run: Run) -> dict:
         **logged_routing_metrics(run.layers),
         **simulated_latency(run.layers),
     }
-    return {**metrics, "tokens": targets.numel() if run.model.task == "lm" else targets.shape[0],
-            "seconds": time.perf_counter() - tick, "virtual_seconds": virtual_clock_s(run.layers) - virtual_start}
+    return {
+        **metrics,
+        "tokens": targets.numel() if run.model.task == "lm" else targets.shape[0],
+        "seconds": time.perf_counter() - tick,
+        "virtual_seconds": virtual_clock_s(run.layers) - virtual_start,
+    }
 
 
 def virtual_clock_s(layers: list[MoELayer]) -> float:
@@ -192,8 +196,17 @@ def logged_routing_metrics(layers: list[MoELayer]) -> dict[str, float]:
 def validate(run: Run, final: bool = False) -> dict:
     """Validation metrics; the final one also counts domain × expert routing, logs its mutual
     information per layer (`routing/<layer>/domain_mi`, bits) and keeps the tables for reports."""
-    results = evaluate(run.model, run.data.val_batches(), run.data.domains, autocast=run.autocast, collect_routing=final, step=run.step)
-    tables = {key.removeprefix("routing/"): results.pop(key) for key in list(results) if key.startswith("routing/")}
+    results = evaluate(
+        run.model,
+        run.data.val_batches(),
+        run.data.domains,
+        autocast=run.autocast,
+        collect_routing=final,
+        step=run.step,
+    )
+    tables = {
+        key.removeprefix("routing/"): results.pop(key) for key in list(results) if key.startswith("routing/")
+    }
     if tables:
         results.update(specialisation_metrics(tables))
         write_routing_tables(run.run_dir, tables, run.data.domains)
@@ -207,7 +220,8 @@ def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
         "run_dir": str(run.run_dir),
         **last_val,
         "perf/tokens_per_s": sum(e["perf/tokens_per_s"] for e in events) / max(len(events), 1),
-        "perf/sim_tokens_per_s": sum(e.get("perf/sim_tokens_per_s", 0.0) for e in events) / max(len(events), 1),
+        "perf/sim_tokens_per_s": sum(e.get("perf/sim_tokens_per_s", 0.0) for e in events)
+        / max(len(events), 1),
         "perf/wall_s": wall_seconds,
         **(run.scorer.summary() if run.scorer is not None else {}),
         **({"rewards": run.ledger.summary()} if run.ledger is not None else {}),

@@ -8,7 +8,15 @@ import time
 import pytest
 import torch
 
-from tests.experts.test_remote import EXPERTS_CFG, NUM_TOKENS, PAIRS, D, make_experts, process_transport, run_layer
+from tests.experts.test_remote import (
+    EXPERTS_CFG,
+    NUM_TOKENS,
+    PAIRS,
+    D,
+    make_experts,
+    process_transport,
+    run_layer,
+)
 
 W1_EXPERTS = [1, 3]  # experts go to workers round-robin: w0 hosts 0 and 2, w1 hosts 1 and 3
 

@@ -15,9 +15,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import random
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -40,6 +43,7 @@ from tests.experts.test_remote import (
     D,
     make_experts,
     process_transport,
+    python_path,
     run_layer,
     train_losses,
 )
@@ -141,7 +145,8 @@ def test_a_worker_name_belongs_to_the_key_that_first_registered_it(caplog):
             to_alice, to_mallory = inbox(honest, 1.0), inbox(impostor, 0.2)
     assert [m.kind for m in to_alice] == [Kind.WELCOME, Kind.ECHO]
     assert [m.kind for m in to_mallory] == [Kind.ERROR]  # a refusal, nothing else
-    assert "belongs to key" in to_mallory[0].meta["reason"] and not to_mallory[0].tensors
+    assert "belongs to key" in to_mallory[0].meta["reason"]
+    assert not to_mallory[0].tensors
     assert "w-alice belongs to key" in caplog.text
 
 
@@ -159,8 +164,11 @@ def test_a_key_not_on_the_allow_list_and_a_plain_socket_reach_nothing():
             deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline:
                 coordinator.drain()
-            assert inbox(curved, 0.2) == [] and inbox(plain, 0.2) == []
-        assert coordinator.workers == {} and not coordinator.rejected and not coordinator.refused
+            assert inbox(curved, 0.2) == []
+            assert inbox(plain, 0.2) == []
+        assert coordinator.workers == {}
+        assert not coordinator.rejected
+        assert not coordinator.refused
 
 
 @pytest.mark.timeout(120)
@@ -185,13 +193,56 @@ def test_the_ipc_socket_lives_in_a_folder_only_this_user_can_enter(tmp_path):
         assert transport.coordinator.is_alive("w0")
 
 
+@pytest.mark.timeout(180)
+def test_a_worker_started_by_hand_joins_a_curve_coordinator_with_its_own_key(tmp_path):
+    from tests.helpers import run_cli
+
+    made = run_cli("-m", "experts.worker", "keygen", str(tmp_path / "miner.key"))
+    hotkey = made.stdout.strip()
+    assert made.returncode == 0
+    assert hotkey == Identity.load(tmp_path / "miner.key").hotkey
+    assert stat.S_IMODE((tmp_path / "miner.key").stat().st_mode) == 0o600
+    again = run_cli("-m", "experts.worker", "keygen", str(tmp_path / "miner.key"))
+    assert again.returncode != 0
+    assert "not overwriting" in again.stderr
+
+    owner = Identity.generate()
+    owner.save(tmp_path / "owner.key")
+    port = free_port()
+    command = ["-m", "experts.worker", "--coordinator", f"tcp://127.0.0.1:{port}", "--name", "miner",
+               "--key", str(tmp_path / "miner.key"), "--coordinator-key", str(tmp_path / "owner.key.pub"),
+               "--log-level", "WARNING"]  # fmt: skip
+    hand_started = subprocess.Popen(
+        [sys.executable, *command], env={**os.environ, "PYTHONPATH": python_path()}
+    )
+    try:
+        overrides = {"address": "tcp", "port": port, "key": str(tmp_path / "owner.key"), "workers": 1,
+                         "external_workers": 1, "allowed_keys": [hotkey]}  # fmt: skip
+        with process_transport(tmp_path / "run", **overrides) as transport:
+            coordinator = transport.coordinator
+            assert coordinator.workers["miner"].hotkey == hotkey
+            experts = make_experts(seed=5)
+            local = LocalPool(copy.deepcopy(experts), EXPERTS_CFG)
+            remote = transport.make_pool("hand", experts, EXPERTS_CFG)
+            assert sorted(set(remote.hosts)) == ["miner", "w0"]
+            x_ND = torch.randn(NUM_TOKENS, D)
+            for a, b in zip(run_layer(local, x_ND, PAIRS), run_layer(remote, x_ND, PAIRS), strict=True):
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            hand_started.kill()
+        hand_started.wait(timeout=10)
+
+
 # --- a training run under attack ---------------------------------------------------------------------
 
 
 class Attacker(threading.Thread):
     """Says HELLO as `names` every 50 ms until stopped, and keeps whatever it receives."""
 
-    def __init__(self, address: str, names: list[str], key: Identity | None = None, server: str | None = None):
+    def __init__(
+        self, address: str, names: list[str], key: Identity | None = None, server: str | None = None
+    ):
         super().__init__(daemon=True)
         self.address, self.names, self.key, self.server = address, names, key, server
         self.received: list[Message] = []
@@ -254,10 +305,13 @@ def test_an_impostor_and_strangers_get_nothing_and_the_run_keeps_its_losses(tmp_
     assert not any(m.tensors for m in impostor_got)
     reasons = {m.meta["reason"].split(" ")[1] for m in impostor_got}
     assert reasons <= {"worker", "2"}  # "worker name w0 belongs to key …", "2 worker names registered"
-    assert stranger_got == [] and plain_got == []
-    assert "belongs to key" in caplog.text and "not on the allow-list" in caplog.text
+    assert stranger_got == []
+    assert plain_got == []
+    assert "belongs to key" in caplog.text
+    assert "not on the allow-list" in caplog.text
     attacked, quiet = train_losses(tmp_path / "attacked"), train_losses(tmp_path / "quiet")
-    assert len(attacked) == steps and attacked == quiet
+    assert len(attacked) == steps
+    assert attacked == quiet
 
 
 # --- garbage from an admitted miner ------------------------------------------------------------------
@@ -288,4 +342,3 @@ def test_the_fuzz_corpus_and_nested_json_leave_the_trainer_and_its_workers_runni
         assert all(p.poll() is None for p in transport.processes)
         assert coordinator.registered_names() == ["w0", "w1"]
     assert rejected_at_trainer >= 1000
-

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from experts.network import LinkSpec
 from experts.owner import OptimizerSettings
-from experts.remote.wire import Kind, Message, WireLimits, WorkerSettings, decode, encode, typed_meta
+from experts.remote.settings import WorkerSettings, typed_meta
+from experts.remote.wire import Kind, Message, WireLimits, decode, encode
 from moe.errors import WireError
 from tests.experts.wire_corpus import FUZZ_LIMITS, header, hostile_message, meta_pair, nested_json
 
@@ -72,14 +73,19 @@ def decodes_or_raises_wire_error(frames: list[bytes], limits: WireLimits) -> Non
         message = decode(frames, limits)
     except WireError:
         return
-    assert message.kind in Kind and isinstance(message.meta, dict)
+    assert message.kind in Kind
+    assert isinstance(message.meta, dict)
     assert all(t.numel() * t.element_size() <= limits.max_tensor_bytes for t in message.tensors)
 
 
 LIMITS = [WireLimits(**FUZZ_LIMITS), WireLimits()]
 SEEDS = st.integers(0, 2**64)  # a seed per message: hypothesis drawing every byte itself is 10× slower
+
+
 def fuzz(examples: int) -> settings:
-    return settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    return settings(
+        max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None
+    )
 
 
 @fuzz(2000)

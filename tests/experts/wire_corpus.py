@@ -13,10 +13,26 @@ import zlib
 
 import torch
 
-from experts.remote.wire import CRC32, DTYPE_CODES, HEADER, JSON_CODE, MAGIC, MAX_NDIM, VERSION, Kind, Message, encode
+from experts.remote.wire import (
+    CRC32,
+    DTYPE_CODES,
+    HEADER,
+    JSON_CODE,
+    MAGIC,
+    MAX_NDIM,
+    VERSION,
+    Kind,
+    Message,
+    encode,
+)
 
 # small limits, so that "too many" and "too large" are reached by frames the fuzzer can afford
-FUZZ_LIMITS = dict(max_tensor_bytes=1 << 14, max_meta_bytes=1 << 14, max_tensors=8, max_message_bytes=1 << 16)
+FUZZ_LIMITS = {
+    "max_tensor_bytes": 1 << 14,
+    "max_meta_bytes": 1 << 14,
+    "max_tensors": 8,
+    "max_message_bytes": 1 << 16,
+}
 KINDS = [kind for kind in Kind if kind != Kind.SHUTDOWN]  # a well-formed SHUTDOWN is obeyed, by design
 BIG_DIMS = [2**31 - 1, 2**31, 2**31 + 1, 2**32, 2**62, 2**63 - 1, 2**63, 2**64 - 1]
 
@@ -27,7 +43,9 @@ def header(kind: int = Kind.OUTPUT, dtype: int = JSON_CODE, dims: list[int] = ()
     ndim = len(dims) if ndim is None else ndim
     dims = (list(dims) + [0] * MAX_NDIM)[:MAX_NDIM]
     size = len(payload) if payload_len is None else payload_len
-    packed = HEADER.pack(MAGIC, VERSION, int(kind), dtype, ndim, CRC32, *address, size, zlib.crc32(payload), *dims, 0)
+    packed = HEADER.pack(
+        MAGIC, VERSION, int(kind), dtype, ndim, CRC32, *address, size, zlib.crc32(payload), *dims, 0
+    )
     return packed[:-4] + struct.pack("<I", zlib.crc32(packed[:-4]))
 
 
@@ -87,7 +105,9 @@ def mutated(rng: random.Random) -> list[bytes]:
 
 def hostile_header(rng: random.Random) -> list[bytes]:
     """A well-formed meta pair, then a tensor header whose checksums pass and whose fields lie."""
-    dims = [rng.choice([*BIG_DIMS, 0, 1, 3, rng.randrange(2**64)]) for _ in range(rng.randrange(MAX_NDIM + 1))]
+    dims = [
+        rng.choice([*BIG_DIMS, 0, 1, 3, rng.randrange(2**64)]) for _ in range(rng.randrange(MAX_NDIM + 1))
+    ]
     if dims and rng.random() < 0.3:
         dims[rng.randrange(len(dims))] = 0  # an empty tensor with huge other dimensions
     payload = rng.randbytes(rng.randrange(16))
@@ -127,7 +147,9 @@ def too_many(rng: random.Random) -> list[bytes]:
     """More tensors, or more bytes in all, than `FUZZ_LIMITS` allow, each frame small enough alone."""
     many = rng.random() < 0.5
     count, size = (rng.choice([9, 40, 500]), 4) if many else (8, 12 * 1024)  # 8 × 12 KB: 96 KB in all
-    head, meta, tensor_head, payload = (bytes(f) for f in encode(Message(Kind.OUTPUT, tensors=[torch.zeros(size // 4)])))
+    head, meta, tensor_head, payload = (
+        bytes(f) for f in encode(Message(Kind.OUTPUT, tensors=[torch.zeros(size // 4)]))
+    )
     return [head, meta, *[tensor_head, payload] * count]
 
 
