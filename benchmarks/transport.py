@@ -8,6 +8,8 @@ Prints, from one run on one machine:
 2. one MoE layer training step (router → pool → combine → backward → owner steps) at T=4096,
    d=512, f=2048, E=4, k=2, in-process with `workers × threads` torch threads vs in `workers`
    worker processes of `threads` threads each (thread counts matched), with the overhead ratio;
+   then the cost of CURVE: the same step over tcp without and with CURVE (encryption and key
+   authentication, `transport.auth`), steps alternating between the two, each as process / local;
 3. the same layer against hivemind's RemoteMixtureOfExperts (hidden 512, batch 128, 4 experts,
    k=2, forward+backward, samples/s) when hivemind is importable (`pip install .[compare]`),
    otherwise why it was skipped; next to both, the compute floor: a worker's share of the expert
@@ -24,8 +26,10 @@ import logging
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -81,7 +85,9 @@ def bench_round_trips(transport: ProcessTransport) -> None:
         payload = torch.randn(size // 4)
         repeats = 200 if size < 2**20 else 50 if size < 2**24 else 10
         rtt = median_seconds(lambda p=payload: echo_once(transport, p), repeats=repeats, warmup=3)
-        framing = median_seconds(lambda p=payload: decode(encode(Message(Kind.ECHO, tensors=[p]))), repeats=repeats)
+        framing = median_seconds(
+            lambda p=payload: decode(encode(Message(Kind.ECHO, tensors=[p]))), repeats=repeats
+        )
         bandwidth = size / (rtt / 2) / 1e9
         print(f"   {label:>6}  {rtt * 1e6:>9.0f}µs  {bandwidth:>9.2f} GB/s  {framing * 1e6:>10.0f}µs")
 
@@ -102,7 +108,7 @@ def layer_step(layer: MoELayer, x_BTD: torch.Tensor) -> None:
     layer.router.zero_grad(set_to_none=True)
 
 
-def bench_layer(args, transport: ProcessTransport) -> None:
+def bench_layer(args, transport: ProcessTransport) -> float:
     compute_threads = args.workers * args.threads
     print(
         f"\n2. MoE layer step, T={args.tokens} d={args.d_model} f={args.d_ff} E={args.experts} k={args.top_k}"
@@ -132,6 +138,43 @@ def bench_layer(args, transport: ProcessTransport) -> None:
     failures = remote.pool.failure_counts
     if failures:
         print(f"   note: the process pool reported failures: {dict(failures)}")
+    return local_s
+
+
+def bench_curve(args, local_s: float) -> None:
+    """The layer step over tcp without and with CURVE; steps alternate so both see the same load."""
+    print(f"\n   CURVE cost: the same step over tcp, median of {args.repeats} alternating steps each")
+    torch.manual_seed(0)
+    experts = [FFN(args.d_model, args.d_ff) for _ in range(args.experts)]
+    experts_cfg = ExpertsConfig(num=args.experts, d_ff=args.d_ff)
+    x_BTD = torch.randn(1, args.tokens, args.d_model)
+    transports, layers = {}, {}
+    try:
+        for auth in ("none", "curve"):
+            transports[auth] = ProcessTransport(
+                process_config(args, address="tcp", auth=auth), **TRAINER_SIDE
+            )
+            layers[auth] = make_layer(args, transports[auth].make_pool("bench", experts, experts_cfg))
+        seconds = {auth: [] for auth in layers}
+        for _ in range(args.repeats + 1):  # the first round warms up
+            for auth, layer in layers.items():
+                seconds[auth].append(timed(lambda layer=layer: layer_step(layer, x_BTD)))
+    finally:
+        for transport in transports.values():
+            transport.close()
+    median = {auth: statistics.median(times[1:]) for auth, times in seconds.items()}
+    for auth, label in (("none", "tcp without CURVE"), ("curve", "tcp with CURVE   ")):
+        print(
+            f"   {label} {median[auth] * 1e3:8.1f} ms/step   process / local = {median[auth] / local_s:.3f}"
+        )
+    cost = median["curve"] / median["none"] - 1
+    print(f"   CURVE adds {100 * cost:+.1f} % to the process layer step  (target ≤ +10 %)")
+
+
+def timed(step) -> float:
+    tick = time.perf_counter()
+    step()
+    return time.perf_counter() - tick
 
 
 # --- 3. hivemind -------------------------------------------------------------------------------------
@@ -155,7 +198,11 @@ def bench_hivemind(args) -> float | None:
         # the uids must match the client's grid, and a client-mode DHT never finds them (the call hangs)
         uids = [f"expert.{i}" for i in range(EXPERTS)]
         with background_server(
-            expert_uids=uids, expert_cls="ffn", hidden_dim=HIDDEN, device=args.device, num_handlers=args.workers
+            expert_uids=uids,
+            expert_cls="ffn",
+            hidden_dim=HIDDEN,
+            device=args.device,
+            num_handlers=args.workers,
         ) as server:
             dht = hivemind.DHT(initial_peers=server.addrs, start=True)
             moe = hivemind.RemoteMixtureOfExperts(
@@ -223,22 +270,36 @@ def bench_compute_floor(args) -> float:
     return rate
 
 
+TRAINER_SIDE = {"device": torch.device("cpu"), "run_dir": None, "seed": 0}
+
+
+def process_config(args, **overrides) -> ProcessTransportConfig:
+    worker_device = "cuda:0" if args.device == "cuda" else args.device
+    return ProcessTransportConfig(
+        workers=args.workers, threads=args.threads, devices=[worker_device], **overrides
+    )
+
+
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.hivemind_only:
         bench_hivemind(args)
         return
-    worker_device = "cuda:0" if args.device == "cuda" else args.device
-    cfg = ProcessTransportConfig(workers=args.workers, threads=args.threads, devices=[worker_device])
+    cfg = process_config(args)
     print(
         f"poimoe transport benchmark: torch {torch.__version__}, {torch.get_num_threads()} default threads, "
         f"{args.workers} workers × {args.threads} thread(s), address={cfg.address}"
     )
-    transport = ProcessTransport(cfg, device=torch.device("cpu"), run_dir=None, seed=0)
+    transport = ProcessTransport(cfg, **TRAINER_SIDE)
     try:
         bench_round_trips(transport)
-        bench_layer(args, transport)
+        local_s = bench_layer(args, transport)
+    except BaseException:
+        transport.close()
+        raise
+    bench_curve(args, local_s)
+    try:
         print(
             f"\n3. against hivemind RemoteMixtureOfExperts (hidden {HIDDEN}, batch {BATCH}, {EXPERTS} experts,"
             f" k={TOP_K}, forward + backward + owner steps, experts on {args.device})"
@@ -251,7 +312,9 @@ def main() -> None:
     theirs = hivemind_in_fresh_process(args)
     if theirs:
         print(f"   poimoe / hivemind = {ours / theirs:.1f}×  (target ≥ 50×)")
-        print(f"   compute floor / hivemind = {floor / theirs:.1f}×  (the most any transport reaches with this worker layout here)")
+        print(
+            f"   compute floor / hivemind = {floor / theirs:.1f}×  (the most any transport reaches with this worker layout here)"
+        )
 
 
 def hivemind_in_fresh_process(args, timeout_s: float = 300) -> float | None:
@@ -262,7 +325,9 @@ def hivemind_in_fresh_process(args, timeout_s: float = 300) -> float | None:
         "--workers", str(args.workers), "--repeats", str(args.repeats), "--device", args.device,
     ]  # fmt: skip
     # its own session, so a hang is ended with everything hivemind started (server, p2pd daemons)
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    child = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
+    )
     try:
         stdout, _ = child.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:

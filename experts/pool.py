@@ -9,6 +9,7 @@ Legend: A assignments sorted by expert, D model width, E experts.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterator
@@ -23,11 +24,15 @@ from experts.network import FaultPolicy, VirtualNetwork
 from experts.owner import ExpertOwner, OptimizerSettings, step_owners
 from router.plan import DispatchPlan
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class PoolOutput:
     y_AD: torch.Tensor  # expert outputs in plan order; rows of failed experts are zero
-    answered_E: torch.Tensor  # bool [E]: expert e returned a valid output this step (True if it had no tokens)
+    answered_E: (
+        torch.Tensor
+    )  # bool [E]: expert e returned a valid output this step (True if it had no tokens)
 
 
 class ExpertPool(ABC):
@@ -111,7 +116,9 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(lowest) & torch.isfinite(highest)
 
 
-def invalid_outputs(y_slices: list[torch.Tensor], x_slices: list[torch.Tensor], max_norm: float) -> dict[int, str]:
+def invalid_outputs(
+    y_slices: list[torch.Tensor], x_slices: list[torch.Tensor], max_norm: float
+) -> dict[int, str]:
     """Experts whose output is not a finite tensor shaped and typed like its input, or whose per-token
     L2 norm exceeds `max_norm` (0: no bound); one host sync for all experts."""
     reasons, checks = {}, []
@@ -191,8 +198,14 @@ class LocalPool(ExpertPool):
             return self.experts[e](x_aD)
         try:
             return answer_call(
-                self.experts[e], behaviour, x_aD, seed=self.behaviour_seed, layer=self.layer_name,
-                step=step, expert_idx=e, peer=lambda j, x_aD: self.experts[j](x_aD),
+                self.experts[e],
+                behaviour,
+                x_aD,
+                seed=self.behaviour_seed,
+                layer=self.layer_name,
+                step=step,
+                expert_idx=e,
+                peer=lambda j, x_aD: self.experts[j](x_aD),
             )
         except ExpertFailure as failure:
             failures[e] = f"behaviour: {failure}"
@@ -220,6 +233,10 @@ class LocalPool(ExpertPool):
         return {"experts": [s["module"] for s in states], "optimizers": [s["optimizer"] for s in states]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Every expert's state; one missing from an incomplete checkpoint (None) keeps its initial weights."""
         pairs = zip(self.owners, state["experts"], state["optimizers"], strict=True)
-        for owner, module_state, optimizer_state in pairs:
+        for e, (owner, module_state, optimizer_state) in enumerate(pairs):
+            if module_state is None:
+                log.warning("expert %d is missing from the checkpoint; it keeps its initial weights", e)
+                continue
             owner.load_state_dict({"module": module_state, "optimizer": optimizer_state})

@@ -1,6 +1,7 @@
 """`transport=process`: experts in worker processes. `spawn` (the transport), `coordinator` (the
 trainer's socket and worker registry), `client` (the pool), `worker` (the miner), `wire` (framing),
-`checkpoint` (a worker's own checkpoint file)."""
+`settings` (what a worker is told and its own limits), `auth` (keys and CURVE), `checkpoint` (a
+worker's own checkpoint file)."""
 
 from experts.remote.client import RemotePool
 from experts.remote.coordinator import Coordinator

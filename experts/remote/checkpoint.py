@@ -20,6 +20,7 @@ from experts.errors import CheckpointError, WireError
 from experts.remote.wire import DEFAULT_CHECKSUM, Kind, Message, checksum, tensor_bytes
 
 FORMAT = "poimoe-worker-checkpoint/1"
+CHECKPOINT_FILE = "experts.safetensors"  # in the worker's own state dir
 
 
 def save_messages(path: Path, messages: list[Message]) -> None:

@@ -22,19 +22,15 @@ import torch
 from torch import nn
 
 from experts.behaviours import HONEST
-from experts.modules import build_expert, expert_spec
+from experts.errors import CheckpointError, WireError
+from experts.modules import expert_spec
 from experts.network import FailureMemory, FaultPolicy, NetworkConfig, Round, link_for, link_stream
-from experts.owner import ExpertOwner, OptimizerSettings
+from experts.owner import OptimizerSettings
 from experts.pool import ExpertPool, PoolOutput, all_finite, invalid_outputs
+from experts.remote.checkpoint import CHECKPOINT_FILE, load_messages
 from experts.remote.coordinator import Coordinator, Key
-from experts.remote.wire import (
-    Kind,
-    Message,
-    expert_state_from,
-    expert_state_message,
-    named_message,
-    settings_meta,
-)
+from experts.remote.settings import settings_meta
+from experts.remote.wire import Kind, Message, expert_state_from, expert_state_message, named_message
 from router.plan import DispatchPlan
 
 log = logging.getLogger(__name__)
@@ -54,7 +50,9 @@ class RemoteExpertsCall(torch.autograd.Function):
     """Autograd through a remote call: forward sends x slices, backward sends grad_out slices."""
 
     @staticmethod
-    def forward(ctx, pool: RemotePool, plan: DispatchPlan, x_AD: torch.Tensor, anchor: torch.Tensor, step: int):
+    def forward(
+        ctx, pool: RemotePool, plan: DispatchPlan, x_AD: torch.Tensor, anchor: torch.Tensor, step: int
+    ):
         grad_input = ctx.needs_input_grad[2]
         y_AD, answered_E, call = pool.forward_call(x_AD, plan, step, keep=True, grad_input=grad_input)
         ctx.pool, ctx.call, ctx.x_meta = pool, call, (x_AD.device, x_AD.dtype)
@@ -108,7 +106,6 @@ class RemotePool(ExpertPool):
         self.steps = 0
         self.last_failures: dict[int, str] = {}
         self.failure_counts: Counter = Counter()
-        self.known_state: list[tuple[dict, dict] | None] = [None] * self.num_experts
         self.touched: set[int] = set()  # called with no tokens in a backward since the last step
         self.behaviours, self.behaviour_seed = {}, 0
         self.anchor = torch.zeros((), requires_grad=True)  # keeps the call in the graph for param grads
@@ -169,7 +166,9 @@ class RemotePool(ExpertPool):
             y_AD, answered_E, _ = self.forward_call(x_AD, plan, step, keep=False, grad_input=False)
         return PoolOutput(y_AD, answered_E)
 
-    def forward_call(self, x_AD: torch.Tensor, plan: DispatchPlan, step: int, *, keep: bool, grad_input: bool):
+    def forward_call(
+        self, x_AD: torch.Tensor, plan: DispatchPlan, step: int, *, keep: bool, grad_input: bool
+    ):
         """One round: every expert with tokens gets its slice; returns (y_AD, answered_E, PendingCall)."""
         call = PendingCall(next(self.calls), plan.split_sizes(), [], grad_input)
         self.rounds += 1
@@ -236,7 +235,9 @@ class RemotePool(ExpertPool):
             else:
                 self.memory.succeeded(e)
 
-    def backward_call(self, call: PendingCall, grad_y_AD: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    def backward_call(
+        self, call: PendingCall, grad_y_AD: torch.Tensor, device: torch.device, dtype: torch.dtype
+    ):
         """Send each expert that answered its grad_out slice; returns grad_x_AD (zeros where none came).
 
         Inside `only_input_gradients()` (read now, as backward runs) the owners only return input
@@ -308,48 +309,81 @@ class RemotePool(ExpertPool):
 
     def state_dict(self) -> dict:
         """Parameters and optimizer state of every expert, fetched from its owner, in `LocalPool`'s
-        layout (checkpoints move between transports). An unreachable expert contributes its last
-        fetched state, or its initial one. Owners also write their own checkpoints."""
+        layout (checkpoints move between transports). An owner that cannot be reached contributes
+        its own last checkpoint when this trainer started it (and so knows its state dir); otherwise
+        its experts are None and listed under `missing`: the checkpoint is incomplete, never made up."""
         requests = {}
         for e, host in enumerate(self.hosts):
             key = (next(self.coordinator.request_ids), self.layer, e)
             requests[key] = (host, Message(Kind.GET_STATE, *key))
+        states: dict[int, tuple[dict, dict]] = {}
         for (_, _, e), result in self.coordinator.request(requests, Kind.STATE).items():
-            if isinstance(result, str):
-                log.warning("state of expert %s/%d unavailable (%s); checkpointing its last known state",
-                            self.layer_name, e, result)  # fmt: skip
-                continue
-            params, optimizer_state = expert_state_from(result)
-            self.known_state[e] = ({k: v.clone() for k, v in params.items()}, optimizer_state)
+            state = self.checked_state(e, result) if not isinstance(result, str) else None
+            if state is None:
+                state = self.owner_checkpoint(e)
+                log.warning("state of expert %s/%d unavailable (%s); %s", self.layer_name, e, result,
+                            "taken from its owner's own last checkpoint" if state else "it is missing")  # fmt: skip
+            if state is not None:
+                states[e] = state
         self.coordinator.checkpoint_workers(sorted(set(self.hosts)), wait=True)
-        experts, optimizers = [], []
-        for e in range(self.num_experts):
-            params, optimizer_state = self.known_state[e] or self.fresh_state(e)
-            experts.append(params)
-            optimizers.append(optimizer_state)
-        return {"experts": experts, "optimizers": optimizers}
+        experts = [states[e][0] if e in states else None for e in range(self.num_experts)]
+        optimizers = [states[e][1] if e in states else None for e in range(self.num_experts)]
+        missing = [e for e in range(self.num_experts) if e not in states]
+        return {"experts": experts, "optimizers": optimizers, "missing": missing}
 
-    def fresh_state(self, expert: int) -> tuple[dict, dict]:
-        """An expert's initial parameters and the state of a fresh optimizer for them."""
-        module = build_expert(self.specs[expert])
-        module.load_state_dict(self.initial[expert])
-        return dict(self.initial[expert]), ExpertOwner(module, self.optimizer).optimizer.state_dict()
+    def checked_state(self, expert: int, message: Message) -> tuple[dict, dict] | None:
+        """(parameters, optimizer state) from a STATE message, or None when its parameters are not
+        named, shaped and typed like the expert's (a broken or hostile owner)."""
+        try:
+            params, optimizer_state = expert_state_from(message)
+        except WireError as err:
+            log.warning("expert %s/%d sent a malformed state: %s", self.layer_name, expert, err)
+            return None
+        initial = self.initial[expert]
+        if set(params) != set(initial) or any(
+            (params[k].shape, params[k].dtype) != (v.shape, v.dtype) for k, v in initial.items()
+        ):
+            log.warning("expert %s/%d sent parameters of another shape; ignored", self.layer_name, expert)
+            return None
+        return {k: v.clone() for k, v in params.items()}, optimizer_state
+
+    def owner_checkpoint(self, expert: int) -> tuple[dict, dict] | None:
+        """The expert's state in its owner's own checkpoint file, when we know where that is."""
+        state_dir = self.coordinator.workers[self.hosts[expert]].state_dir
+        path = state_dir / CHECKPOINT_FILE if state_dir is not None else None
+        if path is None or not path.exists():
+            return None
+        try:
+            saved = load_messages(path)
+        except CheckpointError as err:
+            log.warning("%s", err)
+            return None
+        for message in saved:
+            mine = (message.meta.get("layer_name"), message.expert) == (self.layer_name, expert)
+            if mine and message.meta.get("spec") == self.specs[expert]:
+                return self.checked_state(expert, message)
+        return None
 
     def load_state_dict(self, state: dict) -> None:
+        """Send every expert its state; a missing one (None, from an incomplete checkpoint) keeps the
+        parameters it was hosted with. Owners then checkpoint themselves, so their own files match."""
         requests = {}
         pairs = zip(state["experts"], state["optimizers"], strict=True)
         for e, (params, optimizer_state) in enumerate(pairs):
+            if params is None:
+                log.warning("expert %s/%d is missing from the checkpoint; it starts from its initial weights",
+                            self.layer_name, e)  # fmt: skip
+                continue
             key = (next(self.coordinator.request_ids), self.layer, e)
             message = expert_state_message(
                 Kind.LOAD_STATE, params, optimizer_state, step=key[0], layer=self.layer, expert=e
             )
             requests[key] = (self.hosts[e], message)
-            self.known_state[e] = (dict(params), optimizer_state)
         for (_, _, e), result in self.coordinator.request(requests, Kind.LOADED).items():
             if isinstance(result, str):
                 log.warning("expert %s/%d did not load its state: %s", self.layer_name, e, result)
+        self.coordinator.checkpoint_workers(sorted(set(self.hosts)), wait=True)
 
     def train(self, mode: bool = True) -> None:
         for host in sorted(set(self.hosts)):
             self.coordinator.send(host, Message(Kind.TRAIN_MODE, layer=self.layer, meta={"mode": mode}))
-

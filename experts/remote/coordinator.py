@@ -2,10 +2,17 @@
 workers connect to, the registry of live workers (HELLO, heartbeats, process exits), and the
 request/collect loop the pools send their calls through; re-hosting on rejoin goes to the pools.
 
-Threading: none of our own. The coordinator runs in the trainer's thread and reads its socket only
-inside pool calls; ZeroMQ's I/O thread queues whatever arrives in between. A worker counts as dead
-when its process exited, its connection is gone, or nothing came from it for
-`heartbeat_interval * heartbeat_misses` seconds; it is alive again when it speaks (or re-registers).
+Threading: none of our own beyond pyzmq's ZAP thread under CURVE (`experts.remote.auth`). The
+coordinator runs in the trainer's thread and reads its socket only inside pool calls; ZeroMQ's I/O
+thread queues whatever arrives in between. A worker counts as dead when its process exited, its
+connection is gone, or nothing came from it for `heartbeat_interval * heartbeat_misses` seconds; it
+is alive again when it speaks (or re-registers).
+
+Trust: under CURVE only allow-listed keys connect, and every frame carries its sender's hotkey. A
+worker name belongs to the key that first registered it (spawned workers' names to the keys made for
+them): a HELLO for that name from another key is refused, logged and counted, as is any HELLO past
+`max_workers` names. Only registered workers are ever sent anything but a refusal. A frame that does
+not decode is counted in `rejected` and dropped; nothing a peer sends raises out of `receive`.
 """
 
 from __future__ import annotations
@@ -13,30 +20,22 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
+import re
 import subprocess
-import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import zmq
 
 from experts.errors import ConfigError, WireError
-from experts.remote.wire import (
-    Kind,
-    Message,
-    Welcome,
-    WireLimits,
-    WorkerSettings,
-    decode,
-    encode,
-    settings_meta,
-)
+from experts.identity import Identity, load_or_create
+from experts.remote.auth import AllowList, PrivateFolder, peer_hotkey, serve_curve, sparse, uses_curve
+from experts.remote.settings import WorkerSettings, settings_meta
+from experts.remote.wire import RECEIVE_HWM, Kind, Message, WireLimits, decode, encode
 
 if TYPE_CHECKING:
     from experts.remote.client import RemotePool
@@ -46,6 +45,7 @@ log = logging.getLogger(__name__)
 
 LIVENESS_TICK_S = 0.05  # longest wait on the socket before checking whether a worker died
 SHUTDOWN_LINGER_MS = 500  # how long closing may wait to deliver SHUTDOWN to the workers
+WORKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # names end up in paths and logs
 
 REQUEST_OF = {
     Kind.OUTPUT: Kind.FORWARD,
@@ -68,7 +68,9 @@ def answers(message: Message, reply_kind: Kind) -> bool:
 @dataclass
 class WorkerRecord:
     name: str
-    identity: bytes | None = None
+    hotkey: str | None = None  # the key this name is bound to (None without CURVE)
+    state_dir: Path | None = None  # where the worker keeps its own checkpoint, when we started it
+    identity: bytes | None = None  # its ZeroMQ routing id while connected
     process: subprocess.Popen | None = None
     pid: int | None = None
     device: str = "?"
@@ -89,28 +91,43 @@ class Coordinator:
         self.cfg = cfg
         self.run_dir = run_dir
         self.heartbeat_timeout = cfg.heartbeat_interval * cfg.heartbeat_misses
-        self.limits = WireLimits(max_tensor_bytes=int(cfg.max_frame_mb * 2**20))
+        self.limits = WireLimits.from_mb(cfg.max_frame_mb, cfg.max_message_mb)
+        self.max_workers = cfg.max_workers or cfg.workers + cfg.external_workers
+        self.curve = uses_curve(cfg.auth, cfg.address)
+        self.identity: Identity = load_or_create(cfg.key) if cfg.key else Identity.generate()
+        self.allow_list = AllowList(cfg.allowed_keys)
+        self.private = PrivateFolder()  # the ipc socket and the keys made for this run
         self.context = zmq.Context()
+        self.authenticator = None
         self.socket = self.context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker fails at once
-        self.socket.setsockopt(zmq.SNDHWM, 64)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_tensor_bytes + 4096)
-        self.address, self.connect_address, self.ipc_path = self._bind(cfg)
         self.workers: dict[str, WorkerRecord] = {}
         self.names_by_identity: dict[bytes, str] = {}
         self.pools: dict[int, RemotePool] = {}
         self.rejected: Counter = Counter()  # malformed frames received, by first word of the reason
+        self.refused: Counter = Counter()  # HELLOs refused: name taken by another key, cap, bad name
         self.stray: Counter = Counter()  # replies nobody waits for any more (late, duplicate, foreign)
         self.request_ids = itertools.count(1)
-        log.info("coordinator listening on %s", self.address)
+        try:
+            self.address, self.connect_address = self._open(cfg)
+        except BaseException:
+            self.close()
+            raise
+        auth = f"CURVE, coordinator key {self.identity.hotkey}" if self.curve else "no authentication"
+        log.info("coordinator listening on %s (%s)", self.address, auth)
 
-    def _bind(self, cfg) -> tuple[str, str, Path | None]:
+    def _open(self, cfg) -> tuple[str, str]:
+        """Set the socket's limits (and CURVE, before any peer can connect), bind; (address, connect address)."""
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker fails at once
+        self.socket.setsockopt(zmq.SNDHWM, 64)
+        self.socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
+        if self.curve:
+            self.authenticator = serve_curve(self.socket, self.identity, self.allow_list)
         if cfg.address == "ipc":
-            path = Path(tempfile.gettempdir()) / f"poimoe-{os.getpid()}-{uuid.uuid4().hex[:8]}.sock"
-            address = f"ipc://{path}"
+            address = f"ipc://{self.private.path / 'coordinator.sock'}"
             self.socket.bind(address)
-            return address, address, path
+            return address, address
         if cfg.address == "tcp":
             if cfg.port:
                 self.socket.bind(f"tcp://{cfg.host}:{cfg.port}")
@@ -118,7 +135,7 @@ class Coordinator:
             else:
                 port = self.socket.bind_to_random_port(f"tcp://{cfg.host}")
             local_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "*") else cfg.host
-            return f"tcp://{cfg.host}:{port}", f"tcp://{local_host}:{port}", None
+            return f"tcp://{cfg.host}:{port}", f"tcp://{local_host}:{port}"
         raise ConfigError(f"transport.address={cfg.address!r}; valid: ipc, tcp")
 
     # --- sending and receiving ---------------------------------------------------------------------
@@ -152,7 +169,12 @@ class Coordinator:
                 parts = self.socket.recv_multipart(copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
                 return replies
-            envelope = self._accept(parts)
+            try:
+                envelope = self._accept(parts)
+            except WireError as err:
+                self.rejected[str(err).split(" ")[0]] += 1
+                log.warning("rejected frame from %r: %s", parts[0].bytes[:16], err)
+                continue
             if envelope is not None:
                 replies.append(envelope)
 
@@ -161,21 +183,18 @@ class Coordinator:
             self.handle_stray(name, message)
 
     def _accept(self, parts: list) -> tuple[str, Message] | None:
-        identity = parts[0].bytes
-        try:
-            message = decode(parts[1:], self.limits)
-        except WireError as err:
-            self.rejected[str(err).split(" ")[0]] += 1
-            log.warning("rejected frame from %r: %s", identity[:16], err)
-            return None
+        identity, hotkey = parts[0].bytes, peer_hotkey(parts[-1])
+        message = decode(parts[1:], self.limits)
         if message.kind == Kind.HELLO:
-            self.register(identity, message.meta)
+            self.register(identity, hotkey, message.meta)
             return None
         name = self.names_by_identity.get(identity)
         if name is None:  # a worker registered with an earlier coordinator: ask it to register here
             self._send_raw(identity, Message(Kind.REGISTER_AGAIN))
             return None
         record = self.workers[name]
+        if record.hotkey != hotkey:
+            raise WireError(f"frame from key {hotkey} on the connection of worker {name}")
         record.last_seen = time.monotonic()
         if not record.alive and not record.exited:
             log.info("worker %s is responsive again", name)
@@ -248,8 +267,19 @@ class Coordinator:
 
     # --- registry ----------------------------------------------------------------------------------
 
-    def expect(self, name: str, process: subprocess.Popen | None) -> None:
-        self.workers[name] = WorkerRecord(name=name, process=process, pid=process.pid if process else None)
+    def expect(
+        self,
+        name: str,
+        process: subprocess.Popen | None,
+        key: Identity | None = None,
+        state_dir: Path | None = None,
+    ) -> None:
+        """A worker this trainer started: its name is bound to `key` before anyone can say HELLO."""
+        hotkey = key.hotkey if key is not None else None
+        if hotkey is not None:
+            self.allow_list.add(hotkey)
+        pid = process.pid if process else None
+        self.workers[name] = WorkerRecord(name, hotkey, state_dir, process=process, pid=pid)
 
     def attach(self, pool: RemotePool) -> int:
         """Route `pool`'s asynchronous acks and rejoins to it; returns its layer number on the wire."""
@@ -257,15 +287,25 @@ class Coordinator:
         self.pools[layer] = pool
         return layer
 
-    def register(self, identity: bytes, meta: dict) -> None:
-        name = str(meta.get("name", ""))[:128]
-        if not name:
-            self.rejected["hello"] += 1
+    def register(self, identity: bytes, hotkey: str | None, meta: dict) -> None:
+        """HELLO from `hotkey`: the name's first key binds it; another key, a bad name or one name past
+        `max_workers` is refused with an ERROR that carries nothing else."""
+        name = meta.get("name")
+        record = self.workers.get(name) if isinstance(name, str) else None
+        if not isinstance(name, str) or not WORKER_NAME.fullmatch(name):
+            self.refuse(identity, "name", f"worker name {str(name)[:80]!r} is not [A-Za-z0-9._-], at most 64")
             return
-        record = self.workers.get(name)
+        if record is None and len(self.workers) >= self.max_workers:
+            self.refuse(
+                identity, "cap", f"{len(self.workers)} worker names registered (transport.max_workers)"
+            )
+            return
+        if record is not None and record.hotkey != hotkey:
+            self.refuse(identity, "taken", f"worker name {name} belongs to key {record.hotkey}, not {hotkey}")
+            return
         rejoining = record is not None and record.identity is not None and record.identity != identity
         if record is None:
-            record = self.workers[name] = WorkerRecord(name=name)
+            record = self.workers[name] = WorkerRecord(name=name, hotkey=hotkey)
         if rejoining:
             self.names_by_identity.pop(record.identity, None)
             if record.process is not None and record.process.pid != meta.get("pid"):
@@ -273,9 +313,7 @@ class Coordinator:
         record.identity, record.pid, record.device = identity, meta.get("pid"), str(meta.get("device", "?"))
         record.alive, record.exited, record.last_seen = True, False, time.monotonic()
         self.names_by_identity[identity] = name
-        checkpoint_dir = str(self.run_dir / "workers" / name) if self.run_dir is not None else None
-        welcome = Welcome(**settings_meta(WorkerSettings, self.cfg), checkpoint_dir=checkpoint_dir)
-        self.send(name, Message(Kind.WELCOME, meta=asdict(welcome)))
+        self.send(name, Message(Kind.WELCOME, meta=settings_meta(WorkerSettings, self.cfg)))
         log.info(
             "worker %s %s (pid %s, %s)",
             name,
@@ -286,6 +324,14 @@ class Coordinator:
         if rejoining:
             for pool in self.pools.values():
                 pool.rehost_on(name)
+
+    def refuse(self, identity: bytes, reason: str, detail: str) -> None:
+        self.refused[reason] += 1
+        if sparse(self.refused[reason]):
+            log.warning("refused HELLO (%d× %s so far): %s", self.refused[reason], reason, detail)
+        self._send_raw(
+            identity, Message(Kind.ERROR, meta={"reason": f"refused: {detail}", "request": "HELLO"})
+        )
 
     def is_alive(self, name: str) -> bool:
         """Whether `name` is registered, running and heard from lately. Call it after reading the
@@ -328,9 +374,18 @@ class Coordinator:
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"workers did not register within {timeout:.0f}s: missing {missing}, "
-                    f"{others}/{extra} external; start them with python -m experts.worker --coordinator {self.address}"
+                    f"{others}/{extra} external; start them with {self.join_command()}"
                 )
             self.socket.poll(int(LIVENESS_TICK_S * 1000), zmq.POLLIN)
+
+    def join_command(self) -> str:
+        """How a worker started by hand joins this coordinator."""
+        command = f"python -m experts.worker --coordinator {self.address} --name NAME"
+        if self.curve:
+            command += (
+                f" --coordinator-key {self.identity.hotkey} --key KEY (its hotkey in transport.allowed_keys)"
+            )
+        return command
 
     def checkpoint_workers(self, names: list[str], wait: bool) -> None:
         """Ask workers whose experts changed to write their own checkpoint."""
@@ -355,7 +410,7 @@ class Coordinator:
             if record.alive:
                 self.send(name, Message(Kind.SHUTDOWN))
         self.socket.close(linger=SHUTDOWN_LINGER_MS)  # let the SHUTDOWNs out, but never wait long
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.context.term()
-        if self.ipc_path is not None:
-            self.ipc_path.unlink(missing_ok=True)
-
+        self.private.close()

@@ -3,7 +3,10 @@ only the trunk and the routers. Importing this module registers the transport as
 
 `ProcessTransport` spawns `workers` local workers (`python -m experts.worker`, the command a
 hand-started worker runs too), waits for them and any `external_workers` to register with
-its `Coordinator`, makes a `RemotePool` per MoE layer on them, and tears everything down.
+its `Coordinator`, makes a `RemotePool` per MoE layer on them, and tears everything down. Each
+spawned worker gets a key made for the run (in the coordinator's private folder, when CURVE is on)
+and its own state dir, `<run_dir>/workers/<name>/`, on its command line: chosen by whoever starts
+the worker, never sent over the wire.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import subprocess
 import sys
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,9 +28,10 @@ from torch import nn
 from experts.errors import ConfigError
 from experts.modules import ExpertsConfig
 from experts.network import network_is_ideal
+from experts.remote.auth import uses_curve
 from experts.remote.client import RemotePool
 from experts.remote.coordinator import Coordinator
-from experts.remote.wire import WorkerSettings
+from experts.remote.settings import DEFAULT_FRAME_MB, DEFAULT_MESSAGE_MB, WorkerSettings
 from experts.transport import LocalTransportConfig, Transport, register_transport
 
 log = logging.getLogger(__name__)
@@ -45,13 +49,20 @@ class ProcessTransportConfig(WorkerSettings, LocalTransportConfig):
     address: str = "ipc"  # ipc (one host) | tcp (across hosts)
     host: str = "127.0.0.1"  # tcp: interface to bind; 0.0.0.0 accepts workers from other hosts
     port: int = 0  # tcp: port to bind; 0 picks a free one (logged)
+    auth: str = "auto"  # curve | none | auto: CURVE on tcp; ipc sits in a private (0700) folder instead
+    key: str | None = None  # the coordinator's (subnet owner's) key file; None: a key made for the run
+    allowed_keys: list[str] = field(
+        default_factory=list
+    )  # hotkeys (hex or .pub paths) of hand-started workers
+    max_workers: int = 0  # cap on registered worker names; 0: workers + external_workers
     threads: int = 1  # torch intra-op threads per worker
     # one device per spawned worker, e.g. [cuda:1, cuda:2]; None: cuda:i round-robin, else the CPU
     devices: list[str] | None = None
     heartbeat_misses: int = 5  # silent intervals before a worker counts as dead
     register_timeout: float = 60.0  # seconds to wait for workers to start and register
     request_timeout: float = 60.0  # seconds for hosting, state and checkpoint requests
-    max_frame_mb: float = 1024.0  # largest tensor frame either side accepts
+    max_frame_mb: float = DEFAULT_FRAME_MB  # largest tensor frame either side accepts
+    max_message_mb: float = DEFAULT_MESSAGE_MB  # largest message (all its frames) either side accepts
     checkpoint_every: int = 0  # workers checkpoint themselves every N steps; 0: at trainer checkpoints
 
 
@@ -64,32 +75,32 @@ def worker_devices(cfg: ProcessTransportConfig) -> list[str]:
     return ["cpu"] * cfg.workers
 
 
-def spawn_worker(name: str, address: str, device: str, cfg: ProcessTransportConfig, log_dir: Path | None):
-    """`python -m experts.worker` as a child that exits when this process dies."""
+def spawn_worker(name: str, coordinator: Coordinator, device: str, cfg: ProcessTransportConfig,
+                 state_dir: Path | None, key_path: Path | None):  # fmt: skip
+    """`python -m experts.worker` as a child that exits when this process dies; it keeps its
+    checkpoint and log in `state_dir` and proves `key_path` under CURVE."""
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads)}
     command = [
-        sys.executable,
-        "-m",
-        "experts.worker",
-        "--coordinator",
-        address,
-        "--name",
-        name,
-        "--device",
-        device,
-        "--threads",
-        str(cfg.threads),
-        "--parent-pid",
-        str(os.getpid()),
-        "--max-frame-mb",
-        str(cfg.max_frame_mb),
-        "--log-level",
-        logging.getLevelName(log.getEffectiveLevel()),
-    ]
+        sys.executable, "-m", "experts.worker",
+        "--coordinator", coordinator.connect_address,
+        "--name", name,
+        "--device", device,
+        "--threads", str(cfg.threads),
+        "--parent-pid", str(os.getpid()),
+        "--max-frame-mb", str(cfg.max_frame_mb),
+        "--max-message-mb", str(cfg.max_message_mb),
+        "--max-cache", str(cfg.cache_size),  # the launcher sets a spawned worker's own limits from the config
+        *(["--max-grad-norm", str(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []),
+        "--log-level", logging.getLevelName(log.getEffectiveLevel()),
+    ]  # fmt: skip
+    if state_dir is not None:
+        command += ["--state-dir", str(state_dir)]
+    if key_path is not None:
+        command += ["--key", str(key_path), "--coordinator-key", coordinator.identity.hotkey]
     output = None
-    if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        output = open(log_dir / "worker.log", "ab")  # noqa: SIM115 (the child holds it)
+    if state_dir is not None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        output = open(state_dir / "worker.log", "ab")  # noqa: SIM115 (the child holds it)
     try:
         return subprocess.Popen(
             command,
@@ -125,6 +136,13 @@ class ProcessTransport(Transport):
     def __init__(self, cfg: ProcessTransportConfig, *, device: torch.device, run_dir: Path | None, seed: int):
         if cfg.workers + cfg.external_workers < 1:
             raise ConfigError("transport.workers + transport.external_workers must be at least 1")
+        if 0 < cfg.max_workers < cfg.workers + cfg.external_workers:
+            raise ConfigError(f"transport.max_workers={cfg.max_workers} < workers + external_workers")
+        if cfg.external_workers and uses_curve(cfg.auth, cfg.address) and not cfg.allowed_keys:
+            raise ConfigError(
+                "transport.external_workers needs their hotkeys in transport.allowed_keys under CURVE "
+                "(make a key with: python -m experts.worker keygen PATH)"
+            )
         self.cfg, self.run_dir, self.seed = cfg, Path(run_dir) if run_dir is not None else None, seed
         network_is_ideal(cfg.network)  # fails now, not after the workers started, on a bad link spec
         self.processes: list[subprocess.Popen] = []
@@ -141,12 +159,14 @@ class ProcessTransport(Transport):
 
     def spawn_workers(self) -> list[str]:
         names = []
+        coordinator = self.coordinator
         for i, device in enumerate(worker_devices(self.cfg)):
             name = f"w{i}"
-            log_dir = self.run_dir / "workers" / name if self.run_dir is not None else None
-            process = spawn_worker(name, self.coordinator.connect_address, device, self.cfg, log_dir)
+            state_dir = self.run_dir / "workers" / name if self.run_dir is not None else None
+            key_path, key = coordinator.private.key(name) if coordinator.curve else (None, None)
+            process = spawn_worker(name, coordinator, device, self.cfg, state_dir, key_path)
             self.processes.append(process)
-            self.coordinator.expect(name, process)
+            coordinator.expect(name, process, key, state_dir)
             names.append(name)
         return names
 

@@ -6,6 +6,9 @@ JSON object (`meta`; JSON is data, never code). Every further pair is one tensor
 dtype, shape and byte length, then its raw bytes. Every header carries a checksum of itself and of
 its payload, so a truncated, garbled, oversized or unknown frame raises `WireError` when decoded and
 is counted by the receiver, which then carries on: nothing received from a peer is ever unpickled.
+`decode` raises nothing but `WireError`, whatever the bytes: it bounds the frame count, the bytes of
+each frame and of the whole message, every tensor dimension (≤ 2³¹) and the JSON meta's nesting and
+integer size before anything is allocated. (Meta becomes a dataclass through `settings.typed_meta`.)
 
 Parameters and optimizer state cross the wire as named tensors: their names are listed in
 `meta["names"]`, their non-tensor parts (param groups) as JSON. Workers write the same named tensors
@@ -19,7 +22,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 import torch
@@ -34,6 +37,9 @@ except ImportError:  # pragma: no cover - xxhash comes with `datasets`
 MAGIC = b"PMOE"
 VERSION = 1
 MAX_NDIM = 6
+MAX_DIM = 2**31  # the largest tensor dimension the wire carries
+MAX_INT_DIGITS = 20  # JSON integers in meta: up to 20 digits (every int64 fits); longer ones are refused
+RECEIVE_HWM = 1000  # messages a socket queues per peer before ZeroMQ stops reading from that peer
 
 # magic, version, kind, dtype, ndim, checksum kind, step, layer, expert, payload bytes, payload checksum,
 # shape (MAX_NDIM dims, unused ones zero), then the crc32 of all the bytes before it.
@@ -44,7 +50,7 @@ class Kind(IntEnum):
     """Message kinds; `→w` is trainer to worker, `→c` worker to coordinator (the trainer)."""
 
     HELLO = 1  # →c: a worker registers: meta {name, pid, device, threads}
-    WELCOME = 2  # →w: registration accepted: meta `Welcome` {checkpoint_dir, heartbeat_interval, ...}
+    WELCOME = 2  # →w: registration accepted: meta `WorkerSettings` {heartbeat_interval, cache_size, ...}
     HOST = 3  # →w: host expert (layer, expert): meta {spec, optim, link, restore}, tensors = parameters
     HOSTED = 4  # →c: hosted: meta {restored}
     FORWARD = 5  # →w: tensors [x_aD] for one expert, one call; meta {keep, grad_input}
@@ -57,7 +63,7 @@ class Kind(IntEnum):
     STATE = 12  # →c: named tensors + meta {param_groups}
     LOAD_STATE = 13  # →w: replace parameters and optimizer state (named tensors + meta)
     LOADED = 14  # →c
-    CHECKPOINT = 15  # →w: write all hosted experts to the worker's own checkpoint
+    CHECKPOINT = 15  # →w: write all hosted experts to the worker's own checkpoint (in its state dir)
     CHECKPOINTED = 16  # →c: meta {path}
     HEARTBEAT = 17  # →c: meta {rejected, errors}
     ECHO = 18  # →w: send the tensors straight back (benchmarks, health checks)
@@ -65,7 +71,7 @@ class Kind(IntEnum):
     TRAIN_MODE = 20  # →w: meta {mode}
     SHUTDOWN = 21  # →w: exit now
     REGISTER_AGAIN = 22  # →w: the coordinator does not know this peer (it restarted): send HELLO
-    ERROR = 23  # either way: meta {reason}; the request named by (step, layer, expert) failed
+    ERROR = 23  # either way: meta {reason, request}; the request named by (step, layer, expert) failed
 
 
 DTYPE_CODES: dict[torch.dtype, int] = {
@@ -97,33 +103,21 @@ CRC32, XXH3 = 1, 2
 class WireLimits:
     """What a receiver accepts; anything beyond is rejected before it is interpreted."""
 
-    max_tensor_bytes: int = 1 << 30
-    max_meta_bytes: int = 1 << 20
-    max_tensors: int = 4096
+    max_tensor_bytes: int = 1 << 30  # one tensor frame
+    max_meta_bytes: int = 1 << 20  # the JSON meta frame
+    max_tensors: int = 4096  # tensors per message (frames: twice this, plus the meta pair)
+    max_message_bytes: int = 1 << 32  # all frames of one message together
+    max_json_depth: int = 32  # nesting of lists and objects in the meta
 
+    @classmethod
+    def from_mb(cls, frame_mb: float, message_mb: float) -> WireLimits:
+        """Limits from the megabyte settings of the transport config and the worker's command line."""
+        return cls(max_tensor_bytes=int(frame_mb * 2**20), max_message_bytes=int(message_mb * 2**20))
 
-@dataclass
-class WorkerSettings:
-    """How workers serve, as configured for the run: `ProcessTransportConfig` inherits these fields
-    (`transport.cache_size`) and the coordinator sends them in WELCOME."""
-
-    max_grad_norm: float = 1e4  # workers reject grad_out with a larger L2 norm; 0 disables
-    heartbeat_interval: float = 1.0  # seconds between worker heartbeats
-    cache_size: int = 256  # forward graphs a worker keeps for backward (oldest evicted)
-
-
-@dataclass
-class Welcome(WorkerSettings):
-    """The meta of WELCOME: the run's `WorkerSettings` and this worker's own checkpoint folder. A
-    worker uses the defaults until it is welcomed."""
-
-    checkpoint_dir: str | None = None  # where the worker writes its own checkpoint; None: nowhere
-
-
-def settings_meta(settings_cls: type, source: object) -> dict:
-    """The fields of dataclass `settings_cls` read from `source` (an instance of it or of a config that
-    inherits it), as JSON meta: a config sends only the part a worker takes."""
-    return {f.name: getattr(source, f.name) for f in fields(settings_cls)}
+    @property
+    def max_frame_bytes(self) -> int:
+        """The socket's per-frame cap (ZMQ_MAXMSGSIZE): the larger of a tensor and a meta frame."""
+        return max(self.max_tensor_bytes, self.max_meta_bytes, HEADER.size)
 
 
 @dataclass
@@ -225,6 +219,7 @@ def _buffer(part) -> memoryview:
 
 
 def unpack_header(part) -> FrameHeader:
+    """The fields of a header frame, or WireError; every dimension it declares is at most `MAX_DIM`."""
     raw = _buffer(part)
     if len(raw) != HEADER.size:
         raise WireError(f"header of {len(raw)} bytes, expected {HEADER.size}")
@@ -255,6 +250,8 @@ def unpack_header(part) -> FrameHeader:
         raise WireError(f"unknown dtype code {dtype_code}")
     if ndim > MAX_NDIM:
         raise WireError(f"ndim {ndim} > {MAX_NDIM}")
+    if max(dims) > MAX_DIM:
+        raise WireError(f"dimension {max(dims)} exceeds the limit of {MAX_DIM}")
     return FrameHeader(
         kind, dtype_code, tuple(dims[:ndim]), step, layer, expert, payload_len, checksum_kind, payload_sum
     )
@@ -269,12 +266,15 @@ def _check_payload(header: FrameHeader, payload: memoryview, limit: int) -> None
         raise WireError("payload checksum mismatch (garbled payload)")
 
 
-def _tensor_from(header: FrameHeader, payload: memoryview) -> torch.Tensor:
+def _tensor_from(header: FrameHeader, payload: memoryview, limits: WireLimits) -> torch.Tensor:
     dtype = CODE_DTYPES[header.dtype_code]
     itemsize = torch.empty((), dtype=dtype).element_size()
-    numel = 1
+    numel, span = 1, itemsize
     for dim in header.shape:
         numel *= dim
+        span *= max(dim, 1)  # an empty tensor's other dimensions still size its strides
+    if span > limits.max_tensor_bytes:
+        raise WireError(f"shape {header.shape} spans more than {limits.max_tensor_bytes} bytes")
     if numel * itemsize != header.payload_len:
         raise WireError(
             f"shape {header.shape} of {dtype} needs {numel * itemsize} bytes, got {header.payload_len}"
@@ -295,18 +295,15 @@ def decode(parts: list, limits: WireLimits = WireLimits()) -> Message:
         raise WireError(f"{len(parts)} frames; a message is (header, payload) pairs")
     if len(parts) // 2 - 1 > limits.max_tensors:
         raise WireError(f"{len(parts) // 2 - 1} tensors exceed the limit of {limits.max_tensors}")
+    total = sum(len(_buffer(part)) for part in parts)
+    if total > limits.max_message_bytes:
+        raise WireError(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes}")
     head = unpack_header(parts[0])
     if head.dtype_code != JSON_CODE:
         raise WireError("the first frame pair must carry JSON meta")
     meta_bytes = _buffer(parts[1])
     _check_payload(head, meta_bytes, limits.max_meta_bytes)
-    try:
-        meta = json.loads(bytes(meta_bytes))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WireError(f"meta is not JSON: {err}") from None
-    if not isinstance(meta, dict):
-        raise WireError("meta must be a JSON object")
-    message = Message(Kind(head.kind), head.step, head.layer, head.expert, meta)
+    message = Message(Kind(head.kind), head.step, head.layer, head.expert, parse_meta(meta_bytes, limits))
     for header_part, payload_part in zip(parts[2::2], parts[3::2], strict=True):
         header = unpack_header(header_part)
         if (header.kind, header.step, header.layer, header.expert) != (
@@ -320,8 +317,41 @@ def decode(parts: list, limits: WireLimits = WireLimits()) -> Message:
             raise WireError("a tensor frame pair carries JSON")
         payload = _buffer(payload_part)
         _check_payload(header, payload, limits.max_tensor_bytes)
-        message.tensors.append(_tensor_from(header, payload))
+        message.tensors.append(_tensor_from(header, payload, limits))
     return message
+
+
+def parse_meta(raw: memoryview | bytes, limits: WireLimits = WireLimits()) -> dict:
+    """A JSON object with integers of at most `MAX_INT_DIGITS` digits and at most `max_json_depth`
+    levels of nesting, or WireError."""
+    try:
+        meta = json.loads(bytes(raw), parse_int=_bounded_int)
+    except RecursionError:
+        raise WireError(f"meta nests deeper than {limits.max_json_depth} levels") from None
+    except ValueError as err:  # not UTF-8, not JSON
+        raise WireError(f"meta is not JSON: {str(err)[:200]}") from None
+    if not isinstance(meta, dict):
+        raise WireError("meta must be a JSON object")
+    _check_depth(meta, limits.max_json_depth)
+    return meta
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise WireError(
+            f"meta holds an integer of {len(digits)} digits; at most {MAX_INT_DIGITS} are accepted"
+        )
+    return int(digits)
+
+
+def _check_depth(meta: dict, max_depth: int) -> None:
+    pending = [(meta, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > max_depth:
+            raise WireError(f"meta nests deeper than {max_depth} levels")
+        children = node.values() if isinstance(node, dict) else node
+        pending += [(child, depth + 1) for child in children if isinstance(child, (dict, list))]
 
 
 # --- parameters and optimizer state as named tensors -------------------------------------------------

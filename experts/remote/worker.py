@@ -1,14 +1,20 @@
 """The miner: a worker process that hosts experts, owns their parameters and optimizers, serves their
 forward and backward over the wire, steps its own optimizers and checkpoints itself.
 
-    python -m experts.worker --coordinator tcp://HOST:PORT [--device cuda:1] [--threads 1] [--name w1]
+    python -m experts.worker --coordinator tcp://HOST:PORT --coordinator-key HEX --key PATH \
+        [--state-dir DIR] [--device cuda:1] [--threads 1] [--name w1]
 
-starts one by hand, on this host or another; the trainer spawns its local workers with the same
-command. A worker registers with the coordinator (HELLO → WELCOME); the coordinator then ships it
-the experts it should host (HOST). A worker that restarts under the same `--name` registers again,
-is sent its experts again and restores them from its own last checkpoint
-(`<run_dir>/workers/<name>/experts.safetensors`, see `experts.remote.checkpoint`). Each hosted expert
-is an `ExpertOwner`, the same module + optimizer + step as in `LocalPool`.
+starts one by hand, on this host or another (`experts/worker.py` parses the command line); the
+trainer spawns its local workers with the same command. A worker registers with the coordinator
+(HELLO → WELCOME); the coordinator then ships it the experts it should host (HOST). A worker that
+restarts under the same `--name` (and key) registers again, is sent its experts again and restores
+them from its own last checkpoint (`<state dir>/experts.safetensors`, see `experts.remote.checkpoint`).
+Each hosted expert is an `ExpertOwner`, the same module + optimizer + step as in `LocalPool`.
+
+A worker defends itself against its coordinator: it writes only under the state dir it was started
+with (a request naming a path is refused), and `WorkerLimits`, from its command line, bound what it
+accepts whatever WELCOME asks: message and frame bytes, the size and number of hosted experts, the
+forward cache, and the gradient norm (the coordinator may tighten the check, never switch it off).
 
 One thread: a loop polls the coordinator socket, answers requests in arrival order, sends replies
 the simulated network has delayed once they are due, heartbeats, and exits when its parent (the
@@ -20,18 +26,15 @@ Legend: a rows routed to one expert in one call, D model width.
 
 from __future__ import annotations
 
-import argparse
-import faulthandler
 import heapq
 import itertools
 import logging
 import math
 import os
-import signal
 import socket
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,27 +42,26 @@ import zmq
 
 from experts.behaviours import HONEST, Behaviour, ExpertFailure, answer_call, parse_behaviour
 from experts.errors import ConfigError, WireError
+from experts.identity import Identity
 from experts.modules import FFN, build_expert
 from experts.network import Link, LinkSpec
 from experts.owner import ExpertOwner, OptimizerSettings
-from experts.remote.checkpoint import load_messages, save_messages
-from experts.remote.spawn import ProcessTransportConfig
+from experts.remote.auth import connect_curve
+from experts.remote.checkpoint import CHECKPOINT_FILE, load_messages, save_messages
+from experts.remote.settings import WorkerLimits, WorkerSettings, typed_meta
 from experts.remote.wire import (
+    RECEIVE_HWM,
     Kind,
     Message,
-    Welcome,
-    WireLimits,
     decode,
     encode,
     expert_state_from,
     expert_state_message,
     unpack_header,
 )
-from router.typed_config import typed_config
 
 log = logging.getLogger("experts.remote.worker")
 
-CHECKPOINT_FILE = "experts.safetensors"
 HELLO_RETRY_S = 1.0
 LOOP_TICK_S = 0.25  # longest sleep between parent checks and heartbeats
 
@@ -81,13 +83,17 @@ class Worker:
 
     def __init__(
         self, coordinator: str, *, name: str, device: str, threads: int, parent_pid: int | None = None,
-        checkpoint_dir: str | None = None, max_frame_mb: float = ProcessTransportConfig.max_frame_mb,
+        state_dir: str | Path | None = None, limits: WorkerLimits | None = None,
+        key: Identity | None = None, coordinator_key: str | None = None,
     ):  # fmt: skip
+        """`state_dir`: the only folder this worker writes to (None: it keeps no checkpoint). `key` and
+        `coordinator_key` (the coordinator's hotkey): connect with CURVE, as this key, to that server only."""
         self.name, self.device, self.threads = name, torch.device(device), threads
         self.parent_pid = parent_pid
-        self.fixed_checkpoint_dir = checkpoint_dir
-        self.settings = Welcome(checkpoint_dir=checkpoint_dir)
-        self.limits = WireLimits(max_tensor_bytes=int(max_frame_mb * 2**20))
+        self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.own_limits = limits = limits or WorkerLimits()
+        self.settings = limits.bound(WorkerSettings())  # until WELCOME says otherwise
+        self.limits = limits.wire()
         self.experts: dict[tuple[int, int], HostedExpert] = {}
         self.cache: OrderedDict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.delayed: list[tuple[float, int, list]] = []  # (due, seq, frames) heap of held-back replies
@@ -99,7 +105,12 @@ class Worker:
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_tensor_bytes + 4096)
+        self.socket.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
+        if (key is None) != (coordinator_key is None):
+            raise ConfigError("a worker needs both --key and --coordinator-key to authenticate, or neither")
+        if key is not None:
+            connect_curve(self.socket, key, coordinator_key)
         self.socket.connect(coordinator)
         self.last_hello = -math.inf
         self.last_heartbeat = time.monotonic()
@@ -108,7 +119,7 @@ class Worker:
             Kind.HOST: self.on_host, Kind.FORWARD: self.on_forward, Kind.BACKWARD: self.on_backward,
             Kind.STEP: self.on_step, Kind.GET_STATE: self.on_get_state, Kind.LOAD_STATE: self.on_load_state,
             Kind.CHECKPOINT: self.on_checkpoint, Kind.ECHO: self.on_echo,
-            Kind.TRAIN_MODE: self.on_train_mode, Kind.SHUTDOWN: self.on_shutdown,
+            Kind.TRAIN_MODE: self.on_train_mode, Kind.SHUTDOWN: self.on_shutdown, Kind.ERROR: self.on_error,
         }  # fmt: skip
 
     # --- loop ------------------------------------------------------------------------------------
@@ -185,6 +196,8 @@ class Worker:
         frames = encode(message)
         if delay <= 0:
             self.send(frames)
+        elif len(self.delayed) >= self.own_limits.max_cache:  # held replies are bounded like kept forwards
+            log.debug("%d replies held back already; this one is dropped", len(self.delayed))
         else:
             heapq.heappush(self.delayed, (time.monotonic() + delay, next(self.sequence), frames))
 
@@ -209,24 +222,38 @@ class Worker:
     # --- registration and hosting ------------------------------------------------------------------
 
     def on_welcome(self, message: Message) -> None:
-        settings = typed_config(Welcome, message.meta, "welcome")
-        self.settings = replace(settings, checkpoint_dir=self.fixed_checkpoint_dir or settings.checkpoint_dir)
+        """The run's settings, within this worker's own limits; a field it does not know (a folder to
+        write to, say) refuses the whole WELCOME."""
+        self.settings = self.own_limits.bound(typed_meta(WorkerSettings, message.meta, "welcome"))
         self.registered = True
-        log.info("registered with the coordinator; checkpoints in %s", self.settings.checkpoint_dir)
+        log.info("registered with the coordinator; state in %s; %s", self.state_dir, self.settings)
 
     def on_register_again(self, message: Message) -> None:
         self.registered = False
         self.send_hello()
 
+    def on_error(self, message: Message) -> None:
+        """The coordinator refused something (a HELLO, say): logged, never answered."""
+        self.errors += 1
+        log.warning(
+            "the coordinator answered %s with: %.300s",
+            message.meta.get("request"),
+            message.meta.get("reason"),
+        )
+
     def on_host(self, message: Message) -> None:
         meta = message.meta
-        module = build_expert(meta["spec"]).to(self.device)
+        if (message.layer, message.expert) not in self.experts and len(
+            self.experts
+        ) >= self.own_limits.max_experts:
+            raise RequestError(f"already hosting {len(self.experts)} experts (--max-experts)")
+        module = self.build_within_limits(meta["spec"])
         module.load_state_dict(message.named(), strict=True)
         hosted = HostedExpert(
             layer_name=str(meta["layer_name"]),
             spec=meta["spec"],
-            owner=ExpertOwner(module, typed_config(OptimizerSettings, meta["optim"], "optim")),
-            link=Link(typed_config(LinkSpec, meta.get("link", {}), "link"), meta.get("link_stream", [0])),
+            owner=ExpertOwner(module, typed_meta(OptimizerSettings, meta["optim"], "optim")),
+            link=Link(typed_meta(LinkSpec, meta.get("link", {}), "link"), meta.get("link_stream", [0])),
         )
         restored = bool(meta.get("restore")) and self.restore(hosted, message.expert)
         self.experts[(message.layer, message.expert)] = hosted
@@ -248,9 +275,22 @@ class Worker:
         log.info("restored %s/%d from %s (step %d)", hosted.layer_name, expert, path, hosted.owner.steps)
         return True
 
+    def build_within_limits(self, spec: dict) -> torch.nn.Module:
+        """The expert `spec` describes, sized on the meta device first so an oversized one costs nothing."""
+        try:
+            with torch.device("meta"):
+                shape_only = build_expert(spec)
+        except (RuntimeError, ValueError, OverflowError) as err:  # sizes past int64, negative widths
+            raise RequestError(f"expert spec cannot be sized ({err}); nothing was built") from None
+        megabytes = sum(p.numel() * p.element_size() for p in shape_only.parameters()) / 2**20
+        if megabytes > self.own_limits.max_expert_mb:
+            raise RequestError(
+                f"expert of {megabytes:.0f} MB exceeds --max-expert-mb {self.own_limits.max_expert_mb:g}"
+            )
+        return build_expert(spec).to(self.device)
+
     def checkpoint_path(self) -> Path | None:
-        folder = self.settings.checkpoint_dir
-        return None if folder is None else Path(folder) / CHECKPOINT_FILE
+        return None if self.state_dir is None else self.state_dir / CHECKPOINT_FILE
 
     def expert_of(self, message: Message) -> HostedExpert:
         hosted = self.experts.get((message.layer, message.expert))
@@ -359,7 +399,9 @@ class Worker:
         hosted = self.expert_of(message)
         self.reply(self.state_message(Kind.STATE, message.layer, message.expert, hosted, step=message.step))
 
-    def state_message(self, kind: Kind, layer: int, expert: int, hosted: HostedExpert, step: int = 0) -> Message:
+    def state_message(
+        self, kind: Kind, layer: int, expert: int, hosted: HostedExpert, step: int = 0
+    ) -> Message:
         """Parameters, optimizer state, and what `restore` checks (layer name, spec, steps)."""
         state = hosted.owner.state_dict()
         params = {k: v.detach().cpu() for k, v in state["module"].items()}
@@ -378,6 +420,11 @@ class Worker:
         hosted.owner.load_state_dict({"module": params, "optimizer": optimizer_state, **steps})
 
     def on_checkpoint(self, message: Message) -> None:
+        if message.meta:  # the worker, not the coordinator, decides where it writes
+            raise RequestError(
+                f"CHECKPOINT takes no arguments, got {sorted(message.meta)[:5]}; "
+                f"this worker writes only under its own state dir ({self.state_dir})"
+            )
         path = self.checkpoint_path()
         if path is not None:  # a run without a run dir keeps no checkpoints
             states = [self.state_message(Kind.STATE, *at, hosted) for at, hosted in self.experts.items()]
@@ -430,43 +477,3 @@ def _address_of(parts: list) -> tuple[int, int, int]:
         return header.step, header.layer, header.expert
     except (WireError, IndexError):
         return 0, 0, 0
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m experts.worker", description=__doc__.split("\n\n")[0])
-    add = parser.add_argument
-    defaults = ProcessTransportConfig  # a hand-started worker takes the values a spawned one is given
-    add("--coordinator", required=True, help="tcp://HOST:PORT or ipc://PATH of the trainer")
-    add("--name", default=None, help="stable worker name; reuse it to rejoin (default host-pid)")
-    add("--device", default="cpu", help="cpu or cuda:i")
-    add("--threads", type=int, default=defaults.threads, help="torch intra-op threads")
-    add("--checkpoint-dir", default=None, help="own checkpoint folder (default: given by the trainer)")
-    add("--parent-pid", type=int, default=None, help="exit when this process is no longer the parent")
-    add("--max-frame-mb", type=float, default=defaults.max_frame_mb, help="largest tensor frame accepted")
-    add("--log-level", default="INFO")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run a worker until SHUTDOWN, Ctrl-C, or its parent's death; then exit at once with status 0."""
-    args = parse_args(argv)
-    name = args.name or f"{socket.gethostname()}-{os.getpid()}"
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s worker[{name}] %(levelname)s %(message)s")
-    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a stuck worker is
-    torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(args.device))
-    worker = Worker(
-        args.coordinator, name=name, device=args.device, threads=args.threads, parent_pid=args.parent_pid,
-        checkpoint_dir=args.checkpoint_dir, max_frame_mb=args.max_frame_mb,
-    )  # fmt: skip
-    try:
-        worker.run()
-    except KeyboardInterrupt:
-        log.info("interrupted")
-    logging.shutdown()
-    os._exit(0)  # nothing is left to flush; skipping torch's interpreter teardown saves a second
-
-
-if __name__ == "__main__":
-    main()

@@ -77,15 +77,41 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 def checkpoint_state(run: Run) -> dict:
+    pools = {layer.name: layer.pool.state_dict() for layer in run.layers}
     return {
         "model": run.accelerator.unwrap_model(run.model).state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
-        "pools": {layer.name: layer.pool.state_dict() for layer in run.layers},
+        "pools": pools,
+        "incomplete": missing_experts(pools),
         "poi": run.scorer.state_dict() if run.scorer is not None else None,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         "config": OmegaConf.to_container(run.cfg, resolve=True),
     }
+
+
+def missing_experts(pools: dict[str, dict]) -> dict[str, list[int]]:
+    """Experts whose state a pool could not get (an unreachable worker, no own checkpoint), by layer."""
+    missing = {layer: state["missing"] for layer, state in pools.items() if state.get("missing")}
+    if missing:
+        log.warning(
+            "checkpoint is incomplete: experts %s are missing (their workers were unreachable)", missing
+        )
+    return missing
+
+
+def check_complete(path: Path, state: dict, accept_incomplete: bool) -> None:
+    """Refuse to resume from a checkpoint marked incomplete unless `resume_incomplete=true` says so."""
+    missing = state.get("incomplete") or {}
+    if not missing:
+        return
+    named = "; ".join(f"{layer}: experts {experts}" for layer, experts in missing.items())
+    if not accept_incomplete:
+        raise CheckpointError(
+            f"{path} is incomplete: {named} were unreachable when it was written. Resume from an earlier "
+            "checkpoint, or pass resume_incomplete=true to restart those experts from their initial weights"
+        )
+    log.warning("resuming from incomplete %s: %s restart from their initial weights", path, named)
 
 
 def restore(run: Run, state: dict) -> None:

@@ -61,6 +61,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
     resume: str | None = None  # a run dir (or checkpoint file) to continue from
+    resume_incomplete: bool = False  # resume even from a checkpoint missing unreachable workers' experts
     run_dir: str | None = None  # where outputs go; default: Hydra's run dir
     name: str = "poimoe"  # run name, used for wandb and reports
     tags: list[str] = field(default_factory=list)

@@ -18,7 +18,14 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from moe.engine.build import Run, build_run
-from moe.engine.checkpoint import checkpoint_state, load_checkpoint, restore, run_dir_of, save_checkpoint
+from moe.engine.checkpoint import (
+    check_complete,
+    checkpoint_state,
+    load_checkpoint,
+    restore,
+    run_dir_of,
+    save_checkpoint,
+)
 from moe.engine.cores import trainer_threads
 from moe.engine.metrics import MetricsLogger, read_metrics, truncate_after
 from moe.engine.run_info import SUMMARY_FILE, resolved, write_run_info
@@ -35,6 +42,7 @@ def train(cfg: DictConfig) -> dict:
     resume_state = None
     if cfg.resume:
         resume_path, resume_state = load_checkpoint(cfg.resume)
+        check_complete(resume_path, resume_state, cfg.resume_incomplete)
         log.info("resuming from %s (step %d)", resume_path, resume_state["step"])
     run_dir = run_dir_of(resume_path) if resume_state is not None else resolve_run_dir(cfg)
     seed_everything(cfg.seed)
@@ -154,8 +162,12 @@ def train_step(run: Run) -> dict:
         **logged_routing_metrics(run.layers),
         **simulated_latency(run.layers),
     }
-    return {**metrics, "tokens": targets.numel() if run.model.task == "lm" else targets.shape[0],
-            "seconds": time.perf_counter() - tick, "virtual_seconds": virtual_clock_s(run.layers) - virtual_start}
+    return {
+        **metrics,
+        "tokens": targets.numel() if run.model.task == "lm" else targets.shape[0],
+        "seconds": time.perf_counter() - tick,
+        "virtual_seconds": virtual_clock_s(run.layers) - virtual_start,
+    }
 
 
 def virtual_clock_s(layers: list[MoELayer]) -> float:
@@ -185,8 +197,17 @@ def logged_routing_metrics(layers: list[MoELayer]) -> dict[str, float]:
 def validate(run: Run, final: bool = False) -> dict:
     """Validation metrics; the final one also counts domain × expert routing, logs its mutual
     information per layer (`routing/<layer>/domain_mi`, bits) and keeps the tables for reports."""
-    results = evaluate(run.model, run.data.val_batches(), run.data.domains, autocast=run.autocast, collect_routing=final, step=run.step)
-    tables = {key.removeprefix("routing/"): results.pop(key) for key in list(results) if key.startswith("routing/")}
+    results = evaluate(
+        run.model,
+        run.data.val_batches(),
+        run.data.domains,
+        autocast=run.autocast,
+        collect_routing=final,
+        step=run.step,
+    )
+    tables = {
+        key.removeprefix("routing/"): results.pop(key) for key in list(results) if key.startswith("routing/")
+    }
     if tables:
         results.update(specialisation_metrics(tables))
         write_routing_tables(run.run_dir, tables, run.data.domains)
@@ -200,7 +221,8 @@ def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
         "run_dir": str(run.run_dir),
         **last_val,
         "perf/tokens_per_s": sum(e["perf/tokens_per_s"] for e in events) / max(len(events), 1),
-        "perf/sim_tokens_per_s": sum(e.get("perf/sim_tokens_per_s", 0.0) for e in events) / max(len(events), 1),
+        "perf/sim_tokens_per_s": sum(e.get("perf/sim_tokens_per_s", 0.0) for e in events)
+        / max(len(events), 1),
         "perf/wall_s": wall_seconds,
         **(run.scorer.summary() if run.scorer is not None else {}),
         **({"rewards": run.ledger.summary()} if run.ledger is not None else {}),

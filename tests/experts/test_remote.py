@@ -63,7 +63,7 @@ def python_path() -> str:
     return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
-def start_worker_by_hand(transport, name: str) -> subprocess.Popen:
+def start_worker_by_hand(transport, name: str, state_dir: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": python_path()}
     command = [
         sys.executable,
@@ -75,6 +75,7 @@ def start_worker_by_hand(transport, name: str) -> subprocess.Popen:
         name,
         "--log-level",
         "WARNING",
+        *(["--state-dir", str(state_dir)] if state_dir is not None else []),
     ]
     process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
     transport.hand_started.append(process)
@@ -388,7 +389,7 @@ def test_a_killed_worker_fails_its_experts_and_rejoins_from_its_checkpoint(tmp_p
         assert torch.isfinite(out_ND).all()
         assert torch.isfinite(x_grad).all()
 
-        start_worker_by_hand(transport, "w1")
+        start_worker_by_hand(transport, "w1", state_dir=tmp_path / "workers" / "w1")  # where it was spawned
         coordinator = transport.coordinator
         deadline = time.monotonic() + 30
         while not coordinator.is_alive("w1") and time.monotonic() < deadline:
@@ -587,8 +588,15 @@ def _last_step(run_dir: Path) -> int:
     return max((int(json.loads(line)["step"]) for line in lines if line.strip()), default=0)
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)
 def test_sigkill_of_a_worker_mid_run_still_finishes_cleanly(tmp_path):
+    """…and the final checkpoint, taken without w1 (which never checkpointed itself), is marked
+    incomplete: resume refuses it naming w1's experts, unless resume_incomplete=true."""
+    from moe.engine.checkpoint import load_checkpoint
+    from moe.engine.loop import train
+    from moe.errors import CheckpointError
+    from tests.helpers import compose
+
     run_dir = tmp_path / "run"
     steps = 60
     command = [
@@ -638,6 +646,19 @@ def test_sigkill_of_a_worker_mid_run_still_finishes_cleanly(tmp_path):
     after = losses[killed_at:]
     assert sum(after[-10:]) / 10 < sum(after[:5]) / 5  # still learning without w1's experts
     assert _wait_gone(worker_pids, 10)
+
+    _, state = load_checkpoint(run_dir)
+    missing = state["incomplete"]
+    assert missing
+    assert all(experts for experts in missing.values())
+    for layer, experts in missing.items():
+        assert all(state["pools"][layer]["experts"][e] is None for e in experts)
+    resume = [*TRAIN_TINY, "transport=process", f"resume={run_dir}", f"trainer.max_steps={steps + 2}"]
+    layer, experts = next(iter(missing.items()))
+    with pytest.raises(CheckpointError, match=rf"incomplete: .*{layer}: experts \{experts}"):
+        train(compose(resume))
+    train(compose([*resume, "resume_incomplete=true"]))
+    assert len(train_losses(run_dir)) == steps + 2
 
 
 def test_the_local_transport_simulates_the_configured_network_in_virtual_time():

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from experts.remote import ProcessTransportConfig, wire
+from experts.remote.settings import WorkerSettings, settings_meta, typed_meta
 from experts.remote.wire import HEADER, MAX_NDIM, Kind, Message, WireLimits, decode, encode
 from moe.errors import WireError
 
@@ -201,6 +202,6 @@ def test_fuzzed_frames_decode_or_raise_wire_error_only(data, edits, cut, drop):
 
 def test_welcome_carries_the_worker_settings_of_the_transport_config_and_nothing_else():
     cfg = ProcessTransportConfig(cache_size=3, max_grad_norm=0.0, k_min=2)
-    meta = wire.settings_meta(wire.WorkerSettings, cfg)
+    meta = settings_meta(WorkerSettings, cfg)
     assert meta == {"max_grad_norm": 0.0, "heartbeat_interval": 1.0, "cache_size": 3}
-    assert wire.Welcome(**meta, checkpoint_dir="w0").cache_size == 3
+    assert typed_meta(WorkerSettings, meta, "welcome").cache_size == 3
