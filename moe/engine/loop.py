@@ -45,7 +45,11 @@ def train(cfg: DictConfig) -> dict:
         if resume_state is not None:
             restore(run, resume_state)
             truncate_after(run_dir, run.step)
-        run.ledger = open_run_ledger(run, resume_step=run.step if resume_state is not None else None)
+        run.ledger = (
+            open_run_ledger(run, resume_step=run.step, checkpoint_state=resume_state.get("ledger"))
+            if resume_state is not None
+            else open_run_ledger(run, resume_step=None)
+        )
         write_run_info(run)
         run.logger = MetricsLogger(
             run_dir, cfg.logger, run_name=cfg.name, config=resolved(cfg), resume=resume_state is not None
@@ -202,7 +206,14 @@ def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
         "perf/sim_tokens_per_s": sum(e.get("perf/sim_tokens_per_s", 0.0) for e in events) / max(len(events), 1),
         "perf/wall_s": wall_seconds,
         **(run.scorer.summary() if run.scorer is not None else {}),
-        **({"rewards": run.ledger.summary()} if run.ledger is not None else {}),
+        **(ledger_summary(run.ledger) if run.ledger is not None else {}),
     }
     (run.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def ledger_summary(ledger) -> dict:
+    """The reward summary (with the ledger's signed head: summary.json anchors it) and its final
+    `rewards/...` metrics, which sweep reports read like any other final metric."""
+    rewards = ledger.summary()
+    return {"rewards": rewards, **reward_metrics(rewards)}

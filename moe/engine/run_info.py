@@ -28,6 +28,8 @@ def write_run_info(run: Run) -> None:
         "config": resolved(run.cfg),
         "device": str(run.accelerator.device),
         "machine": {"platform": platform.platform(), "cpus": cpu_count(), "torch": torch.__version__},
+        # the public key that signs ledger.sqlite (its private key stays outside the run dir)
+        "ledger_writer": run.ledger.writer_hotkey if run.ledger is not None else None,
     }
     (run.run_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
 
