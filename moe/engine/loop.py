@@ -23,7 +23,7 @@ from moe.engine.metrics import MetricsLogger, read_metrics, truncate_after
 from moe.engine.run_info import SUMMARY_FILE, resolved, write_run_info
 from moe.engine.validation import evaluate, specialisation_metrics, write_routing_tables
 from moe.errors import ConfigError
-from moe.incentives.rewards import open_run_ledger, reward_metrics, score_view, step_failures
+from moe.incentives.rewards import ledger_summary, open_run_ledger, reward_metrics, score_view, step_failures
 from moe.nn.layer import MoELayer
 
 log = logging.getLogger(__name__)
@@ -210,10 +210,3 @@ def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
     }
     (run.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def ledger_summary(ledger) -> dict:
-    """The reward summary (with the ledger's signed head: summary.json anchors it) and its final
-    `rewards/...` metrics, which sweep reports read like any other final metric."""
-    rewards = ledger.summary()
-    return {"rewards": rewards, **reward_metrics(rewards)}

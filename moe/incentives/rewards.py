@@ -100,3 +100,10 @@ def reward_metrics(rewards: dict) -> dict[str, float]:
             for uid, value in enumerate(epoch.get(key, [])):
                 metrics[f"rewards/{key}/{subnet}/{uid}"] = value
     return metrics
+
+
+def ledger_summary(ledger: RewardLedger) -> dict:
+    """What summary.json keeps of the ledger: the reward summary (with the signed head, an anchor that
+    `verify` checks) and the final `rewards/...` metrics, which sweep reports read like any other."""
+    rewards = ledger.summary()
+    return {"rewards": rewards, **reward_metrics(rewards)}

@@ -11,6 +11,7 @@ cut back to an earlier block fails too. ``verify_run`` does all this for a run d
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -120,7 +121,7 @@ def verify_ledger(
         report, replay, hashes = _verify_chain(conn, writer)
         _verify_balances(conn, replay, report.blocks)
         check_anchors(hashes, report.writer, anchors)
-        return VerifyReport(**{**report.__dict__, "anchors": len(anchors)})
+        return dataclasses.replace(report, anchors=len(anchors))
     except sqlite3.DatabaseError as error:
         raise LedgerError(f"ledger {path} cannot be read: {error}") from error
     finally:
