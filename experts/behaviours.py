@@ -34,6 +34,7 @@ VALID_SPECS = (
     "slow:ms",
     "flaky:p",
     "crash:s",
+    "intermittent:s",
 )
 
 
@@ -157,6 +158,12 @@ def _unchanged(b: Behaviour, x_aD, y_aD, call: CallContext) -> torch.Tensor:
     return y_aD
 
 
+def _intermittent(b: Behaviour, x_aD, y_aD, call: CallContext) -> torch.Tensor:
+    # Works for s steps, then answers zeros (as lazy) for s steps, and so on: a miner whose quality
+    # changes over time, which validators must follow and a weight copier lags behind.
+    return _lazy(b, x_aD, y_aD, call) if (call.step // int(b.arg)) % 2 else y_aD
+
+
 _RESPONSES = {
     "honest": _unchanged,
     "noisy": _noisy,
@@ -167,6 +174,7 @@ _RESPONSES = {
     "slow": _unchanged,
     "flaky": _unchanged,
     "crash": _unchanged,
+    "intermittent": _intermittent,
 }
 
 # kind -> (argument required?, check on the argument, what the check says)
@@ -180,8 +188,9 @@ _ARGUMENTS: dict[str, tuple[bool | None, Callable[[float], bool], str]] = {
     "slow": (True, lambda v: v >= 0, "ms must be >= 0"),
     "flaky": (True, lambda v: 0 <= v <= 1, "p must be in [0, 1]"),
     "crash": (True, lambda v: v >= 0 and v == int(v), "s must be a step >= 0"),
+    "intermittent": (True, lambda v: v >= 1 and v == int(v), "s must be a number of steps >= 1"),
 }
-_INTEGER_KINDS = ("stale", "copycat", "crash")
+_INTEGER_KINDS = ("stale", "copycat", "crash", "intermittent")
 
 
 def parse_behaviour(spec: str, expert: int | None = None) -> Behaviour:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 from tests.helpers import TINY, compose
 
+# Ledger writer keys (moe.incentives.ledger.signing) go to a folder of this session, never the user's.
+if "POIMOE_KEYS_DIR" not in os.environ:
+    os.environ["POIMOE_KEYS_DIR"] = tempfile.mkdtemp(prefix="poimoe-test-keys-")
+    atexit.register(shutil.rmtree, os.environ["POIMOE_KEYS_DIR"], ignore_errors=True)
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -87,6 +87,8 @@ def checkpoint_state(run: Run) -> dict:
         "poi": run.scorer.state_dict() if run.scorer is not None else None,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         "config": OmegaConf.to_container(run.cfg, resolve=True),
+        # the ledger's signed head (an anchor `python -m moe.ledger verify` checks) and unrevealed weights
+        "ledger": run.ledger.checkpoint_state() if run.ledger is not None else None,
     }
 
 

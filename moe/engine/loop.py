@@ -31,7 +31,7 @@ from moe.engine.metrics import MetricsLogger, read_metrics, truncate_after
 from moe.engine.run_info import SUMMARY_FILE, resolved, write_run_info
 from moe.engine.validation import evaluate, specialisation_metrics, write_routing_tables
 from moe.errors import ConfigError
-from moe.incentives.rewards import open_run_ledger, reward_metrics, score_view, step_failures
+from moe.incentives.rewards import ledger_summary, open_run_ledger, reward_metrics, score_view, step_failures
 from moe.nn.layer import MoELayer
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,11 @@ def train(cfg: DictConfig) -> dict:
         if resume_state is not None:
             restore(run, resume_state)
             truncate_after(run_dir, run.step)
-        run.ledger = open_run_ledger(run, resume_step=run.step if resume_state is not None else None)
+        run.ledger = (
+            open_run_ledger(run, resume_step=run.step, checkpoint_state=resume_state.get("ledger"))
+            if resume_state is not None
+            else open_run_ledger(run, resume_step=None)
+        )
         write_run_info(run)
         run.logger = MetricsLogger(
             run_dir, cfg.logger, run_name=cfg.name, config=resolved(cfg), resume=resume_state is not None
@@ -225,7 +229,7 @@ def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
         / max(len(events), 1),
         "perf/wall_s": wall_seconds,
         **(run.scorer.summary() if run.scorer is not None else {}),
-        **({"rewards": run.ledger.summary()} if run.ledger is not None else {}),
+        **(ledger_summary(run.ledger) if run.ledger is not None else {}),
     }
     (run.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary

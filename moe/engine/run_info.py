@@ -34,6 +34,8 @@ def write_run_info(run: Run) -> None:
             "trainer_threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },
+        # the public key that signs ledger.sqlite (its private key stays outside the run dir)
+        "ledger_writer": run.ledger.writer_hotkey if run.ledger is not None else None,
     }
     (run.run_dir / RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
 

@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from experts.behaviours import parse_behaviours
-from moe.incentives.ledger import RewardLedger, ScoreView, as_ledger_config
-
-LEDGER_FILE = "ledger.sqlite"
+from moe.incentives.ledger import LEDGER_FILE, RewardLedger, ScoreView, as_ledger_config
 
 
-def open_run_ledger(run, resume_step: int | None) -> RewardLedger | None:
-    """The run's ledger (`run_dir/ledger.sqlite`), or None when `ledger=null` or `ledger.enabled=false`."""
+def open_run_ledger(
+    run, resume_step: int | None, checkpoint_state: dict | None = None
+) -> RewardLedger | None:
+    """The run's ledger (`run_dir/ledger.sqlite`), or None when `ledger=null` or `ledger.enabled=false`;
+    `checkpoint_state` is what the resumed checkpoint kept of it (`RewardLedger.checkpoint_state`)."""
     if run.cfg.get("ledger") is None or not run.cfg.ledger.enabled:
         return None
     for layer in run.layers:
@@ -29,6 +30,7 @@ def open_run_ledger(run, resume_step: int | None) -> RewardLedger | None:
         subnets=miner_labels(run),
         seed=run.cfg.seed,
         resume_step=resume_step,
+        checkpoint_state=checkpoint_state,
     )
 
 
@@ -88,13 +90,20 @@ def step_failures(run) -> dict[str, torch.Tensor]:
 
 def reward_metrics(rewards: dict) -> dict[str, float]:
     """`rewards/...` metrics from a ledger summary: issuance, balances by role and behaviour (tokens),
-    and the last epoch's consensus and incentive per miner of every subnet."""
+    the last epoch's consensus and incentive per miner and dividends per validator of every subnet."""
     metrics = {"rewards/issuance": rewards["issuance_tokens"], "rewards/blocks": rewards["blocks"]}
     for group in ("by_role", "by_behaviour"):
         for name, amount in rewards[group].items():
             metrics[f"rewards/balance/{name}"] = amount["tokens"]
     for subnet, epoch in rewards.get("last_epoch", {}).items():
-        for key in ("consensus", "incentive"):
-            for miner, value in enumerate(epoch.get(key, [])):
-                metrics[f"rewards/{key}/{subnet}/{miner}"] = value
+        for key in ("consensus", "incentive", "dividends"):
+            for uid, value in enumerate(epoch.get(key, [])):
+                metrics[f"rewards/{key}/{subnet}/{uid}"] = value
     return metrics
+
+
+def ledger_summary(ledger: RewardLedger) -> dict:
+    """What summary.json keeps of the ledger: the reward summary (with the signed head, an anchor that
+    `verify` checks) and the final `rewards/...` metrics, which sweep reports read like any other."""
+    rewards = ledger.summary()
+    return {"rewards": rewards, **reward_metrics(rewards)}

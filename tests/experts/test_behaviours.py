@@ -60,6 +60,7 @@ def inputs(rows: int = 5) -> torch.Tensor:
         ("slow:25", "slow", 25),
         ("flaky:0.3", "flaky", 0.3),
         ("crash:7", "crash", 7),
+        ("intermittent:20", "intermittent", 20),
         (" Noisy : 0.1 ", "noisy", 0.1),
     ],
 )
@@ -89,6 +90,7 @@ def test_unknown_spec_fails_listing_the_valid_ones():
         ("crash:2.5", "s must be a step"),
         ("slow:fast", "not a number"),
         ("adversarial:0", "k must be > 0"),
+        ("intermittent:0", "number of steps >= 1"),
     ],
 )
 def test_bad_arguments_fail_saying_why(spec, says):
@@ -204,6 +206,13 @@ def _fails(spec: str, step: int) -> bool:
 
 def test_crash_fails_from_its_step_on():
     assert [_fails("crash:3", step) for step in range(6)] == [False, False, False, True, True, True]
+
+
+def test_intermittent_alternates_honest_and_zero_answers(expert):
+    intermittent = parse_behaviour("intermittent:3")
+    zero = [not run_expert(expert, intermittent, inputs(), call(step=step)).any() for step in range(12)]
+    assert zero == [False] * 3 + [True] * 3 + [False] * 3 + [True] * 3
+    assert torch.equal(run_expert(expert, intermittent, inputs(), call(step=7)), expert(inputs()))
 
 
 def test_call_draws_depend_only_on_seed_layer_step_and_expert(expert):

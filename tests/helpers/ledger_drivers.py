@@ -4,6 +4,7 @@ uninterrupted runs see the same data). Not a test module: `tests.incentives.test
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -13,8 +14,12 @@ from pathlib import Path
 
 import torch
 
+from experts.identity import Identity
+from moe.engine.checkpoint import save_checkpoint
 from moe.errors import LedgerError
-from moe.ledger import LedgerConfig, RewardLedger, ValidatorSpec
+from moe.incentives.ledger.schema import GENESIS_PREV_HASH, HASHED_TABLES, block_hash
+from moe.incentives.ledger.signing import WRITER_KEY_FILE, block_message
+from moe.ledger import LedgerConfig, RewardLedger, ValidatorSpec, default_keys_dir
 from tests.helpers import REPO
 
 SUBNETS = {"layer0": ["honest", "honest", "lazy", "adversarial"], "layer1": ["honest", "noisy", "honest"]}
@@ -75,13 +80,22 @@ def try_second_writer(path: str) -> None:
 def child_process(function: str, *args: str):
     """Run ``function(*args)`` from this module in a child process; always kill it on the way out."""
     code = f"import sys; import tests.helpers.ledger_drivers as t; t.{function}(*sys.argv[1:])"
+    with supervised([sys.executable, "-c", code, *args]) as process:
+        yield process
+
+
+@contextlib.contextmanager
+def training_process(*overrides: str, cwd: Path = REPO):
+    """``python train.py <overrides>`` in a child process; always killed on the way out."""
+    with supervised([sys.executable, str(REPO / "train.py"), *overrides], cwd=cwd) as process:
+        yield process
+
+
+@contextlib.contextmanager
+def supervised(command: list[str], cwd: Path = REPO):
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
         yield process
@@ -132,3 +146,93 @@ def write_ledger(path: Path) -> Path:
     """A finished ledger of 60 steps: 30 blocks, 6 epochs."""
     run_ledger(path, 60)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attacks on a written ledger: what someone with write access to the file (and maybe the writer's key) does
+
+
+def block_rows(conn: sqlite3.Connection, height: int) -> dict[str, list[tuple]]:
+    """The rows block ``height`` hashes, per table (genesis: meta and accounts)."""
+    rows = {}
+    for table, (columns, block_column) in HASHED_TABLES.items():
+        select = f"SELECT {', '.join(columns)} FROM {table}"
+        if block_column is None:
+            rows[table] = conn.execute(select).fetchall() if height == 0 else []
+        else:
+            rows[table] = conn.execute(f"{select} WHERE {block_column} = ?", (height,)).fetchall()
+    return rows
+
+
+def rehash_chain(path: Path, sign_with: Identity | None = None) -> None:
+    """Recompute every block's hash and link with the public hash function, as a forger would; with
+    ``sign_with`` (the writer's key, stolen) also re-sign every block."""
+    conn = sqlite3.connect(path)
+    with conn:
+        prev_hash = GENESIS_PREV_HASH
+        blocks = conn.execute("SELECT height, step, emission, issuance, burned FROM blocks ORDER BY height")
+        for height, step, emission, issuance, burned in blocks.fetchall():
+            digest = block_hash(height, step, emission, issuance, burned, prev_hash, block_rows(conn, height))
+            conn.execute(
+                "UPDATE blocks SET prev_hash = ?, hash = ? WHERE height = ?", (prev_hash, digest, height)
+            )
+            if sign_with is not None:
+                signature = sign_with.sign(block_message(height, digest)).hex()
+                conn.execute("UPDATE blocks SET signature = ? WHERE height = ?", (signature, height))
+            prev_hash = digest
+    conn.close()
+
+
+def writer_key() -> Identity:
+    """The writer's key of the test session (``POIMOE_KEYS_DIR``)."""
+    return Identity.load(default_keys_dir() / WRITER_KEY_FILE)
+
+
+def tamper(path: Path, *statements: str) -> None:
+    conn = sqlite3.connect(path)
+    with conn:
+        for statement in statements:
+            conn.execute(statement)
+    conn.close()
+
+
+def anchor_run_dir(run_dir: Path, ledger: RewardLedger, step: int) -> None:
+    """Anchor the ledger's head as a run does: in a checkpoint and in summary.json."""
+    save_checkpoint(run_dir, step, {"ledger": ledger.checkpoint_state()}, keep=10)
+    (run_dir / "summary.json").write_text(json.dumps({"rewards": ledger.summary()}))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weight copying: miners whose quality changes every few epochs, and the copier's share of dividends
+
+COPYING_SUBNETS = {"layer0": ["honest"] * 8}
+
+
+def copying_config(commit_reveal: bool, tempo: int = 4) -> LedgerConfig:
+    validators = [
+        ValidatorSpec(stake=600.0, behaviour="honest"),
+        ValidatorSpec(stake=250.0, behaviour="honest"),
+        ValidatorSpec(stake=150.0, behaviour="weight_copier"),
+    ]
+    return LedgerConfig(steps_per_block=1, tempo=tempo, validators=validators, commit_reveal=commit_reveal)
+
+
+def switching_view(step: int, steps_per_phase: int):
+    """Every validator sees each miner's quality (redrawn every ``steps_per_phase`` steps) plus its own noise."""
+    quality_M = torch.rand(8, generator=torch.Generator().manual_seed((step - 1) // steps_per_phase))
+
+    def view(validator: int) -> dict[str, torch.Tensor]:
+        noise_M = torch.randn(8, generator=torch.Generator().manual_seed(10 * step + validator))
+        return {"layer0": quality_M + 0.05 * noise_M}
+
+    return view
+
+
+def copier_dividend_share(path: Path, commit_reveal: bool, epochs: int, epochs_per_phase: int) -> float:
+    """Write a ledger of ``epochs`` epochs; the copier's share of everything paid to validators."""
+    cfg = copying_config(commit_reveal)
+    with RewardLedger(path, cfg, COPYING_SUBNETS, seed=0) as ledger:
+        for step in range(1, epochs * cfg.tempo + 1):
+            ledger.after_step(step, switching_view(step, epochs_per_phase * cfg.tempo))
+    paid = {name: units for name, units in balances(path).items() if name.startswith("validator/")}
+    return paid["validator/2"] / sum(paid.values())

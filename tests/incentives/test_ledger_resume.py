@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from moe.engine.checkpoint import list_checkpoints
 from moe.errors import LedgerError
-from moe.ledger import RewardLedger, verify_ledger
+from moe.ledger import RewardLedger, verify_ledger, verify_run
+from tests.helpers import TINY
 from tests.helpers.ledger_drivers import (
     PROCESS_TIMEOUT_S,
     SUBNETS,
@@ -21,6 +23,7 @@ from tests.helpers.ledger_drivers import (
     drive,
     make_config,
     run_ledger,
+    training_process,
     write_ledger,
 )
 
@@ -117,3 +120,41 @@ def test_killed_writer_leaves_a_ledger_that_verifies_and_resumes(tmp_path):
 @pytest.mark.parametrize("min_blocks", [0, 1, 7, 64, 200])
 def test_killed_at_many_instants(tmp_path, min_blocks):
     _kill_writer_and_resume(tmp_path, min_blocks)
+
+
+@pytest.mark.timeout(6 * PROCESS_TIMEOUT_S)
+def test_sigkilled_training_run_resumes_to_a_ledger_that_verifies(tmp_path):
+    """A training run killed mid-way (after a checkpoint, with blocks written past it) and resumed leaves a
+    run dir whose ledger verifies against every anchored head; commit-reveal, so the checkpoint must also
+    carry the validators' unrevealed weights."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        *TINY,
+        "data=clusters",
+        "ledger.tempo=3",
+        "ledger.commit_reveal=true",
+        "trainer.ckpt_every=10",
+        "trainer.eval_every=1000",
+        "trainer.log_every=1000",
+        f"run_dir={run_dir}",
+    ]
+    ledger = run_dir / "ledger.sqlite"
+    with training_process(*overrides, "trainer.max_steps=5000", cwd=tmp_path) as process:
+        deadline = time.monotonic() + 3 * PROCESS_TIMEOUT_S
+        while not (list_checkpoints(run_dir) and block_count(ledger) > 14):
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the run made no progress"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=PROCESS_TIMEOUT_S)
+    checkpoint_step = int(list_checkpoints(run_dir)[-1].stem.removeprefix("step_"))
+    assert block_count(ledger) - 1 > checkpoint_step  # blocks past the checkpoint, to be rolled back
+    verify_run(run_dir)  # the killed run's anchors already hold
+    with training_process(
+        *overrides, f"trainer.max_steps={checkpoint_step + 13}", f"resume={run_dir}", cwd=tmp_path
+    ) as process:
+        output, _ = process.communicate(timeout=3 * PROCESS_TIMEOUT_S)
+        assert process.returncode == 0, output[-3000:]
+    report = verify_run(run_dir)
+    assert report.blocks == checkpoint_step + 13
+    assert report.anchors >= 2  # the last checkpoints and summary.json

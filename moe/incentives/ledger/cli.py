@@ -1,4 +1,8 @@
-"""The ledger's command line: ``python -m moe.ledger verify PATH | show PATH | export PATH [--out DIR]``."""
+"""The ledger's command line: ``python -m moe.ledger verify PATH [--writer KEY] | show PATH | export PATH [--out DIR]``.
+
+PATH is a run dir (its ``ledger.sqlite``; ``verify`` then also checks the heads anchored in the run's
+checkpoints and summary.json) or a ledger file.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from experts.errors import IdentityError
+from experts.identity import read_hotkey
 from moe.errors import LedgerError
-from moe.incentives.ledger.verify import export_ledger, read_summary, verify_ledger
+from moe.incentives.ledger.anchor import LEDGER_FILE
+from moe.incentives.ledger.summary import export_ledger, read_summary
+from moe.incentives.ledger.verify import verify_run
 
 
 def _format_summary(path: Path, summary: Mapping[str, Any]) -> str:
@@ -24,13 +32,28 @@ def _format_summary(path: Path, summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def ledger_file(path: str | Path) -> Path:
+    """The ledger of a run dir, or the file itself."""
+    path = Path(path)
+    return path / LEDGER_FILE if path.is_dir() else path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m moe.ledger verify PATH | show PATH | export PATH [--out DIR]``."""
+    """``python -m moe.ledger verify PATH [--writer KEY] | show PATH | export PATH [--out DIR]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m moe.ledger", description="Inspect a poimoe reward ledger."
+        prog="python -m moe.ledger",
+        description="Inspect a poimoe reward ledger (a run dir or a ledger file).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("verify", help="recompute the hash chain and the invariant").add_argument("path")
+    verify = commands.add_parser(
+        "verify", help="check hashes, signatures, splits, payouts, Yuma and the anchored heads"
+    )
+    verify.add_argument("path")
+    verify.add_argument(
+        "--writer",
+        default=None,
+        help="the public key that must have signed it (64 hex digits or a .pub file)",
+    )
     commands.add_parser("show", help="print balances by role and behaviour").add_argument("path")
     export = commands.add_parser("export", help="write every table as CSV")
     export.add_argument("path")
@@ -38,13 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "verify":
-            print(verify_ledger(args.path))
+            print(verify_run(args.path, writer=read_hotkey(args.writer) if args.writer else None))
         elif args.command == "show":
-            print(_format_summary(Path(args.path), read_summary(args.path)))
+            print(_format_summary(ledger_file(args.path), read_summary(ledger_file(args.path))))
         else:
-            for target in export_ledger(args.path, args.out):
+            for target in export_ledger(ledger_file(args.path), args.out):
                 print(target)
-    except LedgerError as error:
+    except (LedgerError, IdentityError) as error:
         print(f"ledger error: {error}", file=sys.stderr)
         return 1
     return 0

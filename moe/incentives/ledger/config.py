@@ -17,7 +17,7 @@ from router.typed_config import plain, typed_config
 BEHAVIOURS = ("honest", "weight_copier", "cabal", "random", "lazy")
 SYNCHRONOUS_MODES = ("normal", "full")
 # Config fields that do not change what the ledger records, so a resumed run may change them.
-RUNTIME_ONLY_FIELDS = ("enabled", "synchronous")
+RUNTIME_ONLY_FIELDS = ("enabled", "synchronous", "keys_dir")
 
 
 @dataclass
@@ -71,6 +71,12 @@ class LedgerConfig:
     # WAL durability: normal (survives a killed process; the last blocks may be lost on power loss)
     # or full (fsync every block).
     synchronous: str = "normal"
+    # Validators commit a salted hash of their weights at an epoch and reveal them at the next; Yuma
+    # counts revealed weights only (Bittensor's defence against weight copying).
+    commit_reveal: bool = False
+    # Folder of the ledger writer's private key (ledger_writer.key, mode 0600), never inside the run
+    # dir. None: $POIMOE_KEYS_DIR, else $XDG_CONFIG_HOME/poimoe/keys, else ~/.config/poimoe/keys.
+    keys_dir: str | None = None
 
 
 def as_ledger_config(cfg: Any) -> LedgerConfig:

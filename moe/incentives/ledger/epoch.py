@@ -1,11 +1,14 @@
 """One block's draft and one subnet's epoch: collect the weight rows, run Yuma, pay the pending pools.
 
 A block is built as a ``BlockDraft`` (rows and balance deltas) before its transaction and applied to
-memory only after the commit, so a failed write leaves the ledger's state untouched. At an epoch each
-validator submits a row (see ``validators``), ``yuma_epoch`` turns the rows into incentive and
-dividends, and the subnet's pending pools are paid: miner j gets ``floor(pool·I_j)``, validator i
+memory only after the commit, so a failed write leaves the ledger's state untouched. Every block
+accrues its emission to the pending pools (``accrue_emission``). At an epoch each validator chooses a
+row (see ``validators``) and submits it signed (``submissions``; with commit-reveal the rows counted
+are those revealed now, chosen an epoch earlier); ``settle_epoch`` runs ``yuma_epoch`` on the counted
+rows and pays the subnet's pending pools: miner j gets ``floor(pool·I_j)``, validator i
 ``floor(pool·D_i)`` (by stake when no validator earned dividends), the owner everything. The rounding
-remainder stays pending; a pool nobody may receive is burned.
+remainder stays pending; a pool nobody may receive is burned. ``accrue_emission`` and
+``settle_epoch`` are pure functions of the recorded inputs, so ``verify`` re-runs them to check a block.
 
 Shape legend: V = validators, M = miners of one subnet.
 """
@@ -23,7 +26,8 @@ import torch
 from moe.errors import LedgerError
 from moe.incentives.consensus import YumaResult, yuma_epoch
 from moe.incentives.ledger.config import LedgerConfig
-from moe.incentives.ledger.emission import FIXED_ONE, pro_rata_floor, to_fixed, to_u16_row
+from moe.incentives.ledger.emission import FIXED_ONE, apportion, pro_rata_floor, to_fixed, to_u16_row
+from moe.incentives.ledger.submissions import Validators
 from moe.incentives.ledger.validators import WEIGHT_SETTERS, EpochInputs
 
 logger = logging.getLogger(__name__)
@@ -165,6 +169,28 @@ class BlockDraft:
         return amount, sum(payouts), 0
 
 
+def account_rows(
+    cfg: LedgerConfig,
+    subnets: Mapping[str, SubnetState],
+    writer: str = "",
+    validator_hotkeys: Sequence[str] = (),
+) -> list[tuple[Any, ...]]:
+    """Genesis accounts: owner (the writer's key), validators (theirs), then per subnet its miners and
+    its three pending pools; as ``accounts`` rows with balance 0, registered at block 0."""
+    hotkeys = list(validator_hotkeys) or [""] * len(cfg.validators)
+    rows: list[tuple[Any, ...]] = [("owner", "owner", "", 0, "owner", writer)]
+    rows += [
+        (f"validator/{i}", "validator", "", i, spec.behaviour, hotkeys[i])
+        for i, spec in enumerate(cfg.validators)
+    ]
+    for name, state in subnets.items():
+        rows += [
+            (f"miner/{name}/{j}", "miner", name, j, label, "") for j, label in enumerate(state.miner_labels)
+        ]
+        rows += [(f"pending/{name}/{pool}", "pending", name, k, pool, "") for k, pool in enumerate(POOLS)]
+    return [(account_id, *row, 0, 0) for account_id, row in enumerate(rows)]
+
+
 class CachedViews:
     """Calls ``score_view(v)`` at most once per validator per epoch block and checks its shape."""
 
@@ -188,6 +214,21 @@ class CachedViews:
         return scores_M
 
 
+def accrue_emission(
+    draft: BlockDraft, subnet_weights: Mapping[str, int], pool_weights: Sequence[int]
+) -> None:
+    """Split the block's emission over the subnets, and each subnet's part over its three pending pools
+    (exactly, by largest remainder); what no subnet may receive is burned."""
+    for name, subnet_amount in zip(
+        subnet_weights, apportion(draft.emission, list(subnet_weights.values())), strict=True
+    ):
+        for pool, amount in zip(POOLS, apportion(subnet_amount, pool_weights), strict=True):
+            draft.move(name, f"pending/{name}/{pool}", "emission", amount)
+    if sum(draft.deltas.values()) != draft.emission:
+        # Only when there is no subnet or every subnet share is 0: nobody may receive the emission.
+        draft.burned += draft.emission - sum(draft.deltas.values())
+
+
 def run_epoch(
     draft: BlockDraft,
     state: SubnetState,
@@ -195,10 +236,25 @@ def run_epoch(
     stake_V: torch.Tensor,
     seed: int,
     views: CachedViews,
+    validators: Validators,
 ) -> None:
-    """Collect weights, run Yuma, pay the subnet's pending pools; record everything in ``draft``."""
+    """Collect and sign the validators' rows, then settle the epoch on the rows it counts."""
+    chosen_rows = _weight_rows(state, cfg, seed, draft.height // cfg.tempo, views)
+    counted_rows = validators.submit(draft, state.name, chosen_rows, state.last_rows_u16)
+    settle_epoch(draft, state, cfg, stake_V, counted_rows)
+    draft.subnet_updates[state.name]["rows"] = chosen_rows
+
+
+def settle_epoch(
+    draft: BlockDraft,
+    state: SubnetState,
+    cfg: LedgerConfig,
+    stake_V: torch.Tensor,
+    rows_u16: Sequence[Sequence[int]],
+) -> None:
+    """Run Yuma on ``rows_u16`` (one u16 row per validator), pay the subnet's pending pools and record
+    the ``weights``, ``bonds``, ``epochs`` and ``epoch_values`` rows in ``draft``."""
     epoch = draft.height // cfg.tempo
-    rows_u16 = _weight_rows(state, cfg, seed, epoch, views)
     weights_VM = torch.tensor(rows_u16, dtype=torch.float64).reshape(len(rows_u16), state.num_miners)
     result = yuma_epoch(
         weights_VM,
@@ -222,7 +278,11 @@ def run_epoch(
         for flat, value in enumerate(bonds_VM)
         if value
     ]
-    draft.subnet_updates[name] = {"consensus": consensus, "bonds": bonds_VM, "rows": rows_u16}
+    draft.subnet_updates[name] = {
+        "consensus": consensus,
+        "bonds": bonds_VM,
+        "rows": [list(r) for r in rows_u16],
+    }
 
 
 def _weight_rows(

@@ -1,92 +1,36 @@
-"""Reading a ledger: the reward summary, the full verification, per-block series and a CSV export.
+"""Verifying a ledger: its chain, its signatures, its accounting and its anchors.
 
-``verify_ledger`` recomputes the hash chain and the emission schedule block by block and replays the
-``payouts`` table (every movement of units) against the account balances, so a change to any row, or
-a balance that does not follow from the payouts, is found and named.
+``verify_ledger`` walks the blocks in order and checks, for each: the height follows the last; the
+stored hash equals the recomputed hash of the block's fields, its rows in every table and the previous
+block's hash; the writer's signature of (height, hash) holds under the public key recorded at genesis;
+and the replay (``replay.Replay``) rebuilds the block's emission, split, Yuma outcome, payouts and
+submissions from what it records. Then every balance must equal its replayed balance, and every anchor
+(``anchor``: checkpoints, summary.json) must name a block of this chain with the same hash, so a chain
+cut back to an earlier block fails too. ``verify_run`` does all this for a run dir.
 """
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moe.errors import LedgerError
-from moe.incentives.ledger.emission import FIXED_ONE, TOKEN, block_emission
+from moe.incentives.ledger.anchor import LEDGER_FILE, Anchor, check_anchors, read_run_anchors
+from moe.incentives.ledger.emission import TOKEN
+from moe.incentives.ledger.replay import Replay
 from moe.incentives.ledger.schema import (
-    ALL_TABLES,
     GENESIS_PREV_HASH,
     HASHED_TABLES,
     block_hash,
     connect_read_only,
     has_tables,
 )
-
-
-def summarise(conn: sqlite3.Connection) -> dict[str, Any]:
-    """The reward summary of a ledger connection (see ``RewardLedger.summary``)."""
-    if not has_tables(conn):
-        empty = {"blocks": 0, "step": 0, "epochs": 0, "issuance": 0, "burned": 0}
-        return {
-            **empty,
-            "issuance_tokens": 0.0,
-            "burned_tokens": 0.0,
-            "by_role": {},
-            "by_behaviour": {},
-            "last_epoch": {},
-        }
-    height, step, issuance, burned = conn.execute(
-        "SELECT height, step, issuance, burned FROM blocks ORDER BY height DESC LIMIT 1"
-    ).fetchone()
-    by_role = {
-        role: _amount(units)
-        for role, units in conn.execute("SELECT role, SUM(balance) FROM accounts GROUP BY role ORDER BY role")
-    }
-    by_behaviour = {
-        f"{role}/{behaviour}": _amount(units)
-        for role, behaviour, units in conn.execute(
-            "SELECT role, behaviour, SUM(balance) FROM accounts WHERE role IN ('miner', 'validator') "
-            "GROUP BY role, behaviour ORDER BY role, behaviour"
-        )
-    }
-    epochs = conn.execute("SELECT COUNT(DISTINCT block) FROM epochs").fetchone()[0]
-    return {
-        "blocks": height,
-        "step": step,
-        "epochs": epochs,
-        "issuance": issuance,
-        "issuance_tokens": issuance / TOKEN,
-        "burned": burned,
-        "burned_tokens": burned / TOKEN,
-        "by_role": by_role,
-        "by_behaviour": by_behaviour,
-        "last_epoch": _last_epochs(conn),
-    }
-
-
-def _amount(units: int) -> dict[str, Any]:
-    return {"units": int(units), "tokens": units / TOKEN}
-
-
-def _last_epochs(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
-    """Per subnet, the last epoch's block, consensus and incentive per miner (as fractions)."""
-    last: dict[str, dict[str, Any]] = {}
-    for subnet, block in conn.execute(
-        "SELECT subnet, MAX(block) FROM epochs GROUP BY subnet ORDER BY subnet"
-    ):
-        entry: dict[str, Any] = {"block": block, "consensus": [], "incentive": []}
-        for kind, value in conn.execute(
-            "SELECT kind, value FROM epoch_values WHERE block = ? AND subnet = ? AND kind IN ('consensus', 'incentive') "
-            "ORDER BY kind, uid",
-            (block, subnet),
-        ):
-            entry[kind].append(value / FIXED_ONE)
-        last[subnet] = entry
-    return last
+from moe.incentives.ledger.signing import block_message, signed_by
 
 
 @dataclass(frozen=True)
@@ -98,11 +42,19 @@ class VerifyReport:
     issuance: int
     burned: int
     accounts: int
+    writer: str = ""
+    anchors: int = 0
 
     def __str__(self) -> str:
+        anchors = (
+            f"{self.anchors} anchored heads match"
+            if self.anchors
+            else "no anchored head checked (a ledger file alone cannot show that it was cut back)"
+        )
         return (
             f"ok: {self.blocks} blocks, {self.epochs} epochs, issuance {self.issuance / TOKEN:.9f} tokens, "
-            f"burned {self.burned / TOKEN:.9f}, {self.accounts} accounts; chain and Σ balances + burned == issuance hold"
+            f"burned {self.burned / TOKEN:.9f}, {self.accounts} accounts; signed by {self.writer}; hashes, "
+            f"signatures, splits, payouts, Yuma and Σ balances + burned == issuance hold; {anchors}"
         )
 
 
@@ -140,48 +92,66 @@ def _block_of(row: tuple[Any, ...], table: str) -> int:
     return block
 
 
-def verify_ledger(path: str | os.PathLike[str]) -> VerifyReport:
-    """Recompute the hash chain, the schedule and the invariant; raise ``LedgerError`` on the first fault.
+def verify_run(path: str | os.PathLike[str], writer: str | None = None) -> VerifyReport:
+    """Verify a run dir (its ledger.sqlite against the heads anchored in its checkpoints and summary.json,
+    and the writer run_info.json names) or a ledger file alone."""
+    path = Path(path)
+    if not path.is_dir():
+        return verify_ledger(path, writer=writer)
+    anchors, named_writer = read_run_anchors(path)
+    report = verify_ledger(path / LEDGER_FILE, anchors=anchors, writer=writer)
+    if named_writer is not None and named_writer != report.writer:
+        raise LedgerError(
+            f"block 0: the ledger is signed by {report.writer}, run_info.json names {named_writer}"
+        )
+    return report
 
-    Checks, block by block: heights are contiguous from 0; the stored hash equals the recomputed hash of
-    the block's fields, its rows in every table and the previous block's hash; emission follows the
-    schedule; issuance and burned add up; the block's payouts equal its emission minus its burns.
-    Then every account's balance equals the sum of its payouts, and Σ balances + burned == issuance.
-    """
+
+def verify_ledger(
+    path: str | os.PathLike[str], anchors: Sequence[Anchor] = (), writer: str | None = None
+) -> VerifyReport:
+    """Verify the ledger at ``path`` (see the module docstring); raise ``LedgerError`` naming the first bad
+    block. ``writer``: the public key that must have signed it (default: the one recorded at genesis)."""
     path = Path(path)
     conn = connect_read_only(path)
     try:
         conn.execute("BEGIN")  # one read snapshot, even while a writer is running
         if not has_tables(conn):
             return VerifyReport(blocks=0, epochs=0, issuance=0, burned=0, accounts=0)
-        report = _verify_chain(conn)
-        _verify_balances(conn, report)
-        return report
+        report, replay, hashes = _verify_chain(conn, writer)
+        _verify_balances(conn, replay, report.blocks)
+        check_anchors(hashes, report.writer, anchors)
+        return dataclasses.replace(report, anchors=len(anchors))
     except sqlite3.DatabaseError as error:
         raise LedgerError(f"ledger {path} cannot be read: {error}") from error
     finally:
         conn.close()
 
 
-def _verify_chain(conn: sqlite3.Connection) -> VerifyReport:
+def _verify_chain(conn: sqlite3.Connection, writer: str | None) -> tuple[VerifyReport, Replay, list[str]]:
     tables = {table: _RowsByBlock(conn, table) for table in HASHED_TABLES}
-    prev_hash, issuance, burned, expected_height, epochs = GENESIS_PREV_HASH, 0, 0, 0, 0
-    for height, step, emission, block_issuance, block_burned, stored_prev, stored_hash in conn.execute(
-        "SELECT height, step, emission, issuance, burned, prev_hash, hash FROM blocks ORDER BY height"
+    signer = _writer(conn, writer)
+    hashes: list[str] = []
+    replay: Replay | None = None
+    for height, step, emission, issuance, burned, stored_prev, stored_hash, signature in conn.execute(
+        "SELECT height, step, emission, issuance, burned, prev_hash, hash, signature FROM blocks ORDER BY height"
     ):
-        if height != expected_height:
-            raise LedgerError(f"block {expected_height}: missing (the chain jumps to block {height})")
+        if height != len(hashes):
+            raise LedgerError(f"block {len(hashes)}: missing (the chain jumps to block {height})")
         rows = {table: grouped.take(height) for table, grouped in tables.items()}
-        if stored_prev != prev_hash:
+        if stored_prev != (hashes[-1] if hashes else GENESIS_PREV_HASH):
             raise LedgerError(f"block {height}: previous-hash link broken")
-        if block_hash(height, step, emission, block_issuance, block_burned, stored_prev, rows) != stored_hash:
+        if block_hash(height, step, emission, issuance, burned, stored_prev, rows) != stored_hash:
             raise LedgerError(f"block {height}: hash mismatch, its content or one of its rows was changed")
-        _check_block_amounts(
-            height, emission, issuance, burned, block_issuance, block_burned, rows["payouts"]
-        )
-        prev_hash, issuance, burned, expected_height = stored_hash, block_issuance, block_burned, height + 1
-        epochs += bool(rows["epochs"])
-    if expected_height == 0:
+        if not signed_by(signer, block_message(height, stored_hash), signature):
+            raise LedgerError(f"block {height}: the writer's signature does not match the block")
+        if replay is None:
+            _check_genesis(emission, issuance, burned, rows)
+            replay = Replay(conn, stored_hash)
+        else:
+            replay.check((height, step, emission, issuance, burned), rows)
+        hashes.append(stored_hash)
+    if replay is None:
         raise LedgerError("block 0: missing (the ledger has no genesis block)")
     for table, grouped in tables.items():
         if grouped.leftover_block() is not None:
@@ -189,100 +159,48 @@ def _verify_chain(conn: sqlite3.Connection) -> VerifyReport:
                 f"table {table} has rows for block {grouped.leftover_block()!r}, which is not in the chain"
             )
     num_accounts = conn.execute("SELECT COUNT(*) FROM accounts").fetchone()[0]
-    return VerifyReport(
-        blocks=expected_height - 1, epochs=epochs, issuance=issuance, burned=burned, accounts=num_accounts
+    report = VerifyReport(
+        blocks=len(hashes) - 1,
+        epochs=replay.epochs,
+        issuance=replay.issuance,
+        burned=replay.burned,
+        accounts=num_accounts,
+        writer=signer,
     )
+    return report, replay, hashes
 
 
-def _check_block_amounts(
-    height: int,
-    emission: int,
-    prev_issuance: int,
-    prev_burned: int,
-    issuance: int,
-    burned: int,
-    payouts: Sequence[tuple[Any, ...]],
-) -> None:
-    if height == 0:
-        if (emission, issuance, burned) != (0, 0, 0) or payouts:
-            raise LedgerError("block 0: the genesis block must not mint, burn or pay")
-        return
-    if emission != block_emission(prev_issuance):
+def _writer(conn: sqlite3.Connection, expected: str | None) -> str:
+    """The writer's public key recorded at genesis; ``LedgerError`` when it is not the expected one."""
+    found = conn.execute("SELECT hotkey FROM accounts WHERE name = 'owner'").fetchone()
+    if found is None:
+        raise LedgerError("block 0: the ledger has no owner account (the writer's public key)")
+    if expected is not None and found[0] != expected.lower():
         raise LedgerError(
-            f"block {height}: emission {emission} breaks the schedule ({block_emission(prev_issuance)})"
+            f"block 0: the ledger is signed by {found[0]}, not by the expected writer {expected}"
         )
-    if issuance != prev_issuance + emission:
-        raise LedgerError(
-            f"block {height}: issuance {issuance} != previous {prev_issuance} + emission {emission}"
-        )
-    burns = -sum(row[4] for row in payouts if row[3] == "burn")
-    moved = sum(row[4] for row in payouts)
-    if burned < prev_burned or moved != emission - (burned - prev_burned) or burns > burned - prev_burned:
-        raise LedgerError(f"block {height}: payouts ({moved}) do not equal emission ({emission}) minus burns")
+    return found[0]
 
 
-def _verify_balances(conn: sqlite3.Connection, report: VerifyReport) -> None:
-    replayed = dict(conn.execute("SELECT account, SUM(amount) FROM payouts GROUP BY account"))
+def _check_genesis(emission: int, issuance: int, burned: int, rows: dict[str, list]) -> None:
+    moved = [table for table, found in rows.items() if found and table not in ("meta", "accounts")]
+    if (emission, issuance, burned) != (0, 0, 0) or moved:
+        raise LedgerError("block 0: the genesis block must not mint, burn, pay or record an epoch")
+
+
+def _verify_balances(conn: sqlite3.Connection, replay: Replay, head: int) -> None:
+    """Every stored balance equals its replayed balance, and Σ balances + burned == issuance."""
     total = 0
-    known = set()
     for account, name, balance in conn.execute("SELECT id, name, balance FROM accounts ORDER BY id"):
-        known.add(account)
-        expected = replayed.get(account, 0)
+        expected = replay.balances.get(account, 0)
         if balance != expected:
             raise LedgerError(
-                f"invariant broken: account {name!r} (id {account}) has balance {balance}, "
-                f"but its payouts sum to {expected}"
-            )
-        if balance < 0:
-            raise LedgerError(
-                f"invariant broken: account {name!r} (id {account}) has a negative balance {balance}"
+                f"block {head} (head): invariant broken: account {name!r} (id {account}) has balance "
+                f"{balance}, but its payouts sum to {expected}"
             )
         total += balance
-    strangers = sorted(set(replayed) - known)
-    if strangers:
-        raise LedgerError(f"invariant broken: payouts to accounts that do not exist: {strangers}")
-    if total + report.burned != report.issuance:
+    if total + replay.burned != replay.issuance:
         raise LedgerError(
-            f"invariant broken: Σ balances ({total}) + burned ({report.burned}) != issuance ({report.issuance})"
+            f"block {head} (head): invariant broken: Σ balances ({total}) + burned ({replay.burned}) "
+            f"!= issuance ({replay.issuance})"
         )
-
-
-def export_ledger(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Write one CSV per table into ``out_dir`` (default: ``<ledger stem>_csv`` next to it)."""
-    path = Path(path)
-    conn = connect_read_only(path)
-    try:
-        if not has_tables(conn):
-            raise LedgerError(f"ledger {path} has no tables")
-        out = Path(out_dir) if out_dir is not None else path.with_name(path.stem + "_csv")
-        out.mkdir(parents=True, exist_ok=True)
-        return [_export_table(conn, table, out / f"{table}.csv") for table in ALL_TABLES]
-    finally:
-        conn.close()
-
-
-def _export_table(conn: sqlite3.Connection, table: str, target: Path) -> Path:
-    cursor = conn.execute(f"SELECT * FROM {table}")
-    with target.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(column[0] for column in cursor.description)
-        writer.writerows(cursor)
-    return target
-
-
-def read_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The reward summary (see ``RewardLedger.summary``) of a ledger file, read-only."""
-    conn = connect_read_only(Path(path))
-    try:
-        return summarise(conn)
-    finally:
-        conn.close()
-
-
-def iter_blocks(path: str | os.PathLike[str]) -> Iterator[tuple[int, int, int, int, int]]:
-    """Yield ``(height, step, emission, issuance, burned)`` per block, for reports and plots."""
-    conn = connect_read_only(Path(path))
-    try:
-        yield from conn.execute("SELECT height, step, emission, issuance, burned FROM blocks ORDER BY height")
-    finally:
-        conn.close()

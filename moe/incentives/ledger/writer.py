@@ -4,7 +4,8 @@ Every ``steps_per_block`` training steps it closes a block: it mints ``block_emi
 splits them over subnets (one per MoE layer) and, within a subnet, over the owner, miner and validator
 pools (exactly, by largest remainder), which accrue as pending balances. Every ``tempo`` blocks each
 subnet runs an epoch (``epoch.run_epoch``) that pays the pending pools. Each block is written in one
-transaction; invariant at every block: ``Σ balances + burned == issuance`` (pending pools are accounts).
+transaction and signed by the writer's key (``signing``; kept outside the run dir); invariant at every
+block: ``Σ balances + burned == issuance`` (pending pools are accounts).
 
 Accounts: ``owner``, ``validator/<i>`` (shared by all subnets), ``miner/<subnet>/<j>`` and the pending
 pools ``pending/<subnet>/{owner,miners,validators}``.
@@ -14,33 +15,45 @@ Shape legend: V = validators, M = miners of one subnet.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moe.errors import ConfigError, LedgerError
+from moe.incentives.ledger.anchor import anchor_from, head_of
 from moe.incentives.ledger.config import RUNTIME_ONLY_FIELDS, LedgerConfig, as_ledger_config
-from moe.incentives.ledger.emission import FIXED_ONE, apportion, block_emission, fraction_weights
-from moe.incentives.ledger.epoch import POOLS, BlockDraft, CachedViews, ScoreView, SubnetState, run_epoch
+from moe.incentives.ledger.emission import block_emission, fraction_weights
+from moe.incentives.ledger.epoch import (
+    BlockDraft,
+    CachedViews,
+    ScoreView,
+    SubnetState,
+    account_rows,
+    accrue_emission,
+    run_epoch,
+)
+from moe.incentives.ledger.reopen import load_subnet_state, restore_unrevealed, rollback_after
 from moe.incentives.ledger.schema import (
-    BLOCK_TABLES,
     GENESIS_PREV_HASH,
     SCHEMA_VERSION,
+    acquire_writer_lock,
     block_hash,
+    connect_for_writing,
     create_tables,
     has_tables,
     insert_sql,
+    transaction,
 )
-from moe.incentives.ledger.verify import summarise
+from moe.incentives.ledger.signing import block_message, load_writer, sign, validator_identity
+from moe.incentives.ledger.submissions import Validators
+from moe.incentives.ledger.summary import summarise
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +78,16 @@ class RewardLedger:
         subnets: Mapping[str, Sequence[str]],
         seed: int,
         resume_step: int | None = None,
+        checkpoint_state: Mapping[str, Any] | None = None,
     ) -> None:
         """Open (or create) the ledger at ``path`` for writing.
 
         ``subnets`` maps each MoE layer to one behaviour label per miner (expert). A new file gets a
         genesis block. An existing one needs ``resume_step`` (the step of the checkpoint the run resumes
         from): blocks closed after that step are rolled back, so the run continues with no gap and no
-        duplicate. The file is locked against a second writer until ``close``.
+        duplicate. ``checkpoint_state`` is what ``checkpoint_state()`` returned at that step: its head
+        must be in the chain, and with commit-reveal it carries the validators' unrevealed rows. The file
+        is locked against a second writer until ``close``.
         """
         self._cfg = as_ledger_config(cfg)
         self._path = Path(path)
@@ -84,29 +100,45 @@ class RewardLedger:
             )
         self._subnets = {name: SubnetState(name, [str(label) for label in subnets[name]]) for name in subnets}
         self._stake_V = torch.tensor([spec.stake for spec in self._cfg.validators], dtype=torch.float64)
-        self._subnet_weights = fraction_weights(
-            [self._cfg.subnet_shares.get(name, 1.0) for name in self._subnet_names]
+        self._subnet_weights = dict(
+            zip(
+                self._subnet_names,
+                fraction_weights([self._cfg.subnet_shares.get(name, 1.0) for name in self._subnet_names]),
+                strict=True,
+            )
         )
         self._pool_weights = fraction_weights(
             [self._cfg.owner_share, self._cfg.miner_share, self._cfg.validator_share]
         )
+        self._writer = load_writer(self._cfg.keys_dir, self._path.parent)
+        self._validator_keys = [
+            validator_identity(self._writer, self._seed, i) for i in range(len(self._cfg.validators))
+        ]
         self._closed = True
         self._conn: sqlite3.Connection | None = None
-        self._lock_fd: int | None = _acquire_writer_lock(self._path)
+        self._lock_fd: int | None = acquire_writer_lock(self._path)
         try:
-            self._conn = _connect(self._path, self._cfg.synchronous)
-            self._load_or_create(resume_step)
+            self._conn = connect_for_writing(self._path, self._cfg.synchronous)
+            self._load_or_create(resume_step, checkpoint_state)
         except BaseException:
             self.close()
             raise
 
-    def _load_or_create(self, resume_step: int | None) -> None:
+    def _load_or_create(self, resume_step: int | None, checkpoint_state: Mapping[str, Any] | None) -> None:
         if not has_tables(self._conn):
             self._create(genesis_step=resume_step or 0)
         else:
             self._check_meta()
-            self._rollback_after(resume_step)
+            rollback_after(self._conn, self._path, resume_step, self._cfg.steps_per_block)
         self._load_state()
+        if checkpoint_state is not None:
+            self._restore(checkpoint_state)
+        elif resume_step is not None and self._cfg.commit_reveal and self._height >= self._cfg.tempo:
+            logger.warning(
+                "ledger %s resumes without a checkpoint state: validators cannot reveal the weights they "
+                "committed at the last epoch, so the next epoch counts none of them",
+                self._path,
+            )
         self._step = self._last_block_step if resume_step is None else resume_step
         self._closed = False
         logger.info("ledger %s open at block %d (step %d)", self._path, self._height, self._step)
@@ -127,85 +159,41 @@ class RewardLedger:
     def _create(self, genesis_step: int) -> None:
         if genesis_step:
             logger.warning("new ledger at step %d: rewards of earlier steps are not recorded", genesis_step)
-        accounts = self._account_rows()
+        accounts = account_rows(
+            self._cfg, self._subnets, self._writer.hotkey, [key.hotkey for key in self._validator_keys]
+        )
         meta_rows = sorted(self._meta().items())
         rows = {"meta": meta_rows, "accounts": [row[:-1] for row in accounts]}
         digest = block_hash(0, genesis_step, 0, 0, 0, GENESIS_PREV_HASH, rows)
-        with _transaction(self._conn) as conn:
+        signature = sign(self._writer, block_message(0, digest))
+        with transaction(self._conn) as conn:
             create_tables(conn)
             conn.executemany(insert_sql("meta"), meta_rows)
             conn.executemany(insert_sql("accounts"), accounts)
             conn.execute(
-                "INSERT INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (0, genesis_step, 0, 0, 0, GENESIS_PREV_HASH, digest),
+                "INSERT INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (0, genesis_step, 0, 0, 0, GENESIS_PREV_HASH, digest, signature),
             )
-
-    def _account_rows(self) -> list[tuple[Any, ...]]:
-        """Genesis accounts: owner, validators, then per subnet its miners and its three pending pools."""
-        rows: list[tuple[Any, ...]] = [("owner", "owner", "", 0, "owner")]
-        rows += [
-            (f"validator/{i}", "validator", "", i, spec.behaviour)
-            for i, spec in enumerate(self._cfg.validators)
-        ]
-        for name, state in self._subnets.items():
-            rows += [
-                (f"miner/{name}/{j}", "miner", name, j, label) for j, label in enumerate(state.miner_labels)
-            ]
-            rows += [(f"pending/{name}/{pool}", "pending", name, k, pool) for k, pool in enumerate(POOLS)]
-        return [(account_id, *row, 0, 0) for account_id, row in enumerate(rows)]
 
     def _check_meta(self) -> None:
         stored = dict(self._conn.execute("SELECT key, value FROM meta"))
+        if stored.get("schema_version") != str(SCHEMA_VERSION):
+            raise LedgerError(
+                f"ledger {self._path} has schema version {stored.get('schema_version')!r}; this poimoe writes "
+                f"{SCHEMA_VERSION}: start a new run directory"
+            )
+        (writer,) = self._conn.execute("SELECT hotkey FROM accounts WHERE name = 'owner'").fetchone()
+        if writer != self._writer.hotkey:
+            raise LedgerError(
+                f"ledger {self._path} was signed by {writer}, but the writer key in ledger.keys_dir is "
+                f"{self._writer.hotkey}: resume with the key that started the run"
+            )
         for key, value in self._meta().items():
             if stored.get(key) != value:
                 raise LedgerError(
                     f"ledger {self._path} was written with a different {key} (stored {stored.get(key)!r}, "
                     f"now {value!r}); resume with the original settings or start a new run directory"
                 )
-
-    def _rollback_after(self, resume_step: int | None) -> None:
-        """Drop blocks closed after ``resume_step`` and recompute balances from the remaining payouts."""
-        height, last_step = self._conn.execute(
-            "SELECT height, step FROM blocks ORDER BY height DESC LIMIT 1"
-        ).fetchone()
-        if resume_step is None:
-            if height > 0:
-                raise LedgerError(
-                    f"ledger {self._path} already has {height} blocks (up to step {last_step}); "
-                    "open it with resume_step to continue a run"
-                )
-            return
-        keep = self._conn.execute(
-            "SELECT height, step FROM blocks WHERE step <= ? ORDER BY height DESC LIMIT 1", (resume_step,)
-        ).fetchone()
-        expected_step = resume_step - resume_step % self._cfg.steps_per_block
-        if keep is None or keep[1] < expected_step:
-            have = "no block" if keep is None else f"blocks only up to step {keep[1]}"
-            raise LedgerError(
-                f"ledger {self._path} has {have} but the run resumes after step {resume_step}: blocks are missing"
-            )
-        keep_height = keep[0]
-        if keep_height == height:
-            return
-        with _transaction(self._conn) as conn:
-            for table in BLOCK_TABLES:
-                conn.execute(f"DELETE FROM {table} WHERE block > ?", (keep_height,))
-            conn.execute("DELETE FROM blocks WHERE height > ?", (keep_height,))
-            replayed = dict(conn.execute("SELECT account, SUM(amount) FROM payouts GROUP BY account"))
-            conn.executemany(
-                "UPDATE accounts SET balance = ? WHERE id = ?",
-                [
-                    (replayed.get(account, 0), account)
-                    for (account,) in conn.execute("SELECT id FROM accounts")
-                ],
-            )
-        logger.warning(
-            "ledger %s rolled back blocks %d..%d to resume after step %d",
-            self._path,
-            keep_height + 1,
-            height,
-            resume_step,
-        )
 
     def _load_state(self) -> None:
         conn = self._conn
@@ -218,44 +206,30 @@ class RewardLedger:
             raise LedgerError(
                 f"ledger {self._path}: invariant Σ balances + burned == issuance is broken; run verify"
             )
+        (genesis_hash,) = conn.execute("SELECT hash FROM blocks WHERE height = 0").fetchone()
+        self._validators = Validators(
+            self._validator_keys, genesis_hash, self._cfg.commit_reveal, self._cfg.tempo
+        )
         for state in self._subnets.values():
-            self._load_subnet_state(state)
+            load_subnet_state(conn, state, len(self._cfg.validators), self._cfg.commit_reveal)
 
-    def _load_subnet_state(self, state: SubnetState) -> None:
-        """Bonds, consensus and weight rows of the subnet's last epoch; failures of blocks since then."""
-        conn = self._conn
-        epochs_run, last_epoch_block = conn.execute(
-            "SELECT COUNT(*), COALESCE(MAX(block), 0) FROM epochs WHERE subnet = ?", (state.name,)
-        ).fetchone()
-        state.epochs_run = epochs_run
-        num_validators = len(self._cfg.validators)
-        if epochs_run:
-            where = (last_epoch_block, state.name)
-            bonds_VM = torch.zeros(num_validators, state.num_miners, dtype=torch.float64)
-            for validator, miner, value in conn.execute(
-                "SELECT validator, miner, value FROM bonds WHERE block = ? AND subnet = ?", where
-            ):
-                bonds_VM[validator, miner] = value / FIXED_ONE
-            state.prev_bonds_VM = bonds_VM
-            consensus = [0] * state.num_miners
-            for uid, value in conn.execute(
-                "SELECT uid, value FROM epoch_values WHERE block = ? AND subnet = ? AND kind = 'consensus'",
-                where,
-            ):
-                consensus[uid] = value
-            state.last_consensus_fixed = consensus
-            rows = {validator: [0] * state.num_miners for validator in range(num_validators)}
-            for validator, miner, value in conn.execute(
-                "SELECT validator, miner, value FROM weights WHERE block = ? AND subnet = ?", where
-            ):
-                rows[validator][miner] = value
-            state.last_rows_u16 = rows
-        for miner, failed, failed_steps in conn.execute(
-            "SELECT miner, SUM(failed), SUM(failed_steps) FROM failures WHERE subnet = ? AND block > ? GROUP BY miner",
-            (state.name, last_epoch_block),
-        ):
-            state.failed_M[miner] = failed
-            state.failed_steps_M[miner] = failed_steps
+    def _restore(self, checkpoint_state: Mapping[str, Any]) -> None:
+        """Check the checkpoint's anchored head against the chain; take back the unrevealed rows."""
+        head = anchor_from("the checkpoint", checkpoint_state.get("head"))
+        found = self._conn.execute("SELECT hash FROM blocks WHERE height = ?", (head.height,)).fetchone()
+        if head.writer != self._writer.hotkey or found is None or found[0] != head.hash:
+            raise LedgerError(
+                f"ledger {self._path}: block {head.height} is not the head anchored in the checkpoint: the "
+                "ledger was rewritten, or the checkpoint belongs to another run"
+            )
+        if self._cfg.commit_reveal:
+            restore_unrevealed(
+                self._conn,
+                self._path,
+                self._subnets,
+                checkpoint_state.get("unrevealed") or {},
+                self._validators,
+            )
 
     # -- the training loop's calls ----------------------------------------------------------------------
 
@@ -266,6 +240,27 @@ class RewardLedger:
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def writer_hotkey(self) -> str:
+        """The public key that signs this ledger's blocks."""
+        return self._writer.hotkey
+
+    def head(self) -> dict[str, Any]:
+        """The last block's height, hash and signature, and the writer's public key: what anchors keep."""
+        if self._conn is None:
+            raise LedgerError(f"ledger {self._path} is closed")
+        return head_of(self._conn)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the head (an anchor) and, with commit-reveal, each validator's row
+        committed at the last epoch and not revealed yet (the validators' secret until the next epoch)."""
+        unrevealed = {
+            name: {validator: list(row) for validator, row in state.last_rows_u16.items()}
+            for name, state in self._subnets.items()
+            if self._cfg.commit_reveal
+        }
+        return {"head": self.head(), "unrevealed": unrevealed}
 
     def after_step(
         self,
@@ -310,25 +305,17 @@ class RewardLedger:
             account_ids=self._account_ids,
             balances=self._balances,
         )
-        self._accrue_emission(draft)
+        accrue_emission(draft, self._subnet_weights, self._pool_weights)
         for name in self._subnet_names:
             draft.rows["failures"] += self._subnets[name].open_failure_rows(draft.height)
         if draft.height % self._cfg.tempo == 0:
             views = CachedViews(score_view)
             for name in self._subnet_names:
-                run_epoch(draft, self._subnets[name], self._cfg, self._stake_V, self._seed, views)
+                run_epoch(
+                    draft, self._subnets[name], self._cfg, self._stake_V, self._seed, views, self._validators
+                )
         self._commit(draft)
         self._apply(draft)
-
-    def _accrue_emission(self, draft: BlockDraft) -> None:
-        for name, subnet_amount in zip(
-            self._subnet_names, apportion(draft.emission, self._subnet_weights), strict=True
-        ):
-            for pool, amount in zip(POOLS, apportion(subnet_amount, self._pool_weights), strict=True):
-                draft.move(name, f"pending/{name}/{pool}", "emission", amount)
-        if sum(draft.deltas.values()) != draft.emission:
-            # Only when there is no subnet or every subnet share is 0: nobody may receive the emission.
-            draft.burned += draft.emission - sum(draft.deltas.values())
 
     # -- writing --------------------------------------------------------------------------------------------
 
@@ -339,16 +326,26 @@ class RewardLedger:
         digest = block_hash(
             draft.height, draft.step, draft.emission, issuance, burned, self._last_hash, draft.rows
         )
+        signature = sign(self._writer, block_message(draft.height, digest))
         updates = [
             (self._balances[account] + delta, account) for account, delta in draft.deltas.items() if delta
         ]
-        with _transaction(self._conn) as conn:
+        with transaction(self._conn) as conn:
             for table, rows in draft.rows.items():
                 conn.executemany(insert_sql(table), rows)
             conn.executemany("UPDATE accounts SET balance = ? WHERE id = ?", updates)
             conn.execute(
-                "INSERT INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (draft.height, draft.step, draft.emission, issuance, burned, self._last_hash, digest),
+                "INSERT INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    draft.height,
+                    draft.step,
+                    draft.emission,
+                    issuance,
+                    burned,
+                    self._last_hash,
+                    digest,
+                    signature,
+                ),
             )
         self._last_hash = digest
 
@@ -392,41 +389,3 @@ class RewardLedger:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` on any exception (the connection is autocommit)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-
-
-def _acquire_writer_lock(path: Path) -> int:
-    """Take an exclusive ``flock`` on ``PATH.lock``; the kernel drops it when the process dies."""
-    lock_path = path.with_name(path.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise LedgerError(
-            f"ledger {path} is already open for writing by another process (pid {holder}); "
-            "only one writer may hold a ledger"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
-
-
-def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-    return conn
