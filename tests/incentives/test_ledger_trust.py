@@ -98,6 +98,16 @@ def test_truncation_below_one_anchor_is_caught_by_the_other(run_dir):
         verify_run(run_dir)
 
 
+def test_emptied_ledger_and_malformed_anchors_fail(run_dir):
+    (run_dir / "ledger.sqlite").unlink()
+    sqlite3.connect(run_dir / "ledger.sqlite").close()  # an empty database in its place
+    with pytest.raises(LedgerError, match="block 0: missing: the ledger is empty"):
+        verify_run(run_dir)
+    (run_dir / "summary.json").write_text('{"rewards": {"head": {"height": -1}}}')
+    with pytest.raises(LedgerError, match="summary.json: the anchored ledger head is malformed"):
+        verify_run(run_dir)
+
+
 # --------------------------------------------------------------------- with the writer's key (re-signing)
 
 

@@ -45,7 +45,10 @@ def head_of(conn: sqlite3.Connection) -> dict[str, Any]:
 def anchor_from(source: str, head: Any) -> Anchor:
     """An ``Anchor`` from a stored head; ``LedgerError`` naming ``source`` when it is malformed."""
     fields = {"height": int, "hash": str, "signature": str, "writer": str}
-    if not isinstance(head, Mapping) or any(not isinstance(head.get(k), t) for k, t in fields.items()):
+    malformed = not isinstance(head, Mapping) or any(
+        not isinstance(head.get(k), t) for k, t in fields.items()
+    )
+    if malformed or head["height"] < 0:
         raise LedgerError(f"{source}: the anchored ledger head is malformed: {head!r}")
     return Anchor(source, *(head[key] for key in fields))
 

@@ -126,7 +126,9 @@ def restore_unrevealed(
         )
         rows = {int(v): [int(x) for x in row] for v, row in unrevealed.get(name, {}).items()}
         for validator, row in rows.items():
-            if commits.get(validator) != validators.digest(validator, block, name, row):
+            if validator not in commits or commits[validator] != validators.digest(
+                validator, block, name, row
+            ):
                 raise LedgerError(
                     f"ledger {path}: the checkpoint's unrevealed weights of validator {validator} in "
                     f"subnet {name!r} do not match its commit at block {block}"

@@ -117,6 +117,10 @@ def verify_ledger(
     try:
         conn.execute("BEGIN")  # one read snapshot, even while a writer is running
         if not has_tables(conn):
+            if anchors:
+                raise LedgerError(
+                    f"block 0: missing: the ledger is empty but {anchors[0].source} anchors a head"
+                )
             return VerifyReport(blocks=0, epochs=0, issuance=0, burned=0, accounts=0)
         report, replay, hashes = _verify_chain(conn, writer)
         _verify_balances(conn, replay, report.blocks)
