@@ -30,15 +30,23 @@ EXAMPLES = [
 ]
 
 
-@pytest.mark.parametrize("command", [c for c in EXAMPLES if " -m " not in c and "--cfg" not in c
-                                     and "resume=" not in c and "<name>" not in c])
+@pytest.mark.parametrize(
+    "command",
+    [
+        c
+        for c in EXAMPLES
+        if " -m " not in c and "--cfg" not in c and "resume=" not in c and "<name>" not in c
+    ],
+)
 def test_readme_train_examples_compose(command):
     compose(shlex.split(command)[2:])
 
 
 def test_readme_generate_example_composes_and_keeps_the_prompt_space():
     line = next(
-        line for line in README.splitlines() if line.startswith("python eval.py ckpt=") and "generate." in line
+        line
+        for line in README.splitlines()
+        if line.startswith("python eval.py ckpt=") and "generate." in line
     )
     cfg = compose(shlex.split(line)[2:], config_name="eval")
     assert cfg.generate.prompt == "def "

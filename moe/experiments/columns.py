@@ -153,8 +153,8 @@ CAUSALITY_NOTE = (
     "where evaluation routing looks ahead, every val token scored from the model run on its own prefix "
     "alone, as generation sees it (prefix evaluation, moe/experiments/prefix_eval.py; cached in each "
     "run's causal_eval.json); '= val loss' where evaluation routing is causal, so the val loss already "
-    "is a causal LM's (routers whose choices depend on the batch, through capacity drops or random "
-    "draws, can score one sequence alone slightly differently)."
+    "is a causal LM's; routers whose choices depend on the batch (capacity drops, random draws) can "
+    "still score one sequence alone differently, e.g. a short prefix overflows a capacity buffer sooner."
 )
 
 

@@ -6,9 +6,9 @@ position's logits: exactly what generation computes (`TransformerLM.next_token_l
 evaluation routing is not causal (`Router.causal_in_eval`, e.g. expert_choice) this is the loss the
 model really has as a causal LM; for a causal router whose choices are per token it equals the
 full-sequence val loss (routers whose choices depend on the batch, through capacity drops or random
-draws, score a sequence alone slightly differently, without looking ahead). Cost: val sequences ×
-seq_len prefixes; the prefixes of one length go through one forward, each sequence routed alone so the
-batch changes nothing.
+draws, score a sequence alone differently without looking ahead: a short prefix overflows a capacity
+buffer sooner). Cost: val sequences × seq_len prefixes; the prefixes of one length go through one
+forward, each sequence routed alone so the batch changes nothing.
 
 `causal_val_loss(run)` caches its result in the run dir (`causal_eval.json`, keyed by the checkpoint's
 name and digest), so re-rendering a comparison is cheap.

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from moe.engine.build import Run, build_run
+from moe.engine.build import Run, build_run, trainer_threads
 from moe.engine.checkpoint import load_checkpoint, run_dir_of
 
 
@@ -30,7 +31,11 @@ def checkpoint_config(
 
 def open_trained(path: Path, state: dict, cfg: DictConfig, data=None) -> Run:
     """Build the run `cfg` describes (workers too, for `transport=process`, as resume does) and load the
-    checkpoint's trunk and experts into it; the caller closes `run.transport`."""
+    checkpoint's trunk and experts into it, with the torch threads training used (`trainer_threads`);
+    the caller closes `run.transport`."""
+    threads = trainer_threads(cfg)
+    if threads > 0:
+        torch.set_num_threads(threads)
     run = build_run(cfg, run_dir_of(path), data=data)
     try:
         model = run.accelerator.unwrap_model(run.model)
