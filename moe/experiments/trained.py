@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from moe.engine.build import Run, build_run, trainer_threads
+from moe.engine.build import Run, build_run
+from moe.engine.cores import trainer_threads
 from moe.engine.checkpoint import load_checkpoint, run_dir_of
 
 
