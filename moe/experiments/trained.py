@@ -11,8 +11,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from moe.engine.build import Run, build_run
-from moe.engine.cores import trainer_threads
 from moe.engine.checkpoint import load_checkpoint, run_dir_of
+from moe.engine.cores import trainer_threads
 
 
 def checkpoint_config(
