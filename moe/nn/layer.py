@@ -9,7 +9,8 @@ taylor's curvature term keeps each layer's output tensor):
 - `with layer.side_pass() as side:`: evaluation passes that leave the training step's trace
   (`last_plan`, `evidence`) alone; their own evidence goes to `side.evidence`, the pool's first answer
   is reused while the layer sees the same inputs, and `with side.masking(keep_E):` makes the experts
-  outside `keep_E` count as not answering (a counterfactual pass).
+  outside `keep_E` count as not answering (a counterfactual pass); `side.masking(keep_A=...)` does the
+  same for single assignments of the layer's plan (`side.first_plan()`).
 
 Legend: B batch, T time, N = B·T tokens, D model width, E experts, A assignments sorted by expert.
 """
@@ -40,16 +41,18 @@ class LayerEvidence:
 
 
 def combine(
-    y_AD: torch.Tensor, plan: DispatchPlan, answered_E: torch.Tensor
+    y_AD: torch.Tensor, plan: DispatchPlan, answered_E: torch.Tensor, kept_A: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scatter `gate · y` back to tokens with one index_add; returns (out_ND, weight_A).
 
-    Assignments of experts that did not answer are masked, and the token's remaining gates are
-    rescaled so they carry the token's original gate mass. A token none of whose experts answered
-    gets zero here and keeps only its residual.
+    Assignments of experts that did not answer (and, given `kept_A`, assignments outside it) are
+    masked, and the token's remaining gates are rescaled so they carry the token's original gate mass.
+    A token none of whose assignments answered gets zero here and keeps only its residual.
     """
     weight_A = plan.gate
     answered_A = answered_E[plan.expert_idx]
+    if kept_A is not None:
+        answered_A = answered_A & kept_A.to(answered_A.device)
     if not bool(answered_A.all()):
         weight_A = renormalize_over_answered(plan, answered_A)
     contrib_AD = weight_A[:, None].to(y_AD.dtype) * y_AD
@@ -71,37 +74,55 @@ class FirstAnswer:
     """The pool's first answer in a side pass, with the inputs it answered."""
 
     x_AD: torch.Tensor
-    counts_E: torch.Tensor
+    plan: DispatchPlan
     output: PoolOutput
 
 
 class SidePass:
     """One layer's state during `MoELayer.side_pass()`: the evidence of its last grad-enabled forward,
     the pool's first answer (reused for the same inputs, so a pass that masks one layer recomputes
-    experts only in the layers after it), and the experts currently masked."""
+    experts only in the layers after it), and the experts or assignments currently masked."""
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
         self.evidence: LayerEvidence | None = None
         self.first: FirstAnswer | None = None
         self.keep_E: torch.Tensor | None = None
+        self.keep_A: torch.Tensor | None = None
 
     @contextmanager
-    def masking(self, keep_E: torch.Tensor) -> Iterator[None]:
+    def masking(self, keep_E: torch.Tensor | None = None, keep_A: torch.Tensor | None = None) -> Iterator[None]:
         """Inside, experts outside `keep_E` count as not answering: `combine` drops their assignments and
-        renormalises each token's remaining gates, exactly the path a real failure takes."""
-        self.keep_E = keep_E.clone()
+        renormalises each token's remaining gates, exactly the path a real failure takes. `keep_A` masks
+        single assignments of the first answer's plan instead (`first_plan()`; the layer's inputs, and so
+        its plan, are the same in every pass that masks this layer)."""
+        self.keep_E = None if keep_E is None else keep_E.clone()
+        self.keep_A = None if keep_A is None else keep_A.clone()
         try:
             yield
         finally:
-            self.keep_E = None
+            self.keep_E = self.keep_A = None
+
+    def first_plan(self) -> DispatchPlan:
+        """The plan of the pool's first, unmasked answer."""
+        if self.first is None:
+            raise RuntimeError("side pass: no forward has reached this layer yet")
+        return self.first.plan
+
+    def kept_assignments(self, plan: DispatchPlan) -> torch.Tensor | None:
+        """The assignment mask for `plan` (None: no assignment masking); `plan` must be the first one's."""
+        if self.keep_A is None:
+            return None
+        if self.first is None or plan.token_idx.shape != self.keep_A.shape:
+            raise RuntimeError("side pass: an assignment mask applies only to the first answer's plan")
+        return self.keep_A
 
     def unmasked_answers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(failed_E, had_tokens_E) of the pool's first, unmasked answer (nothing before any forward)."""
         if self.first is None:
             nothing_E = torch.zeros(self.num_experts, dtype=torch.bool)
             return nothing_E, nothing_E
-        return ~self.first.output.answered_E.cpu(), self.first.counts_E.cpu() > 0
+        return ~self.first.output.answered_E.cpu(), self.first.plan.counts.cpu() > 0
 
     def answer(self, pool: ExpertPool, x_AD: torch.Tensor, plan: DispatchPlan, step: int) -> PoolOutput:
         """The pool's answer for these inputs (the first one again if they are the same), masked."""
@@ -109,7 +130,7 @@ class SidePass:
         if output is None:
             output = pool(x_AD, plan, step)
             if self.first is None:
-                self.first = FirstAnswer(x_AD, plan.counts, output)
+                self.first = FirstAnswer(x_AD, plan, output)
         if self.keep_E is None:
             return output
         return PoolOutput(output.y_AD, output.answered_E & self.keep_E.to(output.answered_E.device))
@@ -118,7 +139,7 @@ class SidePass:
         first = self.first
         if first is None or x_AD.shape != first.x_AD.shape:
             return None
-        same = torch.equal(plan.counts, first.counts_E) and torch.equal(x_AD, first.x_AD)
+        same = torch.equal(plan.counts, first.plan.counts) and torch.equal(x_AD, first.x_AD)
         return first.output if same else None
 
 
@@ -198,7 +219,8 @@ class MoELayer(nn.Module):
         x_AD = x_ND.index_select(0, plan.token_idx)
         side = self._side
         pooled = self.pool(x_AD, plan, step) if side is None else side.answer(self.pool, x_AD, plan, step)
-        out_ND, weight_A = combine(pooled.y_AD, plan, pooled.answered_E)
+        kept_A = None if side is None else side.kept_assignments(plan)
+        out_ND, weight_A = combine(pooled.y_AD, plan, pooled.answered_E, kept_A)
         if side is None:
             self.last_plan = plan
         if torch.is_grad_enabled() and (side is not None or self._recording_evidence):

@@ -93,9 +93,15 @@ class MoEModel(nn.Module):
 
     def loss_per_example(self, pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean loss per example [B]: next-byte cross-entropy (nats) or mean squared error."""
+        batch = targets.shape[0]
+        return self.loss_per_token(pred, targets).view(batch, -1).mean(-1)
+
+    def loss_per_token(self, pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Loss of every token [N], in the order the MoE layers see them (b t): next-byte cross-entropy
+        (nats) or, for a regression example (one token), its mean squared error."""
         if self.task == "lm":
             loss_BT = F.cross_entropy(rearrange(pred.float(), "b t v -> b v t"), targets, reduction="none")
-            return loss_BT.mean(-1)
+            return rearrange(loss_BT, "b t -> (b t)")
         return (pred.float() - targets).square().mean(-1)
 
 

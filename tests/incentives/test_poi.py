@@ -25,6 +25,7 @@ from moe.incentives.poi import (
     LooConfig,
     PoIScorer,
     TaylorConfig,
+    TokenShapleyConfig,
     format_summary,
     spearman,
     typed_poi_config,
@@ -32,7 +33,9 @@ from moe.incentives.poi import (
     views_on_batch,
 )
 from moe.incentives.poi.evidence import assignment_weights, removal_dots, taylor_contributions
-from moe.incentives.poi.views import batch_loss, coalition_loss, evaluation_mode, permutation_shapley
+from moe.incentives.poi.fidelity import rival_scorers
+from moe.incentives.poi.shapley import exact_shapley, permutation_shapley
+from moe.incentives.poi.views import batch_loss, coalition_loss, evaluation_mode
 from moe.nn.layer import LayerEvidence, MoELayer
 from router.plan import build_plan
 from tests.helpers import compose
@@ -205,25 +208,6 @@ def test_loo_by_masking_matches_a_hand_written_leave_one_out(tmp_path):
     assert torch.allclose(got_E, want_E, atol=1e-5)
 
 
-def exact_shapley(loss_of: Callable[[torch.Tensor], float], num_experts: int) -> torch.Tensor:
-    """Shapley values [E] of v(S) = −L(S) from all 2^E coalitions: the reference for small layers.
-
-    φ_e = Σ_{S ∌ e} |S|!·(E − |S| − 1)!/E! · (L(S) − L(S ∪ {e})).
-    """
-    loss_S = [
-        loss_of(torch.tensor([bool(mask >> e & 1) for e in range(num_experts)])) for mask in range(2**num_experts)
-    ]
-    phi_E = torch.zeros(num_experts, dtype=torch.float64)
-    for mask in range(2**num_experts):
-        size = bin(mask).count("1")
-        if size == num_experts:
-            continue
-        weight = math.factorial(size) * math.factorial(num_experts - size - 1) / math.factorial(num_experts)
-        for e in (e for e in range(num_experts) if not mask >> e & 1):
-            phi_E[e] += weight * (loss_S[mask] - loss_S[mask | 1 << e])
-    return phi_E.float()
-
-
 def game(loss_of_set):
     """A `loss_of(keep_E)` from a function of the coalition as a frozenset of expert indices."""
     return lambda keep_E: loss_of_set(frozenset(keep_E.nonzero().flatten().tolist()))
@@ -284,6 +268,16 @@ def test_lazy_and_adversarial_experts_rank_last(tmp_path, scorer):
     summary, _ = train_clusters(tmp_path, f"poi={scorer}", DISHONEST)
     ranks = {e: summary[f"poi/rank/layer0/{e}"] for e in range(8)}
     assert {ranks[2], ranks[5]} == {7, 8}, (ranks, [summary[f"poi/score/layer0/{e}"] for e in range(8)])
+
+
+def test_token_shapley_ranks_the_adversarial_expert_last_and_pays_the_lazy_one_its_shapley_value(tmp_path):
+    """Token Shapley values are exact on this task, and under the renormalised counterfactual a lazy
+    expert that still gets gate mass is worth something (removing it up-weights its tokens' other expert,
+    which the trained system is not tuned for): Shapley ranks it below the median, not last. Catching a
+    miner that skips its work is the audits' job, not PoI's."""
+    summary, _ = train_clusters(tmp_path, "poi=token_shapley", DISHONEST)
+    ranks = {e: summary[f"poi/rank/layer0/{e}"] for e in range(8)}
+    assert ranks[5] == 8 and ranks[2] > 4, ranks
 
 
 @pytest.mark.slow
@@ -374,7 +368,7 @@ def test_scores_ranks_and_fidelity_are_logged_and_summarised(run_tiny):
     assert len(logged) == 6
     assert sorted(logged[-1][f"poi/rank/layer0/{e}"] for e in range(4)) == [1, 2, 3, 4]
     fidelity = {k: v for e in events for k, v in e.items() if k.startswith("poi/fidelity/")}
-    assert set(fidelity) == {f"poi/fidelity/layer0/{s}" for s in ("taylor", "loo", "gate")}
+    assert set(fidelity) == {f"poi/fidelity/layer0/{s}" for s in rival_scorers()}
     assert all(-1 <= v <= 1 for v in fidelity.values() if v is not None)
     assert summary["poi/scorer"] == "taylor"
     lines = format_summary(summary)
@@ -382,7 +376,7 @@ def test_scores_ranks_and_fidelity_are_logged_and_summarised(run_tiny):
     assert "(#1)" in "".join(lines)
 
 
-@pytest.mark.parametrize("scorer", ["loo", "shapley", "gate"])
+@pytest.mark.parametrize("scorer", ["loo", "shapley", "exact_shapley", "token_shapley", "gate"])
 def test_every_scorer_trains(run_tiny, scorer):
     summary, _ = run_tiny("data=clusters", f"poi={scorer}", "poi.every=2", "trainer.max_steps=4")
     assert summary["poi/scorer"] == scorer
@@ -419,10 +413,12 @@ def test_fresh_view_touches_no_gradient_no_score_and_not_the_step_trace(tmp_path
 
 
 def test_unknown_scorer_and_bad_options_fail_naming_them():
-    with pytest.raises(ConfigError, match="valid poi scorers: gate, loo, shapley, taylor"):
+    with pytest.raises(ConfigError, match="valid poi scorers: exact_shapley, gate, loo, shapley, taylor, token_shapley"):
         typed_poi_config({"name": "oracle"})
     with pytest.raises(ConfigError, match="counterfactual"):
         validate_poi_config(TaylorConfig(counterfactual="imagined"))
+    with pytest.raises(ConfigError, match=r"poi.permutations \(token_shapley\)"):
+        validate_poi_config(TokenShapleyConfig(permutations=0))
     with pytest.raises(ConfigError, match="load_bound"):
         validate_poi_config(GateConfig(load_bound=0.5))
     with pytest.raises(ConfigError, match=r"poi\.every"):

@@ -10,8 +10,11 @@ name (`poi=taylor|loo|shapley|gate`), each with a typed config (`config`):
   one extra backward to the layer outputs of the loss against targets sampled from the model itself
   (a Monte-Carlo Fisher), every `poi.curvature_every` steps (`evidence`).
 - `loo`: exact leave-one-out on an evaluation batch every `poi.every` steps (`views`).
-- `shapley`: truncated Monte-Carlo permutation Shapley values over a layer's experts (for fidelity
-  studies, `fidelity`; costly).
+- `shapley`: truncated Monte-Carlo permutation Shapley values over a layer's experts (costly).
+- `exact_shapley`: Shapley values from all 2^E coalitions: the reference of `fidelity` (2^E forwards).
+- `token_shapley`: per-token Shapley values (`shapley`): every token's own experts added in a random
+  order and its reverse, all tokens at once; exact where nothing after the layer mixes tokens and k = 2,
+  at 2 + permutations·(k − 1) forwards per layer.
 - `gate`: mean gate mass per expert; not loss based, the baseline the others must beat.
 
 "Without e" means one thing everywhere: e counts as not answering, so `combine` drops its assignments
@@ -27,11 +30,13 @@ banned experts. Failures (answered False) earn nothing and score a penalty.
 """
 
 from moe.incentives.poi.config import (
+    ExactShapleyConfig,
     GateConfig,
     LooConfig,
     PoIConfig,
     ShapleyConfig,
     TaylorConfig,
+    TokenShapleyConfig,
     poi_configs,
     typed_poi_config,
     validate_poi_config,
@@ -43,6 +48,7 @@ from moe.incentives.poi.views import LayerView, views_on_batch
 
 __all__ = [
     "BAN_BIAS",
+    "ExactShapleyConfig",
     "GateConfig",
     "LayerView",
     "LooConfig",
@@ -50,6 +56,7 @@ __all__ = [
     "PoIScorer",
     "ShapleyConfig",
     "TaylorConfig",
+    "TokenShapleyConfig",
     "build_scorer",
     "fidelity",
     "format_summary",

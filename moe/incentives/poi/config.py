@@ -19,7 +19,7 @@ class PoIConfig:
     """Options every scorer shares: the EMA, failures and bans, and the routing feedback."""
 
     name: str = MISSING
-    every: int = 1  # a fresh view every N steps (loo and shapley: on an evaluation batch)
+    every: int = 1  # a fresh view every N steps (the masking scorers: on an evaluation batch)
     ema_decay: float = 0.9  # score ← decay · score + (1 − decay) · view
     failure_penalty: float = 1.0  # a failed expert's view: −penalty × the layer's mean |contribution| in it
     feedback: float = 0.5  # selection-bias strength per unit of normalised per-token score; 0: off
@@ -60,6 +60,21 @@ class ShapleyConfig(PoIConfig):
 
 
 @dataclass
+class ExactShapleyConfig(PoIConfig):
+    name: str = "exact_shapley"
+    every: int = 50
+    ema_decay: float = 0.5  # rare views, as for loo
+
+
+@dataclass
+class TokenShapleyConfig(PoIConfig):
+    name: str = "token_shapley"
+    every: int = 50
+    ema_decay: float = 0.5  # rare views, as for loo
+    permutations: int = 2  # orders of each token's experts (an antithetic pair: exact for top-2 routing)
+
+
+@dataclass
 class GateConfig(PoIConfig):
     name: str = "gate"
 
@@ -68,6 +83,8 @@ _CONFIGS: dict[str, type[PoIConfig]] = {
     "taylor": TaylorConfig,
     "loo": LooConfig,
     "shapley": ShapleyConfig,
+    "exact_shapley": ExactShapleyConfig,
+    "token_shapley": TokenShapleyConfig,
     "gate": GateConfig,
 }
 
@@ -106,6 +123,8 @@ def validate_poi_config(cfg: PoIConfig) -> None:
     if isinstance(cfg, ShapleyConfig):
         rules.append((cfg.samples >= 1, "samples", "must be >= 1"))
         rules.append((cfg.truncation >= 0, "truncation", "must be >= 0"))
+    if isinstance(cfg, TokenShapleyConfig):
+        rules.append((cfg.permutations >= 1, "permutations", "must be >= 1"))
     for ok, key, rule in rules:
         if not ok:
             raise ConfigError(f"poi.{key} ({cfg.name}): {rule}")

@@ -1,26 +1,73 @@
-"""How well a scorer ranks experts: Spearman ρ of taylor, loo and gate against a Monte-Carlo Shapley
-reference, and the rank helpers the scorer's metrics use.
+"""How well a scorer ranks experts: Spearman ρ and Kendall τ of every scorer against exact Shapley values
+(all 2^E coalitions; Monte-Carlo with many permutations where E is too large), with the forward passes
+each used, and the rank helpers the scorer's metrics use.
 
 Legend: E experts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
-from moe.incentives.poi.config import GateConfig, LooConfig, ShapleyConfig, TaylorConfig
+from moe.incentives.poi.config import (
+    ExactShapleyConfig,
+    GateConfig,
+    LooConfig,
+    PoIConfig,
+    ShapleyConfig,
+    TaylorConfig,
+    TokenShapleyConfig,
+)
+from moe.incentives.poi.shapley import MAX_EXACT_EXPERTS
 from moe.incentives.poi.views import masked_views, views_on_batch
+
+MONTE_CARLO_BUDGETS = (2, 8, 32)  # permutations of the Monte-Carlo rivals
+
+
+def rival_scorers() -> dict[str, PoIConfig]:
+    """Every scorer measured against the reference, by the label its metrics carry."""
+    return {
+        "taylor": TaylorConfig(),
+        "taylor_first": TaylorConfig(curvature=False),
+        "loo": LooConfig(),
+        "gate": GateConfig(),
+        **{f"mc{samples}": ShapleyConfig(samples=samples) for samples in MONTE_CARLO_BUDGETS},
+        "token_shapley": TokenShapleyConfig(),
+    }
+
+
+@contextmanager
+def counted_forwards(model) -> Iterator[list[int]]:
+    """Counts the model's forward passes inside (the one-element list holds the count)."""
+    count = [0]
+    handle = model.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    try:
+        yield count
+    finally:
+        handle.remove()
 
 
 def fidelity(model, batch, samples: int, generator: torch.Generator) -> dict[str, float]:
-    """Spearman ρ of taylor, loo and gate against a `samples`-permutation Shapley estimate, per layer,
-    all on `batch`: `poi/fidelity/<layer>/<scorer>`."""
-    reference = masked_views(ShapleyConfig(samples=samples), model, batch, generator)
-    rivals = {"taylor": TaylorConfig(), "loo": LooConfig(), "gate": GateConfig()}
-    results = {}
-    for scorer, cfg in rivals.items():
-        for layer, view in views_on_batch(cfg, model, batch, generator).items():
-            results[f"poi/fidelity/{layer}/{scorer}"] = spearman(view.contribution_E, reference[layer].contribution_E)
+    """Every rival scorer against exact Shapley values on `batch` (a `samples`-permutation Monte-Carlo
+    estimate where a layer has more than MAX_EXACT_EXPERTS experts), per layer:
+    `poi/fidelity/<layer>/<scorer>` (Spearman ρ), `poi/fidelity_kendall/<layer>/<scorer>` (Kendall τ), and
+    `poi/fidelity_forwards/<scorer>` (forward passes of one view over all layers; `reference` for the
+    reference's)."""
+    exact = max(layer.pool.num_experts for layer in model.moe_layers()) <= MAX_EXACT_EXPERTS
+    with counted_forwards(model) as forwards:
+        reference = masked_views(ExactShapleyConfig() if exact else ShapleyConfig(samples=samples), model, batch, generator)
+    results = {"poi/fidelity_forwards/reference": float(forwards[0])}
+    for scorer, cfg in rival_scorers().items():
+        with counted_forwards(model) as forwards:
+            views = views_on_batch(cfg, model, batch, generator)
+        results[f"poi/fidelity_forwards/{scorer}"] = float(forwards[0])
+        for layer, view in views.items():
+            truth_E = reference[layer].contribution_E
+            results[f"poi/fidelity/{layer}/{scorer}"] = spearman(view.contribution_E, truth_E)
+            results[f"poi/fidelity_kendall/{layer}/{scorer}"] = kendall(view.contribution_E, truth_E)
     return results
 
 
@@ -46,6 +93,23 @@ def spearman(a_E: torch.Tensor, b_E: torch.Tensor) -> float:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denominator = float(ra.norm() * rb.norm())
     return float((ra * rb).sum()) / denominator if denominator > 0 else float("nan")
+
+
+def kendall(a_E: torch.Tensor, b_E: torch.Tensor) -> float:
+    """Kendall's τ-b (ties on either side count as neither concordant nor discordant); NaN when either
+    side is constant."""
+    a, b = a_E.double().tolist(), b_E.double().tolist()
+    concordant = discordant = tied_a = tied_b = 0
+    for i in range(len(a)):
+        for j in range(i + 1, len(a)):
+            sign = (a[i] > a[j]) - (a[i] < a[j]), (b[i] > b[j]) - (b[i] < b[j])
+            tied_a += sign[0] == 0
+            tied_b += sign[1] == 0
+            concordant += sign[0] * sign[1] > 0
+            discordant += sign[0] * sign[1] < 0
+    pairs = len(a) * (len(a) - 1) // 2
+    denominator = ((pairs - tied_a) * (pairs - tied_b)) ** 0.5
+    return (concordant - discordant) / denominator if denominator > 0 else float("nan")
 
 
 def score_ranks(score_E: torch.Tensor) -> torch.Tensor:

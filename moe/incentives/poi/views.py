@@ -1,7 +1,7 @@
 """Views: one measurement of every expert's contribution per layer, by a scorer's method.
 
-`taylor` and `gate` read layer evidence (a training step's, or an evaluation pass's); `loo` and
-`shapley` run counterfactual passes on an evaluation batch with experts masked through each layer's
+`taylor` and `gate` read layer evidence (a training step's, or an evaluation pass's); `loo`,
+`shapley`, `exact_shapley` and `token_shapley` run counterfactual passes on an evaluation batch with experts masked through each layer's
 side pass, so "without e" takes exactly the path of a real failure. All evaluation passes leave the
 training step's trace (each layer's `last_plan` and `evidence`) alone.
 
@@ -26,6 +26,7 @@ from moe.incentives.poi.evidence import (
     mean_gate_mass,
     taylor_contributions,
 )
+from moe.incentives.poi.shapley import exact_shapley, permutation_shapley, token_shapley
 from moe.nn.layer import LayerEvidence, SidePass
 
 
@@ -65,6 +66,14 @@ def batch_loss(model, batch) -> float:
     return float(model.loss_per_example(pred, targets).mean())
 
 
+@torch.no_grad()
+def token_losses(model, batch) -> torch.Tensor:
+    """The loss of every token of `batch` [N], in the MoE layers' token order."""
+    inputs, targets = on_model_device(model, batch)
+    pred, _ = model(inputs)
+    return model.loss_per_token(pred, targets)
+
+
 def evidence_pass(
     model, batch, *, with_grad: bool, generator: torch.Generator | None = None
 ) -> tuple[dict[str, LayerEvidence], Curvature | None]:
@@ -86,9 +95,12 @@ def evidence_pass(
     return evidence, curvature
 
 
-def coalition_loss(model, batch, side: SidePass) -> Callable[[torch.Tensor], float]:
-    """L(coalition) on `batch` with only the experts in `keep_E` answering in `side`'s layer; memoised."""
+def coalition_loss(model, batch, side: SidePass, unmasked_N: torch.Tensor | None = None) -> Callable[[torch.Tensor], float]:
+    """L(coalition) on `batch` with only the experts in `keep_E` answering in `side`'s layer; memoised,
+    starting from the unmasked pass's token losses where given."""
     memo: dict[tuple[bool, ...], float] = {}
+    if unmasked_N is not None:
+        memo[(True,) * side.num_experts] = float(unmasked_N.mean())
 
     def loss_of(keep_E: torch.Tensor) -> float:
         key = tuple(keep_E.tolist())
@@ -112,49 +124,48 @@ def leave_one_out(loss_of: Callable[[torch.Tensor], float], num_experts: int) ->
     return contribution_E.float()
 
 
-def permutation_shapley(
-    loss_of: Callable[[torch.Tensor], float],
-    num_experts: int,
-    samples: int,
-    generator: torch.Generator,
-    truncation: float = 0.0,
+def _loo_contributions(
+    model, batch, side: SidePass, unmasked_N: torch.Tensor, cfg: PoIConfig, generator: torch.Generator
 ) -> torch.Tensor:
-    """Monte-Carlo permutation Shapley values [E] of the game v(S) = −L(S) (Castro et al. 2009).
-
-    Each permutation adds experts one at a time and credits each with L(before) − L(after); every
-    second permutation is the previous one reversed (antithetic pairs halve the variance for
-    near-additive games). Without truncation the credits of a permutation telescope to
-    L(∅) − L(all), so Σ_e φ_e matches it exactly; with `truncation` > 0 a permutation stops once
-    L(S) is within truncation · |L(∅) − L(all)| of L(all) (TMC-Shapley, Ghorbani & Zou 2019).
-    """
-    everyone_E = torch.ones(num_experts, dtype=torch.bool)
-    full, empty = loss_of(everyone_E), loss_of(~everyone_E)
-    tolerance = truncation * abs(empty - full)
-    phi_E = torch.zeros(num_experts, dtype=torch.float64)
-    order = torch.randperm(num_experts, generator=generator)
-    for sample in range(samples):
-        order = order.flip(0) if sample % 2 else torch.randperm(num_experts, generator=generator)
-        keep_E, before = torch.zeros(num_experts, dtype=torch.bool), empty
-        for position, e in enumerate(order.tolist()):
-            if tolerance > 0 and abs(before - full) <= tolerance:
-                break
-            keep_E[e] = True
-            after = full if position == num_experts - 1 else loss_of(keep_E)
-            phi_E[e] += before - after
-            before = after
-    return (phi_E / samples).float()
+    return leave_one_out(coalition_loss(model, batch, side, unmasked_N), side.num_experts)
 
 
-def _loo_contributions(loss_of, num_experts: int, cfg: PoIConfig, generator: torch.Generator) -> torch.Tensor:
-    return leave_one_out(loss_of, num_experts)
+def _shapley_contributions(
+    model, batch, side: SidePass, unmasked_N: torch.Tensor, cfg: PoIConfig, generator: torch.Generator
+) -> torch.Tensor:
+    return permutation_shapley(coalition_loss(model, batch, side, unmasked_N), side.num_experts, cfg.samples, generator, cfg.truncation)
 
 
-def _shapley_contributions(loss_of, num_experts: int, cfg: PoIConfig, generator: torch.Generator) -> torch.Tensor:
-    return permutation_shapley(loss_of, num_experts, cfg.samples, generator, cfg.truncation)
+def _exact_shapley_contributions(
+    model, batch, side: SidePass, unmasked_N: torch.Tensor, cfg: PoIConfig, generator: torch.Generator
+) -> torch.Tensor:
+    return exact_shapley(coalition_loss(model, batch, side, unmasked_N), side.num_experts)
 
 
-# Counterfactual scorers by name: each turns a coalition loss L(keep_E) into contributions [E].
-COALITION_SCORERS = {"loo": _loo_contributions, "shapley": _shapley_contributions}
+def _token_shapley_contributions(
+    model, batch, side: SidePass, unmasked_N: torch.Tensor, cfg: PoIConfig, generator: torch.Generator
+) -> torch.Tensor:
+    plan = side.first_plan()
+
+    def token_losses_of(keep_A: torch.Tensor) -> torch.Tensor:
+        if bool(keep_A.all()):
+            return unmasked_N
+        with side.masking(keep_A=keep_A):
+            return token_losses(model, batch)
+
+    return token_shapley(
+        token_losses_of, plan.token_idx, plan.expert_idx, plan.num_tokens, plan.num_experts, cfg.permutations, generator
+    )
+
+
+# Counterfactual scorers by name: each masks experts (or assignments) of one layer in its side pass and
+# turns the losses into contributions [E].
+COALITION_SCORERS = {
+    "loo": _loo_contributions,
+    "shapley": _shapley_contributions,
+    "exact_shapley": _exact_shapley_contributions,
+    "token_shapley": _token_shapley_contributions,
+}
 
 
 def evidence_views(
@@ -179,14 +190,13 @@ def evidence_views(
 
 
 def masked_views(cfg: PoIConfig, model, batch, generator: torch.Generator) -> dict[str, LayerView]:
-    """Views of a counterfactual scorer (loo, shapley) on `batch`, layer by layer."""
+    """Views of a counterfactual scorer (`COALITION_SCORERS`) on `batch`, layer by layer."""
     contributions = {}
     with evaluation_mode(model) as passes:
-        batch_loss(model, batch)  # the unmasked pass: every layer's first answer, reused below
+        unmasked_N = token_losses(model, batch)  # every layer's first answer, reused below
+        contribute = COALITION_SCORERS[cfg.name]
         for layer in model.moe_layers():
-            loss_of = coalition_loss(model, batch, passes[layer.name])
-            contribute = COALITION_SCORERS[cfg.name]
-            contributions[layer.name] = contribute(loss_of, layer.pool.num_experts, cfg, generator)
+            contributions[layer.name] = contribute(model, batch, passes[layer.name], unmasked_N, cfg, generator)
     views = {}
     for name, contribution_E in contributions.items():
         failed_E, had_tokens_E = passes[name].unmasked_answers()
