@@ -21,6 +21,9 @@ def test_no_module_is_over_the_line_limit():
 
 def test_imports_keep_the_layers_contract():
     """`lint-imports` with pyproject's contracts: moe → experts → router, training never imports experiments."""
-    result = run_cli("-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())")
+    result = run_cli(
+        "-c",
+        "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "BROKEN" not in result.stdout

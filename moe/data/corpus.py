@@ -157,7 +157,9 @@ def select_documents(spec: DomainSpec, max_bytes: int | None) -> list[tuple[str,
     for file_index in file_order:
         path = spec.files[file_index]
         documents = [(_document_name(spec, path, suffix), data) for suffix, data in spec.read_documents(path)]
-        for doc_index in sorted(range(len(documents)), key=lambda i: derive_seed(_SELECTION_SEED, "select", documents[i][0])):
+        for doc_index in sorted(
+            range(len(documents)), key=lambda i: derive_seed(_SELECTION_SEED, "select", documents[i][0])
+        ):
             name, data = documents[doc_index]
             if max_bytes is not None:
                 data = data[: max_bytes - total]

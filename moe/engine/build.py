@@ -120,4 +120,3 @@ def lr_schedule(trainer_cfg):
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-

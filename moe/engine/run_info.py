@@ -43,7 +43,10 @@ def write_run_info(run: Run) -> None:
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent.parent,
         )
     except (OSError, subprocess.TimeoutExpired):

@@ -91,7 +91,9 @@ class SidePass:
         self.keep_A: torch.Tensor | None = None
 
     @contextmanager
-    def masking(self, keep_E: torch.Tensor | None = None, keep_A: torch.Tensor | None = None) -> Iterator[None]:
+    def masking(
+        self, keep_E: torch.Tensor | None = None, keep_A: torch.Tensor | None = None
+    ) -> Iterator[None]:
         """Inside, experts outside `keep_E` count as not answering: `combine` drops their assignments and
         renormalises each token's remaining gates, exactly the path a real failure takes. `keep_A` masks
         single assignments of the first answer's plan instead (`first_plan()`; the layer's inputs, and so

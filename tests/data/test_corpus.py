@@ -446,7 +446,9 @@ def test_corpus_does_not_depend_on_where_its_source_tree_is_installed(tmp_path):
     there = _source_tree(tmp_path / "elsewhere" / "deeper" / "venv-copy")
     cap = 2_000  # well under the tree's ~4.6 kB, so the cap has to pick files
     datasets = [
-        corpus.corpus_dataset([DomainSpec("python", paths[0].parents[1], tuple(paths), corpus.whole_file)], cap)
+        corpus.corpus_dataset(
+            [DomainSpec("python", paths[0].parents[1], tuple(paths), corpus.whole_file)], cap
+        )
         for paths in (here, there)
     ]
     rows = [list(zip(d["name"], d["data"], strict=True)) for d in datasets]

@@ -48,7 +48,9 @@ def test_mixture_run_lowers_val_bits_per_byte(run_tiny, tmp_path):
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(run_tiny):
     # router noise and the AdamW states of trunk and experts must all be restored for this to hold
     common = ("data=clusters", "trainer.eval_every=2", "trainer.log_every=1", "router.noise_std=0.5")
-    straight_summary, straight = run_tiny(*common, "trainer.max_steps=8", "trainer.ckpt_every=4", name="straight")
+    straight_summary, straight = run_tiny(
+        *common, "trainer.max_steps=8", "trainer.ckpt_every=4", name="straight"
+    )
     _, first_half = run_tiny(*common, "trainer.max_steps=8", "trainer.ckpt_every=4", name="interrupted")
     # simulate a run killed after its step-4 checkpoint: drop later checkpoints and metrics
     for ckpt in (first_half / "checkpoints").glob("step_*.pt"):
@@ -117,8 +119,13 @@ def test_truncated_checkpoint_is_reported_as_corrupt(run_tiny):
 
 
 def test_bf16_autocast_trains_with_every_expert_answering(run_tiny):
-    summary, run_dir = run_tiny("data=clusters", "trainer.precision=bf16", "trainer.max_steps=60",
-                                "trainer.eval_every=60", "trainer.log_every=20")
+    summary, run_dir = run_tiny(
+        "data=clusters",
+        "trainer.precision=bf16",
+        "trainer.max_steps=60",
+        "trainer.eval_every=60",
+        "trainer.log_every=20",
+    )
     start, end = first_and_last(read_metrics(run_dir), "val/loss")
     assert end < 0.8 * start, (start, end)
     failures = [k for e in read_metrics(run_dir) for k in e if k.startswith("poi/failures/")]
@@ -136,7 +143,9 @@ def test_run_dir_holds_the_whole_run_and_nothing_lands_in_the_working_directory(
     """`run_dir=` is where everything goes, Hydra's own .hydra/ and log included."""
     cwd, run_dir = tmp_path / "cwd", tmp_path / "run"
     cwd.mkdir()
-    result = run_cli(str(REPO / "train.py"), *TINY, "data=clusters", "trainer.max_steps=2", f"run_dir={run_dir}", cwd=cwd)
+    result = run_cli(
+        str(REPO / "train.py"), *TINY, "data=clusters", "trainer.max_steps=2", f"run_dir={run_dir}", cwd=cwd
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert list(cwd.iterdir()) == []
     assert {".hydra", "summary.json", "run_info.json", "metrics.jsonl"} <= {p.name for p in run_dir.iterdir()}

@@ -11,7 +11,9 @@ from tests.helpers import TINY, compose
 
 
 def test_pooled_balance_matches_a_plain_sum_over_validation_batches(tmp_path):
-    cfg = compose([*TINY, "data=clusters", "router=switch", "router.eval_capacity_factor=0.5", f"run_dir={tmp_path}"])
+    cfg = compose(
+        [*TINY, "data=clusters", "router=switch", "router.eval_capacity_factor=0.5", f"run_dir={tmp_path}"]
+    )
     run = build_run(cfg, tmp_path)
     try:
         model, batches = run.accelerator.unwrap_model(run.model), run.data.val_batches()
@@ -23,7 +25,11 @@ def test_pooled_balance_matches_a_plain_sum_over_validation_batches(tmp_path):
             for batch in batches:  # the reference: one forward per batch, the plan's counts summed by hand
                 model(batch.inputs)
                 plan = model.moe_layers()[0].last_plan
-                counts_E, first_E, dropped = counts_E + plan.counts, first_E + plan.first_choice_counts, dropped + plan.dropped.numel()
+                counts_E, first_E, dropped = (
+                    counts_E + plan.counts,
+                    first_E + plan.first_choice_counts,
+                    dropped + plan.dropped.numel(),
+                )
         reference = routing_metrics(counts_E, dropped, first_choice_E=first_E)
         for key in ("load_cv", "max_vio", "dropped_frac", "first_choice_max_vio"):
             assert results[f"val/router/layer0/{key}"] == float(reference[key]), key

@@ -124,7 +124,9 @@ def test_noisy_adds_seeded_gaussian_noise_and_still_learns(expert):
     y_aD = run_expert(expert, behaviour, x_aD, call(step=3))
     noise_aD = y_aD - expert(x_aD)
     assert abs(float(noise_aD.detach().std()) - 0.5) < 0.03
-    assert torch.equal(y_aD, run_expert(expert, behaviour, x_aD, call(step=3)))  # same (seed, step): same draw
+    assert torch.equal(
+        y_aD, run_expert(expert, behaviour, x_aD, call(step=3))
+    )  # same (seed, step): same draw
     assert not torch.equal(y_aD, run_expert(expert, behaviour, x_aD, call(step=4)))
     y_aD.sum().backward()
     assert expert.w_out.weight.grad is not None
@@ -245,8 +247,13 @@ def plan_for(expert_idx: list[int], num_experts: int = 4):
     num_tokens = len(expert_idx)
     tokens_A = torch.arange(num_tokens).repeat(2)
     experts_A = torch.cat([torch.tensor(expert_idx), torch.zeros(num_tokens, dtype=torch.long)])
-    return build_plan(tokens_A, experts_A, torch.full((2 * num_tokens,), 0.5), num_tokens=num_tokens,
-                      num_experts=num_experts)
+    return build_plan(
+        tokens_A,
+        experts_A,
+        torch.full((2 * num_tokens,), 0.5),
+        num_tokens=num_tokens,
+        num_experts=num_experts,
+    )
 
 
 def test_pool_reports_a_crashed_expert_as_not_answering_and_combine_stays_finite():
@@ -290,7 +297,10 @@ def test_stale_expert_stops_changing_after_its_step_while_others_learn():
         pool(x_AD, plan, step).y_AD.square().sum().backward()
         pool.step(step)
         snapshots.append([e.w_out.weight.detach().clone() for e in pool.experts])
-    changed = [[not torch.equal(a[e], b[e]) for e in range(4)] for a, b in zip(snapshots, snapshots[1:], strict=False)]
+    changed = [
+        [not torch.equal(a[e], b[e]) for e in range(4)]
+        for a, b in zip(snapshots, snapshots[1:], strict=False)
+    ]
     assert [c[1] for c in changed] == [True, False, False, False, False]  # steps 2 → 3 learn, 3 on do not
     assert all(c[2] for c in changed)  # an honest expert keeps learning
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -98,8 +97,11 @@ def random_evidence(num_tokens=6, num_experts=4, width=5, failed=(2,)) -> tuple[
     gate_N2 = torch.rand(num_tokens, 2, generator=g) + 0.1
     gate_N2 = gate_N2 / gate_N2.sum(-1, keepdim=True)
     plan = build_plan(
-        torch.arange(num_tokens).repeat_interleave(2), expert_N2.flatten(), gate_N2.flatten(),
-        num_tokens=num_tokens, num_experts=num_experts,
+        torch.arange(num_tokens).repeat_interleave(2),
+        expert_N2.flatten(),
+        gate_N2.flatten(),
+        num_tokens=num_tokens,
+        num_experts=num_experts,
     )
     answered_E = torch.ones(num_experts, dtype=torch.bool)
     answered_E[list(failed)] = False
@@ -123,8 +125,11 @@ def reference_removal_dots(evidence: LayerEvidence, y_AD, h_ND, renormalize: boo
     dots = []
     for a in range(plan.token_idx.numel()):
         t = int(plan.token_idx[a])
-        live = [b for b in range(plan.token_idx.numel())
-                if int(plan.token_idx[b]) == t and bool(evidence.answered_E[plan.expert_idx[b]])]
+        live = [
+            b
+            for b in range(plan.token_idx.numel())
+            if int(plan.token_idx[b]) == t and bool(evidence.answered_E[plan.expert_idx[b]])
+        ]
         before = token_output(plan, y_AD, t, live)
         if a not in live:
             after = before
@@ -157,13 +162,17 @@ def test_taylor_with_curvature_is_exact_on_a_quadratic_loss(tmp_path):
     model, batch = run.model, all_val(run)
     loo_E = views_on_batch(LooConfig(), model, batch, torch.Generator())["layer0"].contribution_E
     samples = [
-        views_on_batch(TaylorConfig(), model, batch, torch.Generator().manual_seed(k))["layer0"].contribution_E
+        views_on_batch(TaylorConfig(), model, batch, torch.Generator().manual_seed(k))[
+            "layer0"
+        ].contribution_E
         for k in range(32)
     ]
     taylor_E = torch.stack(samples).mean(0)
     assert torch.allclose(taylor_E, loo_E, rtol=0.1, atol=0.05 * float(loo_E.abs().max()))
     first_only_E = views_on_batch(TaylorConfig(curvature=False), model, batch, torch.Generator())
-    assert not torch.allclose(first_only_E["layer0"].contribution_E, loo_E, rtol=0.3)  # first order alone is not
+    assert not torch.allclose(
+        first_only_E["layer0"].contribution_E, loo_E, rtol=0.3
+    )  # first order alone is not
 
 
 def test_taylor_agrees_with_loo_in_sign_and_rank(tmp_path):
@@ -245,7 +254,9 @@ def test_shapley_efficiency_sums_to_the_value_of_all_experts(small_layer_game):
     total = small_layer_game(~everyone) - small_layer_game(everyone)  # L(no experts) − L(all)
     phi_E = permutation_shapley(small_layer_game, 4, 7, torch.Generator().manual_seed(1))
     assert float(phi_E.sum()) == pytest.approx(total, rel=1e-5)
-    truncated_E = permutation_shapley(small_layer_game, 4, 7, torch.Generator().manual_seed(1), truncation=0.2)
+    truncated_E = permutation_shapley(
+        small_layer_game, 4, 7, torch.Generator().manual_seed(1), truncation=0.2
+    )
     assert abs(float(truncated_E.sum()) - total) <= 0.2 * abs(total) + 1e-6  # TMC stops within the tolerance
 
 
@@ -253,8 +264,10 @@ def test_monte_carlo_shapley_matches_all_subsets_shapley(small_layer_game):
     exact_E = exact_shapley(small_layer_game, 4)
     estimate_E = permutation_shapley(small_layer_game, 4, 300, torch.Generator().manual_seed(0))
     marginals = [  # the spread of one permutation's credit, for the Monte-Carlo error
-        small_layer_game(torch.tensor([i in s for i in range(4)])) - small_layer_game(torch.tensor([i in s or i == 0 for i in range(4)]))
-        for r in range(4) for s in map(set, itertools.combinations(range(1, 4), r))
+        small_layer_game(torch.tensor([i in s for i in range(4)]))
+        - small_layer_game(torch.tensor([i in s or i == 0 for i in range(4)]))
+        for r in range(4)
+        for s in map(set, itertools.combinations(range(1, 4), r))
     ]
     standard_error = float(torch.tensor(marginals).std()) / math.sqrt(300)
     assert torch.allclose(estimate_E, exact_E, atol=4 * standard_error + 1e-6)
@@ -277,7 +290,8 @@ def test_token_shapley_ranks_the_adversarial_expert_last_and_pays_the_lazy_one_i
     miner that skips its work is the audits' job, not PoI's."""
     summary, _ = train_clusters(tmp_path, "poi=token_shapley", DISHONEST)
     ranks = {e: summary[f"poi/rank/layer0/{e}"] for e in range(8)}
-    assert ranks[5] == 8 and ranks[2] > 4, ranks
+    assert ranks[5] == 8, ranks
+    assert ranks[2] > 4, ranks
 
 
 @pytest.mark.slow
@@ -310,7 +324,12 @@ def test_feedback_moves_traffic_away_from_a_harmful_expert_and_off_does_not(tmp_
     """The feedback mechanism, with the first-order score: with the sampled curvature term on, PoI rates
     this (frozen-trunk) adversarial expert as the most useful for 5 of seeds 0-7, so no feedback could
     push it out; that is the scorer's fidelity problem, measured elsewhere, not the feedback's."""
-    common = (FROZEN_ROUTER, "++experts.behaviours={5: adversarial}", "trainer.log_every=1", "poi.curvature=false")
+    common = (
+        FROZEN_ROUTER,
+        "++experts.behaviours={5: adversarial}",
+        "trainer.log_every=1",
+        "poi.curvature=false",
+    )
     on, on_dir = train_clusters(tmp_path, *common, steps=100, name="on")
     off, off_dir = train_clusters(tmp_path, *common, "poi.feedback=0", steps=100, name="off")
     first_share = read_metrics(off_dir)[1]["poi/load/layer0/5"]
@@ -326,7 +345,10 @@ def test_load_term_keeps_every_expert_under_the_bound(tmp_path):
     common = (FROZEN_ROUTER, "data.num_clusters=8", "trainer.log_every=1", "poi.load_bound=1.5")
     _, capped = train_clusters(tmp_path, *common, steps=200, name="capped")
     _, uncapped = train_clusters(tmp_path, *common, "poi.load_weight=0", steps=200, name="uncapped")
-    capped_max, uncapped_max = float(mean_load_ratio(capped, 50).max()), float(mean_load_ratio(uncapped, 50).max())
+    capped_max, uncapped_max = (
+        float(mean_load_ratio(capped, 50).max()),
+        float(mean_load_ratio(uncapped, 50).max()),
+    )
     assert capped_max <= 1.5 + 0.1
     assert uncapped_max > 1.5 + 0.1, "the control must break the bound, or the test shows nothing"
 
@@ -345,13 +367,20 @@ def test_every_learned_token_choice_router_honours_bans_and_bias(strategy):
 
 def test_failing_expert_is_penalised_banned_and_backed_off(tmp_path):
     summary, run_dir = train_clusters(
-        tmp_path, "experts.num=4", "++experts.behaviours={1: crash:0}", "poi.ban_after=2", "poi.ban_steps=3",
-        "trainer.log_every=1", steps=60,
+        tmp_path,
+        "experts.num=4",
+        "++experts.behaviours={1: crash:0}",
+        "poi.ban_after=2",
+        "poi.ban_steps=3",
+        "trainer.log_every=1",
+        steps=60,
     )
     events = [e for e in read_metrics(run_dir) if "poi/bias/layer0/1" in e]
     banned_steps = [e["step"] + 1 for e in events if e["poi/bias/layer0/1"] <= BAN_BIAS]
-    runs = [len(list(group)) for _, group in itertools.groupby(
-        enumerate(banned_steps), key=lambda pair: pair[1] - pair[0])]
+    runs = [
+        len(list(group))
+        for _, group in itertools.groupby(enumerate(banned_steps), key=lambda pair: pair[1] - pair[0])
+    ]
     assert runs[:3] == [3, 6, 12]  # exponential back-off
     assert summary["poi/score/layer0/1"] < 0
     assert summary["poi/rank/layer0/1"] == 4
@@ -413,7 +442,9 @@ def test_fresh_view_touches_no_gradient_no_score_and_not_the_step_trace(tmp_path
 
 
 def test_unknown_scorer_and_bad_options_fail_naming_them():
-    with pytest.raises(ConfigError, match="valid poi scorers: exact_shapley, gate, loo, shapley, taylor, token_shapley"):
+    with pytest.raises(
+        ConfigError, match="valid poi scorers: exact_shapley, gate, loo, shapley, taylor, token_shapley"
+    ):
         typed_poi_config({"name": "oracle"})
     with pytest.raises(ConfigError, match="counterfactual"):
         validate_poi_config(TaylorConfig(counterfactual="imagined"))

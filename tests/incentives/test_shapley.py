@@ -31,7 +31,13 @@ def trained(tmp_path, *overrides: str, steps: int):
 
 @pytest.fixture(scope="module")
 def clusters_run(tmp_path_factory):
-    overrides = ["data=clusters", "transport=local", "experts.num=6", "experts.d_ff=16", "trainer.progress=false"]
+    overrides = [
+        "data=clusters",
+        "transport=local",
+        "experts.num=6",
+        "experts.d_ff=16",
+        "trainer.progress=false",
+    ]
     return trained(tmp_path_factory.mktemp("clusters"), *overrides, steps=40)
 
 
@@ -71,7 +77,9 @@ def test_token_shapley_on_a_three_player_token_game_with_known_values():
         return -(value * keep_A).sum(0, keepdim=True) - 3.0 * float(keep_A[0] and keep_A[1])
 
     token_idx_A, expert_idx_A = torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 2])
-    many = token_shapley(token_losses_of, token_idx_A, expert_idx_A, 1, 3, 600, torch.Generator().manual_seed(0))
+    many = token_shapley(
+        token_losses_of, token_idx_A, expert_idx_A, 1, 3, 600, torch.Generator().manual_seed(0)
+    )
     assert many.tolist() == pytest.approx([2.5, 3.5, 0.5], abs=0.2)
 
 
@@ -100,7 +108,8 @@ def test_exact_shapley_refuses_too_many_experts():
 
 def test_kendall_against_counting_pairs_by_hand():
     a, b = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 3.0, 2.0, 4.0])
-    assert kendall(a, a) == 1.0 and kendall(a, -a) == -1.0
+    assert kendall(a, a) == 1.0
+    assert kendall(a, -a) == -1.0
     assert kendall(a, b) == pytest.approx((5 - 1) / 6)
     tied = torch.tensor([1.0, 1.0, 2.0, 3.0])  # τ-b: 5 concordant of sqrt(5 · 6) comparable pairs
     assert kendall(tied, a) == pytest.approx(5 / math.sqrt(5 * 6))

@@ -153,7 +153,9 @@ def flat_logits(kind: str, num_tokens: int = 1024, seed: int = 0) -> torch.Tenso
 
 def sinkhorn_argmax_cv(logits_NE: torch.Tensor, temperature: float) -> float:
     defaults = SinkhornConfig()
-    v_E = sinkhorn_expert_offsets(logits_NE / temperature, defaults.sinkhorn_iterations, defaults.sinkhorn_tolerance)
+    v_E = sinkhorn_expert_offsets(
+        logits_NE / temperature, defaults.sinkhorn_iterations, defaults.sinkhorn_tolerance
+    )
     return load_cv(torch.bincount((logits_NE / temperature + v_E).argmax(-1), minlength=E))
 
 

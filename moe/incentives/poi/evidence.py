@@ -78,12 +78,16 @@ def taylor_contributions(
     if evidence.grad_out_ND is None or plan.token_idx.numel() == 0:
         return first_E, None
     expert_A = plan.expert_idx
-    first_E.index_add_(0, expert_A.cpu(), removal_dots(evidence, evidence.grad_out_ND, counterfactual).float().cpu())
+    first_E.index_add_(
+        0, expert_A.cpu(), removal_dots(evidence, evidence.grad_out_ND, counterfactual).float().cpu()
+    )
     if curvature_grad_ND is None:
         return first_E, None
     q_A = removal_dots(evidence, curvature_grad_ND, counterfactual)
     example_A = plan.token_idx // max(plan.num_tokens // examples, 1)
-    q_BE = q_A.new_zeros(examples * plan.num_experts).index_add_(0, example_A * plan.num_experts + expert_A, q_A)
+    q_BE = q_A.new_zeros(examples * plan.num_experts).index_add_(
+        0, example_A * plan.num_experts + expert_A, q_A
+    )
     second_E = 0.5 * scale * examples * q_BE.view(examples, plan.num_experts).square().sum(0)
     return first_E, second_E.float().cpu()
 
@@ -93,7 +97,9 @@ def mean_gate_mass(evidence: LayerEvidence) -> torch.Tensor:
     `gate` scorer's view. Not the ledger's fallback `rewards.gate_mass_by_layer` (a raw sum per expert)."""
     plan = evidence.plan
     weight_A = assignment_weights(evidence).cpu()
-    return torch.zeros(plan.num_experts).index_add_(0, plan.expert_idx.cpu(), weight_A) / max(plan.num_tokens, 1)
+    return torch.zeros(plan.num_experts).index_add_(0, plan.expert_idx.cpu(), weight_A) / max(
+        plan.num_tokens, 1
+    )
 
 
 def failed_in(evidence: LayerEvidence) -> torch.Tensor:
@@ -121,7 +127,11 @@ def repeatable_layers(layers: list[MoELayer]) -> list[MoELayer]:
     """Layers whose output gradient may be taken besides the training backward: every pool after them
     can backpropagate input gradients only (`ExpertPool.repeatable_backward`). A pool that cannot (its
     backward would consume its kept forward and add to its owners' gradients) hides the layers before it."""
-    return [layer for i, layer in enumerate(layers) if all(later.pool.repeatable_backward for later in layers[i + 1 :])]
+    return [
+        layer
+        for i, layer in enumerate(layers)
+        if all(later.pool.repeatable_backward for later in layers[i + 1 :])
+    ]
 
 
 @contextmanager

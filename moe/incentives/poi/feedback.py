@@ -27,7 +27,9 @@ def quality_bias(score_E: torch.Tensor, load_E: torch.Tensor, strength: float, c
     return (strength * (quality_E - quality_E.mean()) / scale).clamp(-clip, clip)
 
 
-def raise_load_price(price_E: torch.Tensor, load_ratio_E: torch.Tensor, rate: float, bound: float) -> torch.Tensor:
+def raise_load_price(
+    price_E: torch.Tensor, load_ratio_E: torch.Tensor, rate: float, bound: float
+) -> torch.Tensor:
     """A price per expert on the constraint load/mean ≤ bound: it rises by `rate` each step the expert
     is over the bound and falls by `rate` each step it is under, never below zero, so quality feedback
     cannot pile tokens onto a few experts. Steps of fixed size (as in loss-free balancing, Wang et al.

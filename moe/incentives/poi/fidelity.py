@@ -58,7 +58,9 @@ def fidelity(model, batch, samples: int, generator: torch.Generator) -> dict[str
     reference's)."""
     exact = max(layer.pool.num_experts for layer in model.moe_layers()) <= MAX_EXACT_EXPERTS
     with counted_forwards(model) as forwards:
-        reference = masked_views(ExactShapleyConfig() if exact else ShapleyConfig(samples=samples), model, batch, generator)
+        reference = masked_views(
+            ExactShapleyConfig() if exact else ShapleyConfig(samples=samples), model, batch, generator
+        )
     results = {"poi/fidelity_forwards/reference": float(forwards[0])}
     for scorer, cfg in rival_scorers().items():
         with counted_forwards(model) as forwards:

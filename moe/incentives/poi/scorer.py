@@ -110,7 +110,11 @@ class PoIScorer:
         """Taylor's curvature: one extra backward of the loss against sampled targets, to the layer
         outputs only, when due (every `curvature_every` scoring steps)."""
         self.curvature = None
-        if not self._uses_curvature or step % self.cfg.every or (step // self.cfg.every) % self.cfg.curvature_every:
+        if (
+            not self._uses_curvature
+            or step % self.cfg.every
+            or (step // self.cfg.every) % self.cfg.curvature_every
+        ):
             return
         tick = time.perf_counter()
         self.curvature = curvature_at_outputs(self.model, pred, self._outputs, self.generator(step))
@@ -149,11 +153,15 @@ class PoIScorer:
             if view.curvature_E is not None:
                 state.curvature_E = torch.where(view.observed_E, view.curvature_E, state.curvature_E)
             else:
-                view.contribution_E = view.contribution_E + torch.where(view.observed_E, state.curvature_E, 0.0)
+                view.contribution_E = view.contribution_E + torch.where(
+                    view.observed_E, state.curvature_E, 0.0
+                )
 
     def _eval_batch(self, step: int):
         if not self.eval_batches:
-            raise ConfigError("poi needs evaluation batches for loo, shapley and fidelity; the data gives none")
+            raise ConfigError(
+                "poi needs evaluation batches for loo, shapley and fidelity; the data gives none"
+            )
         return self.eval_batches[(step // self.cfg.every) % len(self.eval_batches)]
 
     def generator(self, step: int) -> torch.Generator:
@@ -206,7 +214,9 @@ class PoIScorer:
             state.views_E += seen_E
             state.failed_since_view_E = torch.zeros_like(failed_E)
 
-    def penalised(self, contribution_E: torch.Tensor, failed_E: torch.Tensor, score_E: torch.Tensor) -> torch.Tensor:
+    def penalised(
+        self, contribution_E: torch.Tensor, failed_E: torch.Tensor, score_E: torch.Tensor
+    ) -> torch.Tensor:
         """Failed experts earn nothing and score −penalty × the mean |contribution| of those that answered."""
         answered = contribution_E[~failed_E]
         scale = answered.abs().mean() if answered.numel() else score_E.abs().mean()
@@ -217,8 +227,12 @@ class PoIScorer:
         for layer in self.layers:
             state = self.state[layer.name]
             state.bias_E = selection_bias(
-                state.score_E, state.load_E, state.load_price_E, self.banned(layer.name, step + 1),
-                self.cfg.feedback, self.cfg.feedback_clip,
+                state.score_E,
+                state.load_E,
+                state.load_price_E,
+                self.banned(layer.name, step + 1),
+                self.cfg.feedback,
+                self.cfg.feedback_clip,
             )
             layer.set_selection_bias(state.bias_E)
 
@@ -305,7 +319,9 @@ def format_summary(summary: dict) -> list[str]:
             layers.setdefault(layer, []).append(f"e{expert} {score:+.3g} (#{rank})")
     if not layers:
         return []
-    lines = [f"PoI ({summary.get('poi/scorer', '?')}; score = loss increase without the expert, #1 = most helpful):"]
+    lines = [
+        f"PoI ({summary.get('poi/scorer', '?')}; score = loss increase without the expert, #1 = most helpful):"
+    ]
     for layer, cells in layers.items():
         for start in range(0, len(cells), 4):
             label = layer if start == 0 else ""

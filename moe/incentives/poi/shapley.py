@@ -22,7 +22,9 @@ import torch
 
 from moe.errors import ConfigError
 
-MAX_EXACT_EXPERTS = 12  # 2^12 forwards per layer; beyond that exact Shapley is not a reference anyone waits for
+MAX_EXACT_EXPERTS = (
+    12  # 2^12 forwards per layer; beyond that exact Shapley is not a reference anyone waits for
+)
 
 
 def coalition_mask(index: int, num_experts: int) -> torch.Tensor:
@@ -84,7 +86,9 @@ def permutation_shapley(
     return (phi_E / samples).float()
 
 
-def positions_in_token(token_idx_A: torch.Tensor, num_tokens: int, generator: torch.Generator) -> torch.Tensor:
+def positions_in_token(
+    token_idx_A: torch.Tensor, num_tokens: int, generator: torch.Generator
+) -> torch.Tensor:
     """A uniformly random order of every token's assignments: each assignment's position [A] in it."""
     priority_A = torch.rand(token_idx_A.shape, generator=generator, dtype=torch.float64)
     order_A = torch.argsort(token_idx_A.double() * 2.0 + priority_A)  # by token, then by priority
@@ -127,7 +131,11 @@ def token_shapley(
             position_A = positions_in_token(token_idx_A, num_tokens, generator)
         before_N = empty_N
         for joined in range(1, int(sizes_A.max()) + 1):
-            after_N = full_N if joined == int(sizes_A.max()) else token_losses_of(position_A < joined).double().cpu()
+            after_N = (
+                full_N
+                if joined == int(sizes_A.max())
+                else token_losses_of(position_A < joined).double().cpu()
+            )
             joins_A = position_A == joined - 1
             credit_A[joins_A] += (before_N - after_N)[token_idx_A[joins_A]]
             before_N = after_N

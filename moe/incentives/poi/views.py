@@ -95,7 +95,9 @@ def evidence_pass(
     return evidence, curvature
 
 
-def coalition_loss(model, batch, side: SidePass, unmasked_N: torch.Tensor | None = None) -> Callable[[torch.Tensor], float]:
+def coalition_loss(
+    model, batch, side: SidePass, unmasked_N: torch.Tensor | None = None
+) -> Callable[[torch.Tensor], float]:
     """L(coalition) on `batch` with only the experts in `keep_E` answering in `side`'s layer; memoised,
     starting from the unmasked pass's token losses where given."""
     memo: dict[tuple[bool, ...], float] = {}
@@ -133,7 +135,13 @@ def _loo_contributions(
 def _shapley_contributions(
     model, batch, side: SidePass, unmasked_N: torch.Tensor, cfg: PoIConfig, generator: torch.Generator
 ) -> torch.Tensor:
-    return permutation_shapley(coalition_loss(model, batch, side, unmasked_N), side.num_experts, cfg.samples, generator, cfg.truncation)
+    return permutation_shapley(
+        coalition_loss(model, batch, side, unmasked_N),
+        side.num_experts,
+        cfg.samples,
+        generator,
+        cfg.truncation,
+    )
 
 
 def _exact_shapley_contributions(
@@ -154,7 +162,13 @@ def _token_shapley_contributions(
             return token_losses(model, batch)
 
     return token_shapley(
-        token_losses_of, plan.token_idx, plan.expert_idx, plan.num_tokens, plan.num_experts, cfg.permutations, generator
+        token_losses_of,
+        plan.token_idx,
+        plan.expert_idx,
+        plan.num_tokens,
+        plan.num_experts,
+        cfg.permutations,
+        generator,
     )
 
 
@@ -196,7 +210,9 @@ def masked_views(cfg: PoIConfig, model, batch, generator: torch.Generator) -> di
         unmasked_N = token_losses(model, batch)  # every layer's first answer, reused below
         contribute = COALITION_SCORERS[cfg.name]
         for layer in model.moe_layers():
-            contributions[layer.name] = contribute(model, batch, passes[layer.name], unmasked_N, cfg, generator)
+            contributions[layer.name] = contribute(
+                model, batch, passes[layer.name], unmasked_N, cfg, generator
+            )
     views = {}
     for name, contribution_E in contributions.items():
         failed_E, had_tokens_E = passes[name].unmasked_answers()
@@ -209,6 +225,8 @@ def views_on_batch(cfg: PoIConfig, model, batch, generator: torch.Generator) -> 
     if cfg.name in EVIDENCE_SCORERS:
         taylor = cfg.name == "taylor"
         wants_curvature = taylor and cfg.curvature
-        evidence, curvature = evidence_pass(model, batch, with_grad=taylor, generator=generator if wants_curvature else None)
+        evidence, curvature = evidence_pass(
+            model, batch, with_grad=taylor, generator=generator if wants_curvature else None
+        )
         return evidence_views(cfg, evidence, curvature)
     return masked_views(cfg, model, batch, generator)
