@@ -1,4 +1,5 @@
-"""PoI cost, measured in one run: taylor's step-time overhead, and one loo and one shapley evaluation.
+"""PoI cost, measured in one run: taylor's step-time overhead, one loo and one shapley evaluation, and
+token_shapley's (the default) cost per step at its cadence.
 
 For each scenario (the default `python train.py` byte LM, and `data=clusters`; both with experts in
 process, `transport=local`, and no ledger, `~ledger`, so that the numbers are PoI's own and not the
@@ -62,7 +63,9 @@ def compose(overrides: list[str]):
 def build(scenario: list[str], variant: list[str], run_dir: Path, threads: int):
     from moe.engine.build import build_run
 
-    cfg = compose([*scenario, *variant, f"run_dir={run_dir}", "trainer.progress=false", f"trainer.threads={threads}"])
+    cfg = compose(
+        [*scenario, *variant, f"run_dir={run_dir}", "trainer.progress=false", f"trainer.threads={threads}"]
+    )
     return build_run(cfg, run_dir)
 
 
@@ -91,11 +94,15 @@ def step_times(runs: dict, blocks: int, block: int) -> dict[str, float]:
 def view_seconds(run, scorer: str, samples: int) -> tuple[float, float]:
     """(seconds of one view, seconds of one plain evaluation forward on the same batch just before it):
     the ratio stays meaningful when other processes load the machine."""
-    from moe.incentives.poi import LooConfig, ShapleyConfig, views_on_batch
+    from moe.incentives.poi import LooConfig, ShapleyConfig, TokenShapleyConfig, views_on_batch
     from moe.incentives.poi.views import batch_loss, evaluation_mode
     from router.seeds import torch_generator
 
-    cfg = ShapleyConfig(samples=samples) if scorer == "shapley" else LooConfig()
+    cfg = {
+        "loo": LooConfig(),
+        "shapley": ShapleyConfig(samples=samples),
+        "token_shapley": TokenShapleyConfig(),
+    }[scorer]
     batch = run.data.val_batches()[0]
     model = run.accelerator.unwrap_model(run.model)
     with evaluation_mode(model):
@@ -110,33 +117,57 @@ def timed(fn) -> float:
 
 
 def report(name: str, scenario: list[str], args: argparse.Namespace, root: Path) -> None:
-    runs = {variant: build(scenario, overrides, root / f"{name}-{variant}", args.threads)
-            for variant, overrides in VARIANTS.items()}
+    runs = {
+        variant: build(scenario, overrides, root / f"{name}-{variant}", args.threads)
+        for variant, overrides in VARIANTS.items()
+    }
     try:
         layers = runs["none"].layers
         experts = layers[0].pool.num_experts
         medians = step_times(runs, args.blocks, args.block)
         base = medians["none"]
-        print(f"[{name}] L={len(layers)} E={experts}, {args.blocks} interleaved blocks of {args.block} steps, "
-              f"threads={torch.get_num_threads()}")
+        print(
+            f"[{name}] L={len(layers)} E={experts}, {args.blocks} interleaved blocks of {args.block} steps, "
+            f"threads={torch.get_num_threads()}"
+        )
         print(f"  training step, no PoI (~poi)  {base * 1e3:8.2f} ms")
         for variant in ("taylor", "taylor-1st"):
             overhead = medians[variant] / base - 1
             verdict = "ok" if overhead <= TARGET_OVERHEAD else "ABOVE TARGET"
             label = "taylor (1st + curvature)" if variant == "taylor" else "taylor (first order only)"
-            print(f"  {label:28s}  {medians[variant] * 1e3:8.2f} ms   overhead {overhead:+7.1%}   "
-                  f"(target <= {TARGET_OVERHEAD:.0%}: {verdict})")
+            print(
+                f"  {label:28s}  {medians[variant] * 1e3:8.2f} ms   overhead {overhead:+7.1%}   "
+                f"(target <= {TARGET_OVERHEAD:.0%}: {verdict})"
+            )
         trained = runs["taylor"]
         for scorer, forwards in (
             ("loo", f"1 + L·E = {1 + len(layers) * experts}"),
             ("shapley", f"{args.samples} permutations: at most 1 + L·(1 + {args.samples}·(E-1)), memoised"),
         ):
             seconds, forward = view_seconds(trained, scorer, args.samples)
-            print(f"  one {scorer:7s} view  {seconds * 1e3:9.1f} ms = {seconds / base:6.1f} training steps "
-                  f"= {seconds / forward:6.1f} eval forwards ({forwards} forwards)")
+            print(
+                f"  one {scorer:7s} view  {seconds * 1e3:9.1f} ms = {seconds / base:6.1f} training steps "
+                f"= {seconds / forward:6.1f} eval forwards ({forwards} forwards)"
+            )
+        token_shapley_cost(trained, base, len(layers))
     finally:
         for run in runs.values():
             run.transport.close()
+
+
+def token_shapley_cost(run, step_seconds: float, num_layers: int) -> None:
+    """token_shapley (the default PoI) views once every `every` steps: its cost per training step is one
+    view's time over `every` steps (the median of 5 views, each against the step time measured above)."""
+    from moe.incentives.poi import TokenShapleyConfig
+
+    every = TokenShapleyConfig().every
+    seconds = statistics.median(view_seconds(run, "token_shapley", 0)[0] for _ in range(5))
+    overhead = seconds / every / step_seconds
+    verdict = "ok" if overhead <= TARGET_OVERHEAD else "ABOVE TARGET"
+    print(
+        f"  one token_shapley view {seconds * 1e3:7.1f} ms ({1 + 3 * num_layers} forwards for top-2) "
+        f"every {every} steps: overhead {overhead:+7.1%} of a step   (target <= {TARGET_OVERHEAD:.0%}: {verdict})"
+    )
 
 
 def main() -> None:

@@ -86,6 +86,7 @@ class ReportSpec:
     columns: list[ColumnSpec] = field(default_factory=list)  # added after the standard ones
     gap_grid: GapGridSpec | None = None
     routing_heatmaps: HeatmapSpec | None = None
+    fidelity_table: bool = False  # PoI scorers against exact Shapley values (`poi.fidelity_every` runs)
 
 
 MI_COLUMN = ColumnSpec("MI {layer} (bits)", key="routing/{layer}/domain_mi")  # domain ↔ expert, per layer

@@ -733,6 +733,7 @@ def test_taylor_scores_layers_under_a_remote_pool_as_under_a_local_one(tmp_path,
     common = [
         "debug=default",
         "model.n_layers=2",
+        "poi=taylor",
         "poi.curvature_every=1",  # the curvature backward every step, through the pool above layer0
         "trainer.threads=1",
         f"trainer.max_steps={steps}",

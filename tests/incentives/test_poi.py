@@ -328,6 +328,7 @@ def test_feedback_moves_traffic_away_from_a_harmful_expert_and_off_does_not(tmp_
         FROZEN_ROUTER,
         "++experts.behaviours={5: adversarial}",
         "trainer.log_every=1",
+        "poi=taylor",
         "poi.curvature=false",
     )
     on, on_dir = train_clusters(tmp_path, *common, steps=100, name="on")
@@ -342,7 +343,7 @@ def test_feedback_moves_traffic_away_from_a_harmful_expert_and_off_does_not(tmp_
 def test_load_term_keeps_every_expert_under_the_bound(tmp_path):
     """With feedback on, each expert's average load stays within the bound (plus the controller's
     ripple); without the load term this frozen router's favourite takes far more."""
-    common = (FROZEN_ROUTER, "data.num_clusters=8", "trainer.log_every=1", "poi.load_bound=1.5")
+    common = (FROZEN_ROUTER, "data.num_clusters=8", "trainer.log_every=1", "poi=taylor", "poi.load_bound=1.5")
     _, capped = train_clusters(tmp_path, *common, steps=200, name="capped")
     _, uncapped = train_clusters(tmp_path, *common, "poi.load_weight=0", steps=200, name="uncapped")
     capped_max, uncapped_max = (
@@ -391,7 +392,7 @@ def test_failing_expert_is_penalised_banned_and_backed_off(tmp_path):
 
 
 def test_scores_ranks_and_fidelity_are_logged_and_summarised(run_tiny):
-    summary, run_dir = run_tiny("data=clusters", "poi.fidelity_every=3")
+    summary, run_dir = run_tiny("data=clusters", "poi=taylor", "poi.fidelity_every=3")
     events = read_metrics(run_dir)
     logged = [e for e in events if "poi/score/layer0/0" in e]
     assert len(logged) == 6
@@ -469,7 +470,9 @@ def test_scorer_draws_from_the_run_seed(tmp_path):
 def test_report_has_a_poi_section_with_behaviours(run_tiny, tmp_path):
     from moe.experiments.run_report import write_run_report
 
-    _, run_dir = run_tiny("data=clusters", "++experts.behaviours={1: lazy}", "poi.fidelity_every=3")
+    _, run_dir = run_tiny(
+        "data=clusters", "poi=taylor", "++experts.behaviours={1: lazy}", "poi.fidelity_every=3"
+    )
     write_run_report(run_dir)
     report = (run_dir / "report.md").read_text()
     assert "## Proof of Intelligence (taylor" in report

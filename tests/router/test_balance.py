@@ -131,7 +131,14 @@ def test_poi_penalty_still_lowers_a_harmful_experts_share_with_bias_balanced(tmp
         shares = {}
         for name, feedback in (("on", []), ("off", ["poi.feedback=0"])):
             run_dir = tmp_path / name
-            train(compose([*CLUSTERS, *feedback, f"trainer.max_steps={PENALTY_STEPS}", f"run_dir={run_dir}"]))
+            overrides = [
+                *CLUSTERS,
+                "poi=taylor",
+                *feedback,
+                f"trainer.max_steps={PENALTY_STEPS}",
+                f"run_dir={run_dir}",
+            ]
+            train(compose(overrides))
             shares[name] = share_of(run_dir, 5, last=50)
     finally:
         logging.disable(logging.NOTSET)

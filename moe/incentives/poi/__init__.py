@@ -3,7 +3,7 @@
 An expert's contribution is L(without e) − L(with all): positive means helpful. Scorers by registry
 name (`poi=taylor|loo|shapley|gate`), each with a typed config (`config`):
 
-- `taylor` (default, nearly free): a Taylor estimate from this step's layer evidence (each
+- `taylor` (nearly free): a Taylor estimate from this step's layer evidence (each
   assignment's gated output and the loss gradient at the layer output); no extra forward pass. The
   first-order term alone vanishes at convergence (every learned direction, e.g. an expert's output
   scale, is stationary there), so a second-order term is added: ½ δᵀ(Gauss-Newton)δ, estimated from
@@ -12,7 +12,7 @@ name (`poi=taylor|loo|shapley|gate`), each with a typed config (`config`):
 - `loo`: exact leave-one-out on an evaluation batch every `poi.every` steps (`views`).
 - `shapley`: truncated Monte-Carlo permutation Shapley values over a layer's experts (costly).
 - `exact_shapley`: Shapley values from all 2^E coalitions: the reference of `fidelity` (2^E forwards).
-- `token_shapley`: per-token Shapley values (`shapley`): every token's own experts added in a random
+- `token_shapley` (default): per-token Shapley values (`shapley`): every token's own experts added in a random
   order and its reverse, all tokens at once; exact where nothing after the layer mixes tokens and k = 2,
   at 2 + permutations·(k − 1) forwards per layer.
 - `gate`: mean gate mass per expert; not loss based, the baseline the others must beat.
