@@ -30,10 +30,23 @@ def print_summary(summary: dict) -> None:
             print(f"  {key:40s} {value:.4f}")
     for line in format_summary(summary):
         print(line)
+    print_fidelity(summary["run_dir"])
     if "rewards" in summary:
         from moe.experiments.rewards_report import format_rewards
 
         print("\n".join(format_rewards(summary["rewards"])))
+
+
+def print_fidelity(run_dir: str) -> None:
+    """The PoI fidelity table, where the run measured it (`poi.fidelity_every`)."""
+    from pathlib import Path
+
+    from moe.engine.metrics import read_metrics
+    from moe.experiments.poi_report import fidelity_table
+
+    lines = fidelity_table([read_metrics(Path(run_dir))])
+    if lines:
+        print("\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from moe.engine.validation import read_routing_tables, routing_mutual_informatio
 from moe.experiments.columns import is_number, natural_key
 from moe.experiments.comparison import split_override
 from moe.experiments.page_spec import GapGridSpec, HeatmapSpec
+from moe.experiments.poi_report import fidelity_table
 from moe.experiments.render import figure_link, markdown_table, mean_pm_std, pyplot, save_figure
 from moe.experiments.sweeps import Sweep, dotted_get
 
@@ -233,72 +234,11 @@ def plot_heatmaps(tables: dict[str, torch.Tensor], domains: list[str], layer: st
 # ---------------------------------------------------------------------------------------------- PoI fidelity
 
 
-def fidelity_values(runs, prefix: str) -> dict[tuple[str, str], list[float]]:
-    """(layer, scorer) → each run's mean of `poi/<prefix>/<layer>/<scorer>` over its measurements."""
-    values: dict[tuple[str, str], list[float]] = {}
-    for run in runs:
-        per_key: dict[str, list[float]] = {}
-        for event in run.events:
-            for key, value in event.items():
-                if key.startswith(f"poi/{prefix}/") and is_number(value):
-                    per_key.setdefault(key, []).append(float(value))
-        for key, measured in per_key.items():
-            _, _, layer, scorer = key.split("/")
-            values.setdefault((layer, scorer), []).append(statistics.fmean(measured))
-    return values
-
-
-def mean_forwards(runs, scorer: str) -> float | None:
-    counts = [
-        float(e[f"poi/fidelity_forwards/{scorer}"])
-        for r in runs
-        for e in r.events
-        if f"poi/fidelity_forwards/{scorer}" in e
-    ]
-    return statistics.fmean(counts) if counts else None
-
-
 def fidelity_section(sweep: Sweep) -> list[str]:
-    """One table per row: scorers × (ρ and τ per layer, forwards of one view against the reference's)."""
-    lines = ["", "### PoI fidelity against exact Shapley values", ""]
+    """One fidelity table (`poi_report.fidelity_table`) per row, over its completed seeds."""
+    lines = []
     for row, runs in sweep.rows.items():
-        runs = [run for run in runs if run.complete]
-        rho, tau = fidelity_values(runs, "fidelity"), fidelity_values(runs, "fidelity_kendall")
-        if not rho:
-            continue
-        layers = sorted({layer for layer, _ in rho}, key=natural_key)
-        scorers = sorted(
-            {scorer for _, scorer in rho},
-            key=lambda s: -statistics.fmean(min(rho[(layer, s)]) for layer in layers if (layer, s) in rho),
-        )
-        reference = mean_forwards(runs, "reference")
-        header = [
-            "scorer",
-            *(f"ρ {layer} (min)" for layer in layers),
-            *(f"τ {layer}" for layer in layers),
-            "forwards",
-            "% of exact",
-        ]
-        rows = []
-        for scorer in scorers:
-            forwards = mean_forwards(runs, scorer)
-            rows.append(
-                [
-                    scorer,
-                    *(fidelity_cell(rho.get((layer, scorer), [])) for layer in layers),
-                    *(mean_pm_std(tau.get((layer, scorer), []), ".2f") for layer in layers),
-                    "n/a" if forwards is None else f"{forwards:.0f}",
-                    "n/a" if forwards is None or not reference else f"{100 * forwards / reference:.1f} %",
-                ]
-            )
-        label = " ".join(row) or "all runs"
-        lines += [
-            f"**{label}** ({len(runs)} seeds; exact Shapley: {reference or 0:.0f} forwards per view)",
-            "",
-        ]
-        lines += [*markdown_table(header, rows), ""]
-    return lines if len(lines) > 3 else []
-
-
-def fidelity_cell(values: list[float]) -> str:
-    return "n/a" if not values else f"{mean_pm_std(values, '.2f')} ({min(values):.2f})"
+        table = fidelity_table([run.events for run in runs if run.complete])
+        if table:
+            lines += [f"**{' '.join(row) or 'all runs'}**", "", *table]
+    return ["", "### PoI fidelity against exact Shapley values", "", *lines] if lines else []

@@ -6,10 +6,12 @@ Read from the run's logged events (`poi/score|rank|load|failures/<layer>/<expert
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from moe.experiments.render import figure_link, markdown_table, pyplot, save_figure
+from moe.experiments.render import figure_link, markdown_table, mean_pm_std, pyplot, save_figure
 
 POI_SCORES_PLOT, POI_FIDELITY_PLOT = "poi_scores.png", "poi_fidelity.png"
 
@@ -30,7 +32,7 @@ def poi_section(events: list[dict], cfg, out: Path) -> str:
     ]
     for layer in sorted({k.split("/")[2] for k in last if k.startswith("poi/score/")}):
         lines += poi_layer_table(layer, last, behaviours)
-    lines += fidelity_table(events)
+    lines += fidelity_table([events])
     for figure in (
         plot_poi_scores(scored, out / POI_SCORES_PLOT),
         plot_fidelity(events, out / POI_FIDELITY_PLOT),
@@ -71,22 +73,79 @@ def fidelity_points(events: list[dict]) -> dict[tuple[str, str], list[tuple[int,
     return points
 
 
-def fidelity_table(events: list[dict]) -> list[str]:
-    points = fidelity_points(events)
-    if not points:
+def fidelity_values(runs_events: list[list[dict]], prefix: str) -> dict[tuple[str, str], list[float]]:
+    """(layer, scorer) → each run's mean of `poi/<prefix>/<layer>/<scorer>` over its measurements."""
+    values: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for events in runs_events:
+        per_key: dict[str, list[float]] = defaultdict(list)
+        for event in events:
+            for key, value in event.items():
+                if (
+                    key.startswith(f"poi/{prefix}/")
+                    and isinstance(value, int | float)
+                    and math.isfinite(value)
+                ):
+                    per_key[key].append(float(value))
+        for key, measured in per_key.items():
+            _, _, layer, scorer = key.split("/")
+            values[(layer, scorer)].append(statistics.fmean(measured))
+    return values
+
+
+def mean_forwards(runs_events: list[list[dict]], scorer: str) -> float | None:
+    key = f"poi/fidelity_forwards/{scorer}"
+    counts = [float(e[key]) for events in runs_events for e in events if key in e]
+    return statistics.fmean(counts) if counts else None
+
+
+def fidelity_table(runs_events: list[list[dict]]) -> list[str]:
+    """Scorers (best worst-layer ρ first) × Spearman ρ and Kendall τ against exact Shapley per layer (each
+    run's mean over its measurements; over several runs mean ± std, and the minimum in brackets), and the
+    forwards of one view against the reference's; empty when fidelity was never measured."""
+    rho, tau = fidelity_values(runs_events, "fidelity"), fidelity_values(runs_events, "fidelity_kendall")
+    if not rho:
         return []
-    scorers = sorted({scorer for _, scorer in points})
-    rows = []
-    for layer in sorted({layer for layer, _ in points}):
-        cells = []
-        for scorer in scorers:
-            series = [v for _, v in points.get((layer, scorer), [])]
-            cells.append(f"{series[-1]:.3f} ({sum(series) / len(series):.3f})" if series else "")
-        rows.append([layer, *cells])
-    title = (
-        "Fidelity: Spearman ρ against Monte-Carlo Shapley values (last measurement; mean over measurements)."
+    layers = sorted({layer for layer, _ in rho})
+    scorers = sorted(
+        {scorer for _, scorer in rho},
+        key=lambda s: (
+            -min(statistics.fmean(rho[(layer, s)]) for layer in layers if (layer, s) in rho),
+            mean_forwards(runs_events, s) or 0.0,
+        ),
     )
-    return [title, "", *markdown_table(["layer", *scorers], rows), ""]
+    reference = mean_forwards(runs_events, "reference")
+    rows = []
+    for scorer in scorers:
+        forwards = mean_forwards(runs_events, scorer)
+        rows.append(
+            [
+                scorer,
+                *(spread(rho.get((layer, scorer), [])) for layer in layers),
+                *(mean_pm_std(tau.get((layer, scorer), []), ".2f") for layer in layers),
+                "n/a" if forwards is None else f"{forwards:.0f}",
+                "n/a" if forwards is None or not reference else f"{100 * forwards / reference:.1f} %",
+            ]
+        )
+    header = [
+        "scorer",
+        *(f"ρ {layer}" for layer in layers),
+        *(f"τ {layer}" for layer in layers),
+        "forwards",
+        "% of reference",
+    ]
+    title = (
+        f"Fidelity against exact Shapley values ({reference or 0:.0f} forwards per view; Monte-Carlo with "
+        "`poi.fidelity_samples` permutations above 12 experts): Spearman ρ and Kendall τ, mean over measurements"
+        + (f", then mean ± std (min) over {len(runs_events)} runs" if len(runs_events) > 1 else "")
+        + "; forwards of one view over all layers."
+    )
+    return [title, "", *markdown_table(header, rows), ""]
+
+
+def spread(values: list[float]) -> str:
+    if len(values) <= 1:
+        return mean_pm_std(values, ".3f")
+    return f"{mean_pm_std(values, '.2f')} ({min(values):.2f})"
 
 
 def plot_poi_scores(scored: list[dict], path: Path) -> Path:
