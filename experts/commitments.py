@@ -50,15 +50,15 @@ def row_sketch_AK(t_AD: torch.Tensor) -> torch.Tensor:
 
 
 def param_sketch_P(params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """K bilinear projections u_kᵀ W v_k per parameter, in name order (float64: a step moves a
-    parameter by ~lr, so its sketch must resolve far below the parameter's own size)."""
+    """K bilinear projections u_kᵀ W v_k per parameter, in name order (float32: a step moves a sketch
+    by ~1e-3 of its size, resolved to ~1e-4 of itself; float64 GEMMs are 1000x slower on some CPUs)."""
     parts = []
     for name in sorted(params):
-        w_OI = params[name].detach().double().reshape(params[name].shape[0] if params[name].ndim else 1, -1)
-        u_KO = _directions(SKETCH_DIRECTIONS, w_OI.shape[0], "param-rows", str(w_OI.device)).double()
-        v_KI = _directions(SKETCH_DIRECTIONS, w_OI.shape[1], "param-cols", str(w_OI.device)).double()
+        w_OI = params[name].detach().float().reshape(params[name].shape[0] if params[name].ndim else 1, -1)
+        u_KO = _directions(SKETCH_DIRECTIONS, w_OI.shape[0], "param-rows", str(w_OI.device))
+        v_KI = _directions(SKETCH_DIRECTIONS, w_OI.shape[1], "param-cols", str(w_OI.device))
         parts.append(((u_KO @ w_OI) * v_KI).sum(dim=1))
-    return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
+    return torch.cat(parts).cpu() if parts else torch.zeros(0)
 
 
 def digest(t: torch.Tensor) -> str:
