@@ -20,6 +20,7 @@ from typing import Any
 from moe.errors import LedgerError
 
 SLASH_REASON = "slash"
+EVIDENCE_KEYS = ("gap", "tolerance", "step_gap", "copy_of", "replay_of", "reason")  # what readers see first
 SLASH_SCALE = 10**9  # the slash fraction in parts per billion, so slashes are exact integer arithmetic
 
 

@@ -16,6 +16,7 @@ from experts.errors import IdentityError
 from experts.identity import read_hotkey
 from moe.errors import LedgerError
 from moe.incentives.ledger.anchor import LEDGER_FILE
+from moe.incentives.ledger.audits import EVIDENCE_KEYS
 from moe.incentives.ledger.emission import TOKEN
 from moe.incentives.ledger.summary import export_ledger, read_summary
 from moe.incentives.ledger.verify import verify_run
@@ -44,8 +45,7 @@ def _format_summary(path: Path, summary: Mapping[str, Any]) -> str:
 
 def _evidence(evidence: Mapping[str, Any]) -> str:
     """The evidence a reader needs first: the gap, and what the answer copied or replayed."""
-    keys = ("gap", "tolerance", "step_gap", "copy_of", "replay_of", "reason")
-    return ", ".join(f"{key}={evidence[key]}" for key in keys if key in evidence)
+    return ", ".join(f"{key}={evidence[key]}" for key in EVIDENCE_KEYS if key in evidence)
 
 
 def ledger_file(path: str | Path) -> Path:
