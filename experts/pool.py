@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from experts.behaviours import HONEST, Behaviour, ExpertFailure, answer_call
-from experts.commitments import AuditAnswer, CallRecord, answer_audit, digest, record_call
+from experts.commitments import AuditAnswer, CallRecord, answer_audit, record_call
 from experts.network import FaultPolicy, VirtualNetwork
 from experts.owner import ExpertOwner, OptimizerSettings, step_owners
 from router.plan import DispatchPlan
@@ -113,9 +113,9 @@ class ExpertPool(ABC):
         optimizer settings its owner steps with, for re-running a call and replaying a step."""
         raise NotImplementedError(f"{type(self).__name__} does not support audits")
 
-    def published_commitment(self, expert: int, version: int) -> str | None:
-        """The digest of the parameter commitment expert `expert`'s owner published for `version`
-        (None: not seen, as for the parameters it was hosted with)."""
+    def published_commitment(self, expert: int, version: int) -> torch.Tensor | None:
+        """The parameter sketch expert `expert`'s owner published for `version` (None: not seen, as
+        for the parameters it was hosted with)."""
         return None
 
     def keep_call(self, step: int, sizes: list[int], versions: list[int], x_AD, y_AD) -> None:
@@ -259,9 +259,9 @@ class LocalPool(ExpertPool):
     def audit(self, expert: int, version: int, timeout: float) -> AuditAnswer:
         return answer_audit(self.owners[expert].trail, version)
 
-    def published_commitment(self, expert: int, version: int) -> str | None:
+    def published_commitment(self, expert: int, version: int) -> torch.Tensor | None:
         state = self.owners[expert].state_at(version)
-        return digest(state.sketch_P) if state is not None else None
+        return state.sketch_P if state is not None else None
 
     def expert_replica(self, expert: int) -> tuple[nn.Module, OptimizerSettings]:
         return copy.deepcopy(self.experts[expert]), self.owners[expert].settings

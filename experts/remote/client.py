@@ -110,7 +110,7 @@ class RemotePool(ExpertPool):
         self.touched: set[int] = set()  # called with no tokens in a backward since the last step
         self.behaviours, self.behaviour_seed = {}, 0
         self.anchor = torch.zeros((), requires_grad=True)  # keeps the call in the graph for param grads
-        self.published: list[dict[int, str]] = [{} for _ in experts]  # per expert: version -> commitment
+        self.published: list[dict[int, torch.Tensor]] = [{} for _ in experts]  # per expert: version -> sketch
         self.last_call_id = 0
         self.known_versions = [0] * len(experts)  # each owner's latest version, from replies and acks
         self.layer = coordinator.attach(self)
@@ -338,13 +338,17 @@ class RemotePool(ExpertPool):
         version, commitment = meta.get("version"), meta.get("commitment")
         if isinstance(version, int) and not isinstance(version, bool):
             self.known_versions[expert] = version
-        if isinstance(version, int) and isinstance(commitment, str):
+        if (
+            isinstance(version, int)
+            and isinstance(commitment, list)
+            and all(isinstance(v, float) for v in commitment)
+        ):
             published = self.published[expert]
-            published[version] = commitment
+            published[version] = torch.tensor(commitment)
             while len(published) > self.audit_window + 1:
                 del published[min(published)]
 
-    def published_commitment(self, expert: int, version: int) -> str | None:
+    def published_commitment(self, expert: int, version: int) -> torch.Tensor | None:
         self.coordinator.drain()  # STEPPED acks that arrived since the last call
         return self.published[expert].get(version)
 

@@ -58,7 +58,9 @@ class Kind(IntEnum):
     BACKWARD = 7  # →w: tensors [grad_y_aD] for the call named by `step`; meta {input_only} (optional)
     GRAD_INPUT = 8  # →c: tensors [grad_x_aD] (none when the trainer asked for no input gradient)
     STEP = 9  # →w: clip, step and zero this expert's optimizer
-    STEPPED = 10  # →c: meta {skipped: reason or null, grad_norm, version, commitment (digest or null)}
+    STEPPED = (
+        10  # →c: meta {skipped: reason or null, grad_norm, version, commitment (parameter sketch or null)}
+    )
     GET_STATE = 11  # →w: send this expert's parameters and optimizer state
     STATE = 12  # →c: named tensors + meta {param_groups}
     LOAD_STATE = 13  # →w: replace parameters and optimizer state (named tensors + meta)

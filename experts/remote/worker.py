@@ -41,7 +41,6 @@ import torch
 import zmq
 
 from experts.behaviours import HONEST, Behaviour, ExpertFailure, answer_call, parse_behaviour
-from experts.commitments import digest
 from experts.errors import ConfigError, WireError
 from experts.identity import Identity
 from experts.modules import FFN, build_expert
@@ -388,7 +387,7 @@ class Worker:
         )
         committed = owner.trail.latest if owner.trail is not None else None
         meta = {"skipped": report.skipped, "grad_norm": report.grad_norm, "steps": owner.steps,
-                "version": owner.version, "commitment": digest(committed.sketch_P) if committed else None}  # fmt: skip
+                "version": owner.version, "commitment": committed.sketch_P.tolist() if committed else None}  # fmt: skip
         self.reply_to(message, Kind.STEPPED, meta=meta)
 
     # --- audits (experts/remote/audit_replies.py) ----------------------------------------------------

@@ -24,6 +24,7 @@ from experts.owner import ExpertOwner
 from experts.pool import ExpertPool
 
 SAME_ROW = 1e-5  # relative sketch distance under which two rows count as the same answer
+SAME_SKETCH = 1e-4  # parameters match a published commitment (float32 sketches, any thread count)
 
 
 @dataclass
@@ -65,8 +66,10 @@ def audit_call(
         return Verdict(False, "refused", {**where, "reason": str(refusal)[:200]})
     params_digest = digest(answer.state.sketch_P)
     published = pool.published_commitment(call.expert, call.version)
-    if published is not None and published != params_digest:
-        return Verdict(False, "commitment", {**where, "published": published, "answered": params_digest})
+    if published is not None and not relative_gap(answer.state.sketch_P, published) <= SAME_SKETCH:
+        return Verdict(
+            False, "commitment", {**where, "published": digest(published), "answered": params_digest}
+        )
     module, settings = pool.expert_replica(call.expert)
     module.load_state_dict(answer.state.params)
     y_aD = _rerun(module, call)
