@@ -7,19 +7,24 @@ it computes the honest output (unless the behaviour skips the work) and then let
 replace it or fail by raising `ExpertFailure`. Two more hooks complete a behaviour:
 `behaviour.learns_at(step)` says whether the owner steps its optimizer (`stale`), and
 `behaviour.latency_ms` is an extra reply delay (`slow`): virtual time in `LocalPool`, a real sleep
-in a worker. Random draws come from `router.seeds.torch_generator(seed, "behaviour", layer, step,
+in a worker. `cheap:r` and `replay:p` save compute while staying close to honest (what audits catch):
+the first answers with a rank-r truncated SVD of each weight matrix (cached per parameter version),
+the second, with probability p, answers an earlier call's output instead of computing. Random draws come from `router.seeds.torch_generator(seed, "behaviour", layer, step,
 expert)`, so a flaky or noisy expert draws the same numbers in either pool and in a resumed run.
 
-Legend: a assignments routed to one expert, D model width.
+Legend: a assignments routed to one expert, D model width; O, I a weight matrix's rows and columns, R rank.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from experts.errors import ConfigError
 from router.seeds import torch_generator
@@ -35,6 +40,8 @@ VALID_SPECS = (
     "flaky:p",
     "crash:s",
     "intermittent:s",
+    "cheap:r",
+    "replay:p",
 )
 
 
@@ -63,7 +70,7 @@ class Behaviour:
     @property
     def computes(self) -> bool:
         """Whether the owner runs its own expert at all (lazy and copycat miners skip the work)."""
-        return self.kind not in ("lazy", "copycat")
+        return self.kind not in ("lazy", "copycat", "cheap", "replay")
 
     def learns_at(self, step: int) -> bool:
         """Whether the owner steps its optimizer after training step `step` (a stale miner stops at s)."""
@@ -82,9 +89,12 @@ class CallContext:
     expert: int
     generator: torch.Generator
     peer: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    module: nn.Module | None = None  # the expert itself, for behaviours that compute their own way
 
 
-def run_expert(expert: nn.Module, behaviour: Behaviour, x_aD: torch.Tensor, call: CallContext) -> torch.Tensor:
+def run_expert(
+    expert: nn.Module, behaviour: Behaviour, x_aD: torch.Tensor, call: CallContext
+) -> torch.Tensor:
     """The output an owner returns for one call of `expert` on `x_aD`; raises `ExpertFailure`.
 
     Failures are decided before any work, as a dead or flaky miner would not compute. The returned
@@ -92,6 +102,7 @@ def run_expert(expert: nn.Module, behaviour: Behaviour, x_aD: torch.Tensor, call
     backward (or a worker's) trains the owner exactly as for an honest answer.
     """
     _raise_if_failing(behaviour, call)
+    call = dataclasses.replace(call, module=expert)
     y_aD = expert(x_aD) if behaviour.computes else None
     return _RESPONSES[behaviour.kind](behaviour, x_aD, y_aD, call)
 
@@ -164,6 +175,56 @@ def _intermittent(b: Behaviour, x_aD, y_aD, call: CallContext) -> torch.Tensor:
     return _lazy(b, x_aD, y_aD, call) if (call.step // int(b.arg)) % 2 else y_aD
 
 
+def _cheap(b: Behaviour, x_aD, y_aD, call: CallContext) -> torch.Tensor:
+    # The low-rank weights stand in for the real ones with the real ones' gradient path (straight
+    # through), so the miner keeps learning like an honest one and its answers stay close to honest.
+    approx = low_rank_weights(call.module, int(b.arg))
+    weights = {
+        name: approx[name] + (param - param.detach()) for name, param in call.module.named_parameters()
+    }
+    return functional_call(call.module, weights, (x_aD,))
+
+
+def low_rank_weights(module: nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """Each parameter's best rank-`rank` approximation (truncated SVD; vectors and matrices of rank
+    ≤ `rank` unchanged), cached per parameter and in-place version: an optimizer step refreshes it."""
+    cache = _LOW_RANK.setdefault(module, {})
+    approx = {}
+    for name, param in module.named_parameters():
+        key = (param._version, rank, param.data_ptr())
+        if name not in cache or cache[name][0] != key:
+            cache[name] = (key, _truncated(param.detach(), rank))
+        approx[name] = cache[name][1]
+    return approx
+
+
+def _truncated(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    if weight.ndim != 2 or rank >= min(weight.shape):
+        return weight
+    u_OR, s_R, vh_RI = torch.linalg.svd(weight.float(), full_matrices=False)
+    return ((u_OR[:, :rank] * s_R[:rank]) @ vh_RI[:rank]).to(weight.dtype)
+
+
+def _replay(b: Behaviour, x_aD, y_aD, call: CallContext) -> torch.Tensor:
+    cached = _LAST_OUTPUT.get(call.module)
+    if cached is not None and float(torch.rand((), generator=call.generator)) < b.arg:
+        return tiled_rows(cached, x_aD.shape[0]).to(dtype=x_aD.dtype)
+    y_aD = call.module(x_aD)
+    _LAST_OUTPUT[call.module] = y_aD.detach()
+    return y_aD
+
+
+def tiled_rows(y_nD: torch.Tensor, rows: int) -> torch.Tensor:
+    """`rows` rows from `y_nD`: its first rows, repeated as often as needed."""
+    repeats = -(-rows // max(y_nD.shape[0], 1))
+    return y_nD.repeat(repeats, 1)[:rows]
+
+
+# Per expert module: what a cheap or replaying miner keeps between calls (gone with the module).
+_LOW_RANK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LAST_OUTPUT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 _RESPONSES = {
     "honest": _unchanged,
     "noisy": _noisy,
@@ -175,6 +236,8 @@ _RESPONSES = {
     "flaky": _unchanged,
     "crash": _unchanged,
     "intermittent": _intermittent,
+    "cheap": _cheap,
+    "replay": _replay,
 }
 
 # kind -> (argument required?, check on the argument, what the check says)
@@ -189,8 +252,10 @@ _ARGUMENTS: dict[str, tuple[bool | None, Callable[[float], bool], str]] = {
     "flaky": (True, lambda v: 0 <= v <= 1, "p must be in [0, 1]"),
     "crash": (True, lambda v: v >= 0 and v == int(v), "s must be a step >= 0"),
     "intermittent": (True, lambda v: v >= 1 and v == int(v), "s must be a number of steps >= 1"),
+    "cheap": (True, lambda v: v >= 1 and v == int(v), "r must be a rank >= 1"),
+    "replay": (True, lambda v: 0 <= v <= 1, "p must be in [0, 1]"),
 }
-_INTEGER_KINDS = ("stale", "copycat", "crash", "intermittent")
+_INTEGER_KINDS = ("stale", "copycat", "crash", "intermittent", "cheap")
 
 
 def parse_behaviour(spec: str, expert: int | None = None) -> Behaviour:
@@ -210,7 +275,9 @@ def parse_behaviour(spec: str, expert: int | None = None) -> Behaviour:
     try:
         value = float(raw_arg)
     except ValueError:
-        raise ConfigError(f"behaviour '{spec}'{where}: '{raw_arg}' is not a number ({_usage(kind)})") from None
+        raise ConfigError(
+            f"behaviour '{spec}'{where}: '{raw_arg}' is not a number ({_usage(kind)})"
+        ) from None
     if not check(value):
         raise ConfigError(f"behaviour '{spec}'{where}: {rule}")
     return Behaviour(kind, value)
@@ -226,7 +293,9 @@ def parse_behaviours(specs: Mapping | None, num_experts: int) -> dict[int, Behav
     for key, spec in (specs or {}).items():
         expert = int(key)
         if not 0 <= expert < num_experts:
-            raise ConfigError(f"experts.behaviours names expert {expert}; valid indices: 0..{num_experts - 1}")
+            raise ConfigError(
+                f"experts.behaviours names expert {expert}; valid indices: 0..{num_experts - 1}"
+            )
         behaviour = parse_behaviour(spec, expert)
         if behaviour.kind == "copycat" and not (0 <= behaviour.arg < num_experts and behaviour.arg != expert):
             raise ConfigError(

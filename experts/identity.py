@@ -130,7 +130,9 @@ def read_hotkey(text_or_path: str | Path) -> str:
         try:
             text = path.read_text().strip()
         except OSError:
-            raise IdentityError(f"{text_or_path}: neither a public key (64 hex digits) nor a readable .pub file") from None
+            raise IdentityError(
+                f"{text_or_path}: neither a public key (64 hex digits) nor a readable .pub file"
+            ) from None
     if not _is_hotkey(text):
         raise IdentityError(f"{text_or_path}: not a public key (expected 64 hex digits)")
     return text.lower()

@@ -51,7 +51,9 @@ class ExpertsConfig(OptimizerSettings):
     d_ff: int = 256
     d_ff_per_expert: list[int] | None = None  # heterogeneous sizes; overrides d_ff when given
     activation: str = "gelu"
-    behaviours: dict[int, str] = field(default_factory=dict)  # expert index -> behaviour spec (experts/behaviours.py)
+    behaviours: dict[int, str] = field(
+        default_factory=dict
+    )  # expert index -> behaviour spec (experts/behaviours.py)
 
 
 def expert_widths(cfg: ExpertsConfig) -> list[int]:

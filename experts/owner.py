@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from experts.commitments import AuditTrail, OwnerState
+
 
 @dataclass
 class OptimizerSettings:
@@ -43,7 +45,29 @@ class ExpertOwner:
         self.optimizer = torch.optim.AdamW(
             module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, fused=True
         )
-        self.steps = 0  # optimizer steps taken
+        self.steps = 0  # optimizer steps taken: the version of the parameters
+        self.trail: AuditTrail | None = None  # what audits of recent versions need (`keep_states`)
+
+    @property
+    def version(self) -> int:
+        """The version id of the current parameters: the number of optimizer steps taken."""
+        return self.steps
+
+    def keep_states(self, window: int) -> None:
+        """From now on commit to the parameters after every step and keep the states of the last
+        `window` versions for audits (0: keep none)."""
+        self.trail = AuditTrail(window) if window > 0 else None
+        self.commit()
+
+    def commit(self) -> OwnerState | None:
+        """Commit to the current version (after a step, a load), when keeping states for audits."""
+        if self.trail is None:
+            return None
+        return self.trail.record(self.version, self.module, self.optimizer)
+
+    def state_at(self, version: int) -> OwnerState | None:
+        """The committed state of `version`, if still kept: what an audit asks of this owner."""
+        return self.trail.at(version) if self.trail is not None else None
 
     def gradient_norm(self, *, zero_missing_grads: bool = False) -> torch.Tensor | None:
         """Total gradient norm before clipping (0-d, no host sync), clipping when configured; None when
@@ -66,6 +90,7 @@ class ExpertOwner:
         if finite:
             self.optimizer.step()
             self.steps += 1
+            self.commit()
         self.zero_grad()
         if not finite:
             return StepReport(skipped="non-finite gradient")
@@ -89,6 +114,8 @@ class ExpertOwner:
         self.optimizer.load_state_dict(state["optimizer"])
         if "steps" in state:
             self.steps = int(state["steps"])
+        if self.trail is not None:  # the loaded state is a new history: older versions are not this one's
+            self.keep_states(self.trail.window)
 
 
 def step_owners(

@@ -9,6 +9,7 @@ Legend: A assignments sorted by expert, D model width, E experts.
 
 from __future__ import annotations
 
+import copy
 import logging
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from experts.behaviours import HONEST, Behaviour, ExpertFailure, answer_call
+from experts.commitments import AuditAnswer, CallRecord, answer_audit, record_call
 from experts.network import FaultPolicy, VirtualNetwork
 from experts.owner import ExpertOwner, OptimizerSettings, step_owners
 from router.plan import DispatchPlan
@@ -55,6 +57,10 @@ class ExpertPool(ABC):
     # What a simulated network and `slow:ms` behaviours cost, in virtual time (nothing sleeps): the
     # trainer adds them to wall time for `perf/sim_tokens_per_s`. Pools without simulation keep 0.
     simulated_latency_ms: float = 0.0  # slowest behaviour delay among this step's called experts
+    # Audits (experts/commitments.py): with `enable_audits(window)` every training call (grad enabled)
+    # leaves its `CallRecord` in `last_call`, and owners keep their last `window` versions.
+    audit_window: int = 0
+    last_call: CallRecord | None = None
 
     @property
     def network_clock_s(self) -> float:
@@ -93,6 +99,34 @@ class ExpertPool(ABC):
             yield
         finally:
             self._input_gradients_only = False
+
+    def enable_audits(self, window: int) -> None:
+        """Owners commit after every step and keep `window` versions; calls leave a `CallRecord`."""
+        raise NotImplementedError(f"{type(self).__name__} does not support audits")
+
+    def audit(self, expert: int, version: int, timeout: float) -> AuditAnswer:
+        """Ask expert `expert`'s owner for its state at `version`; raises `AuditRefused`."""
+        raise NotImplementedError(f"{type(self).__name__} does not support audits")
+
+    def expert_replica(self, expert: int) -> tuple[nn.Module, OptimizerSettings]:
+        """A fresh module shaped like expert `expert` (its parameters are the auditor's to load) and the
+        optimizer settings its owner steps with, for re-running a call and replaying a step."""
+        raise NotImplementedError(f"{type(self).__name__} does not support audits")
+
+    def published_commitment(self, expert: int, version: int) -> torch.Tensor | None:
+        """The parameter sketch expert `expert`'s owner published for `version` (None: not seen, as
+        for the parameters it was hosted with)."""
+        return None
+
+    def keep_call(self, step: int, sizes: list[int], versions: list[int], x_AD, y_AD) -> None:
+        """Record a training call for audits (the caller knows it is one: not an evaluation)."""
+        if self.audit_window:
+            self.last_call = record_call(step, sizes, versions, x_AD, y_AD)
+
+    def keep_output_gradient(self, grad_y_AD: torch.Tensor) -> None:
+        """The gradient the latest call's outputs got in the training backward (not PoI's extra ones)."""
+        if self.last_call is not None and not self._input_gradients_only:
+            self.last_call.grad_y_AD = grad_y_AD.detach()
 
     def set_behaviours(self, behaviours: dict[int, Behaviour], *, seed: int, layer: str) -> None:
         """Expert e answers as `behaviours[e]` (honest where absent), with draws from (seed, layer, step, e)."""
@@ -189,7 +223,13 @@ class LocalPool(ExpertPool):
         self.failure_counts.update(failures.items())
         answered_E = torch.ones(self.num_experts, dtype=torch.bool)
         answered_E[list(failures)] = False
-        return PoolOutput(torch.cat(y_slices), answered_E.to(x_AD.device))
+        y_AD = torch.cat(y_slices)
+        if self.audit_window and torch.is_grad_enabled():
+            versions = [-1 if e in failures else owner.version for e, owner in enumerate(self.owners)]
+            self.keep_call(step, sizes, versions, x_AD, y_AD)
+            if y_AD.requires_grad:
+                y_AD.register_hook(self.keep_output_gradient)
+        return PoolOutput(y_AD, answered_E.to(x_AD.device))
 
     def answer(self, e: int, x_aD: torch.Tensor, step: int, failures: dict[int, str]) -> torch.Tensor:
         """Expert e's reply under its behaviour; a behaviour's failure is recorded in `failures`."""
@@ -210,6 +250,21 @@ class LocalPool(ExpertPool):
         except ExpertFailure as failure:
             failures[e] = f"behaviour: {failure}"
             return x_aD.new_zeros(x_aD.shape)
+
+    def enable_audits(self, window: int) -> None:
+        self.audit_window = window
+        for owner in self.owners:
+            owner.keep_states(window)
+
+    def audit(self, expert: int, version: int, timeout: float) -> AuditAnswer:
+        return answer_audit(self.owners[expert].trail, version)
+
+    def published_commitment(self, expert: int, version: int) -> torch.Tensor | None:
+        state = self.owners[expert].state_at(version)
+        return state.sketch_P if state is not None else None
+
+    def expert_replica(self, expert: int) -> tuple[nn.Module, OptimizerSettings]:
+        return copy.deepcopy(self.experts[expert]), self.owners[expert].settings
 
     def step(self, training_step: int) -> None:
         learns = [self.behaviours.get(e, HONEST).learns_at(training_step) for e in range(self.num_experts)]

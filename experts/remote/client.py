@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from experts.behaviours import HONEST
+from experts.commitments import AuditAnswer, AuditRefused, OwnerState, param_sketch_P
 from experts.errors import CheckpointError, WireError
-from experts.modules import expert_spec
+from experts.modules import build_expert, expert_spec
 from experts.network import FailureMemory, FaultPolicy, NetworkConfig, Round, link_for, link_stream
 from experts.owner import OptimizerSettings
 from experts.pool import ExpertPool, PoolOutput, all_finite, invalid_outputs
@@ -109,6 +110,9 @@ class RemotePool(ExpertPool):
         self.touched: set[int] = set()  # called with no tokens in a backward since the last step
         self.behaviours, self.behaviour_seed = {}, 0
         self.anchor = torch.zeros((), requires_grad=True)  # keeps the call in the graph for param grads
+        self.published: list[dict[int, torch.Tensor]] = [{} for _ in experts]  # per expert: version -> sketch
+        self.last_call_id = 0
+        self.known_versions = [0] * len(experts)  # each owner's latest version, from replies and acks
         self.layer = coordinator.attach(self)
         self.host_all()
 
@@ -120,6 +124,7 @@ class RemotePool(ExpertPool):
             "link": asdict(self.links[expert]),
             "link_stream": self.link_streams[expert],
             "restore": restore,
+            "audit_window": self.audit_window,
         }
         key = {"step": next(self.coordinator.request_ids), "layer": self.layer, "expert": expert}
         return named_message(Kind.HOST, self.initial[expert], meta=meta, **key)
@@ -144,6 +149,8 @@ class RemotePool(ExpertPool):
                 self.memory.succeeded(e)
 
     def on_ack(self, worker: str, message: Message) -> None:
+        if message.kind == Kind.STEPPED:
+            self.publish(message.expert, message.meta)
         if message.kind == Kind.STEPPED and message.meta.get("skipped"):
             self.record_failures({message.expert: f"step: {message.meta['skipped']}"}, replace=False)
         elif message.kind == Kind.HOSTED:
@@ -178,6 +185,7 @@ class RemotePool(ExpertPool):
         x_slices = x_AD.detach().cpu().split(call.sizes)
         round_ = Round(plan.token_idx, call.sizes, asked, plan.num_tokens, self.policy, time.monotonic())
         pending, outputs = {}, {}
+        versions = [-1 if e in failures else v for e, v in enumerate(self.known_versions)]
         for e in asked:
             meta = {"keep": keep, "grad_input": grad_input, "step": step, **self.behaviour_meta(e)}
             message = Message(Kind.FORWARD, call.id, self.layer, e, meta=meta, tensors=[x_slices[e]])
@@ -193,6 +201,9 @@ class RemotePool(ExpertPool):
             reason = invalid_outputs([y_aD], [x_slices[e]], self.policy.max_output_norm).get(0)
             if reason is None:
                 outputs[e] = y_aD
+                version = message.meta.get("version", -1)
+                versions[e] = version if isinstance(version, int) and not isinstance(version, bool) else -1
+                self.known_versions[e] = versions[e]
                 round_.answer(e, time.monotonic())
             else:
                 on_fail(key, reason)
@@ -206,10 +217,16 @@ class RemotePool(ExpertPool):
         self.remember(asked, failures)
         self.record_failures(failures)
         call.answered = sorted(outputs)
+        for e in failures:
+            versions[e] = -1
         y_AD = torch.cat([outputs.get(e, x_aD.new_zeros(x_aD.shape)) for e, x_aD in enumerate(x_slices)])
         answered_E = torch.ones(self.num_experts, dtype=torch.bool)
         answered_E[list(failures)] = False
-        return y_AD.to(x_AD.device, x_AD.dtype), answered_E.to(x_AD.device), call
+        y_AD = y_AD.to(x_AD.device, x_AD.dtype)
+        if keep and self.audit_window:
+            self.keep_call(step, call.sizes, versions, x_AD, y_AD)
+            self.last_call_id = call.id
+        return y_AD, answered_E.to(x_AD.device), call
 
     def behaviour_meta(self, expert: int) -> dict:
         """What the owner needs to simulate its behaviour (see experts/behaviours.py); empty if honest."""
@@ -250,6 +267,8 @@ class RemotePool(ExpertPool):
             # In-process, an expert called with no tokens still gets zero gradients (and AdamW steps its
             # momentum); its owner is told to do the same at `step`, rather than sent an empty call.
             self.touched.update(e for e, size in enumerate(call.sizes) if size == 0)
+        if not input_only and call.id == self.last_call_id:
+            self.keep_output_gradient(grad_y_AD)
         grad_slices = grad_y_AD.detach().cpu().contiguous().split(call.sizes)
         pending, grads, failures = {}, {}, {}
         meta = {"input_only": True} if input_only else {}
@@ -306,6 +325,56 @@ class RemotePool(ExpertPool):
     def is_last_layer(self) -> bool:
         """Periodic checkpoints are triggered after the last layer's step, so all layers are stepped."""
         return self.layer == max(self.coordinator.pools)
+
+    # --- audits ------------------------------------------------------------------------------------
+
+    def enable_audits(self, window: int) -> None:
+        self.audit_window = window
+        for e, host in enumerate(self.hosts):
+            self.coordinator.send(host, Message(Kind.KEEP_STATES, 0, self.layer, e, meta={"window": window}))
+
+    def publish(self, expert: int, meta: dict) -> None:
+        """Remember the parameter commitment a STEPPED ack published (the last `audit_window` + 1)."""
+        version, commitment = meta.get("version"), meta.get("commitment")
+        if isinstance(version, int) and not isinstance(version, bool):
+            self.known_versions[expert] = version
+        if (
+            isinstance(version, int)
+            and isinstance(commitment, list)
+            and all(isinstance(v, float) for v in commitment)
+        ):
+            published = self.published[expert]
+            published[version] = torch.tensor(commitment)
+            while len(published) > self.audit_window + 1:
+                del published[min(published)]
+
+    def published_commitment(self, expert: int, version: int) -> torch.Tensor | None:
+        self.coordinator.drain()  # STEPPED acks that arrived since the last call
+        return self.published[expert].get(version)
+
+    def audit(self, expert: int, version: int, timeout: float) -> AuditAnswer:
+        key = (next(self.coordinator.request_ids), self.layer, expert)
+        message = Message(Kind.AUDIT, *key, meta={"version": version})
+        result = self.coordinator.request({key: (self.hosts[expert], message)}, Kind.AUDIT_STATE, timeout)[
+            key
+        ]
+        if isinstance(result, str):
+            raise AuditRefused(result)
+        state = self.checked_state(expert, result)
+        next_version, next_sketch = result.meta.get("next_version"), result.meta.get("next_sketch")
+        if state is None or result.meta.get("version") != version:
+            raise AuditRefused(f"the owner answered the audit of version {version} with a malformed state")
+        if not (next_version is None or isinstance(next_version, int)) or not isinstance(
+            next_sketch, list | None
+        ):
+            raise AuditRefused("the owner answered the audit with a malformed next commitment")
+        params, optimizer_state = state
+        owner_state = OwnerState(version, params, optimizer_state, param_sketch_P(params))
+        sketch = None if next_sketch is None else torch.tensor(next_sketch, dtype=torch.float64)
+        return AuditAnswer(owner_state, next_version, sketch)
+
+    def expert_replica(self, expert: int) -> tuple[nn.Module, OptimizerSettings]:
+        return build_expert(self.specs[expert]), self.optimizer
 
     def state_dict(self) -> dict:
         """Parameters and optimizer state of every expert, fetched from its owner, in `LocalPool`'s

@@ -12,6 +12,11 @@ from dataclasses import dataclass, fields
 from experts.errors import WireError
 from experts.remote.wire import WireLimits
 
+
+class RequestError(Exception):
+    """A well-formed request a worker cannot serve; answered with ERROR, never fatal."""
+
+
 HEARTBEAT_RANGE_S = (0.05, 60.0)  # a coordinator's heartbeat_interval is clamped to this
 DEFAULT_FRAME_MB, DEFAULT_MESSAGE_MB = 1024.0, 4096.0  # `ProcessTransportConfig` and workers alike
 

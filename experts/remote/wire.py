@@ -54,11 +54,13 @@ class Kind(IntEnum):
     HOST = 3  # →w: host expert (layer, expert): meta {spec, optim, link, restore}, tensors = parameters
     HOSTED = 4  # →c: hosted: meta {restored}
     FORWARD = 5  # →w: tensors [x_aD] for one expert, one call; meta {keep, grad_input}
-    OUTPUT = 6  # →c: tensors [y_aD]
+    OUTPUT = 6  # →c: tensors [y_aD]; meta {version} of the parameters that answered
     BACKWARD = 7  # →w: tensors [grad_y_aD] for the call named by `step`; meta {input_only} (optional)
     GRAD_INPUT = 8  # →c: tensors [grad_x_aD] (none when the trainer asked for no input gradient)
     STEP = 9  # →w: clip, step and zero this expert's optimizer
-    STEPPED = 10  # →c: meta {skipped: reason or null, grad_norm}
+    STEPPED = (
+        10  # →c: meta {skipped: reason or null, grad_norm, version, commitment (parameter sketch or null)}
+    )
     GET_STATE = 11  # →w: send this expert's parameters and optimizer state
     STATE = 12  # →c: named tensors + meta {param_groups}
     LOAD_STATE = 13  # →w: replace parameters and optimizer state (named tensors + meta)
@@ -72,6 +74,11 @@ class Kind(IntEnum):
     SHUTDOWN = 21  # →w: exit now
     REGISTER_AGAIN = 22  # →w: the coordinator does not know this peer (it restarted): send HELLO
     ERROR = 23  # either way: meta {reason, request}; the request named by (step, layer, expert) failed
+    KEEP_STATES = 24  # →w: meta {window}: commit after every step, keep the last `window` versions
+    AUDIT = 25  # →w: meta {version}: this expert's state at that version (ERROR when not kept)
+    AUDIT_STATE = (
+        26  # →c: named tensors (parameters, optimizer state) + meta {version, next_version, next_sketch}
+    )
 
 
 DTYPE_CODES: dict[torch.dtype, int] = {

@@ -46,9 +46,10 @@ from experts.identity import Identity
 from experts.modules import FFN, build_expert
 from experts.network import Link, LinkSpec
 from experts.owner import ExpertOwner, OptimizerSettings
+from experts.remote.audit_replies import audit_reply, audit_window
 from experts.remote.auth import connect_curve
 from experts.remote.checkpoint import CHECKPOINT_FILE, load_messages, save_messages
-from experts.remote.settings import WorkerLimits, WorkerSettings, typed_meta
+from experts.remote.settings import RequestError, WorkerLimits, WorkerSettings, typed_meta
 from experts.remote.wire import (
     RECEIVE_HWM,
     Kind,
@@ -64,10 +65,6 @@ log = logging.getLogger("experts.remote.worker")
 
 HELLO_RETRY_S = 1.0
 LOOP_TICK_S = 0.25  # longest sleep between parent checks and heartbeats
-
-
-class RequestError(Exception):
-    """A well-formed request this worker cannot serve; answered with ERROR, never fatal."""
 
 
 @dataclass
@@ -120,6 +117,7 @@ class Worker:
             Kind.STEP: self.on_step, Kind.GET_STATE: self.on_get_state, Kind.LOAD_STATE: self.on_load_state,
             Kind.CHECKPOINT: self.on_checkpoint, Kind.ECHO: self.on_echo,
             Kind.TRAIN_MODE: self.on_train_mode, Kind.SHUTDOWN: self.on_shutdown, Kind.ERROR: self.on_error,
+            Kind.KEEP_STATES: self.on_keep_states, Kind.AUDIT: self.on_audit,
         }  # fmt: skip
 
     # --- loop ------------------------------------------------------------------------------------
@@ -256,6 +254,7 @@ class Worker:
             link=Link(typed_meta(LinkSpec, meta.get("link", {}), "link"), meta.get("link_stream", [0])),
         )
         restored = bool(meta.get("restore")) and self.restore(hosted, message.expert)
+        hosted.owner.keep_states(audit_window(meta.get("audit_window", 0)))
         self.experts[(message.layer, message.expert)] = hosted
         self.reply_to(message, Kind.HOSTED, meta={"restored": restored})
 
@@ -318,7 +317,8 @@ class Worker:
         delay = hosted.link.sample(nbytes(x_aD), nbytes(y_aD))
         if delay is not None:
             delay += behaviour.latency_ms / 1e3
-        self.reply_to(message, Kind.OUTPUT, tensors=[y_aD.detach()], delay=delay)
+        meta = {"version": hosted.owner.version}
+        self.reply_to(message, Kind.OUTPUT, meta=meta, tensors=[y_aD.detach()], delay=delay)
 
     def answer(self, hosted: HostedExpert, behaviour: Behaviour, x_aD: torch.Tensor, message: Message):
         """The expert's output under the behaviour the simulation gives this miner (honest by default)."""
@@ -385,8 +385,20 @@ class Worker:
             learns=bool(message.meta.get("learns", True)),  # a stale miner has stopped stepping
             zero_missing_grads=bool(message.meta.get("zero_missing_grads")),  # called with no tokens
         )
-        meta = {"skipped": report.skipped, "grad_norm": report.grad_norm, "steps": owner.steps}
+        committed = owner.trail.latest if owner.trail is not None else None
+        meta = {"skipped": report.skipped, "grad_norm": report.grad_norm, "steps": owner.steps,
+                "version": owner.version, "commitment": committed.sketch_P.tolist() if committed else None}  # fmt: skip
         self.reply_to(message, Kind.STEPPED, meta=meta)
+
+    # --- audits (experts/remote/audit_replies.py) ----------------------------------------------------
+
+    def on_keep_states(self, message: Message) -> None:
+        """Commit after every step and keep the last `window` versions of this expert for audits."""
+        self.expert_of(message).owner.keep_states(audit_window(message.meta.get("window")))
+
+    def on_audit(self, message: Message) -> None:
+        """This expert's state at the version asked, and its next commitment; ERROR when not kept."""
+        self.reply(audit_reply(self.expert_of(message).owner, message))
 
     def single_tensor(self, message: Message) -> torch.Tensor:
         if len(message.tensors) != 1:

@@ -22,6 +22,7 @@ from experts.transport import Transport, open_transport
 from moe.data import build_data
 from moe.engine.metrics import MetricsLogger
 from moe.errors import ConfigError
+from moe.incentives.audits import Auditor, as_audit_config, build_auditor
 from moe.incentives.ledger import RewardLedger
 from moe.incentives.poi import PoIScorer, build_scorer
 from moe.nn.layer import MoELayer
@@ -45,6 +46,7 @@ class Run:
     step: int = 0
     scorer: PoIScorer | None = None  # per-expert PoI and its routing feedback (poi=null: none)
     ledger: RewardLedger | None = None  # rewards by Yuma consensus (ledger=null: none)
+    auditor: Auditor | None = None  # validators' audits of expert calls (audit.rate=0: none)
 
     @property
     def layers(self) -> list[MoELayer]:
@@ -78,10 +80,23 @@ def build_run(cfg: DictConfig, run_dir: Path, data=None) -> Run:
         scorer = build_scorer(
             cfg.get("poi"), accelerator.unwrap_model(model), data.val_batches(), seed=cfg.seed
         )
+        layers = accelerator.unwrap_model(model).moe_layers()
+        auditor = build_auditor(as_audit_config(cfg.get("audit")), layers, seed=cfg.seed)
     except BaseException:
         transport.close()
         raise
-    return Run(cfg, run_dir, accelerator, data, model, transport, optimizer, scheduler, scorer=scorer)
+    return Run(
+        cfg,
+        run_dir,
+        accelerator,
+        data,
+        model,
+        transport,
+        optimizer,
+        scheduler,
+        scorer=scorer,
+        auditor=auditor,
+    )
 
 
 def moe_factory(cfg: DictConfig, transport: Transport):

@@ -18,6 +18,7 @@ import router
 from experts.modules import ExpertsConfig
 from experts.transport import transport_configs
 from moe.data import data_configs
+from moe.incentives.audits import AuditConfig
 from moe.incentives.ledger import LedgerConfig
 from moe.incentives.poi import poi_configs
 from moe.nn.model import ModelConfig
@@ -57,6 +58,7 @@ class TrainConfig:
     data: Any = MISSING
     poi: Any = None
     ledger: Any = None
+    audit: AuditConfig = field(default_factory=AuditConfig)  # validators' audits (off: rate 0)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
@@ -99,6 +101,7 @@ def register_configs() -> None:
     store.store(group="experts", name="experts_schema", node=ExpertsConfig)
     store.store(group="logger", name="logger_schema", node=LoggerConfig)
     store.store(group="ledger", name="ledger_schema", node=LedgerConfig)
+    store.store(group="audit", name="audit_schema", node=AuditConfig)
     for name, strategy in router.strategies().items():
         store.store(group="router", name=f"{name}_schema", node=strategy.config_cls)
     for name, config_cls in transport_configs().items():

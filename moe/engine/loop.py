@@ -102,16 +102,20 @@ def loop(run: Run) -> dict:
     while run.step < cfg.max_steps:
         run.step += 1
         step_metrics = train_step(run)
+        audit_start = time.perf_counter()
+        failed_audits = run.auditor.after_step(run.step) if run.auditor is not None else []
+        step_metrics["seconds"] += time.perf_counter() - audit_start
         tokens, seconds = step_metrics.pop("tokens"), step_metrics.pop("seconds")
         window.add(tokens, seconds)
         simulated.add(tokens, seconds + step_metrics.pop("virtual_seconds"))
         if run.ledger is not None:  # before any checkpoint of this step, so resume finds the block
-            run.ledger.after_step(run.step, score_view(run), step_failures(run))
+            run.ledger.after_step(run.step, score_view(run), step_failures(run), audits=failed_audits)
         bar.update(1)
         bar.set_postfix(loss=f"{step_metrics['train/loss']:.3f}", tok_s=f"{window.rate():.0f}")
         if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
             poi_metrics = run.scorer.metrics() if run.scorer is not None else {}
             rewards = reward_metrics(run.ledger.summary()) if run.ledger is not None else {}
+            rewards |= run.auditor.metrics() if run.auditor is not None else {}
             perf = {"perf/tokens_per_s": window.rate(), "perf/sim_tokens_per_s": simulated.rate()}
             run.logger.log(run.step, {**step_metrics, **poi_metrics, **rewards, **perf})
             window, simulated = Throughput(), Throughput()
@@ -230,6 +234,7 @@ def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
         "perf/wall_s": wall_seconds,
         **(run.scorer.summary() if run.scorer is not None else {}),
         **(ledger_summary(run.ledger) if run.ledger is not None else {}),
+        **(run.auditor.metrics() if run.auditor is not None else {}),
     }
     (run.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from moe.experiments.render import figure_link, markdown_table, pyplot, save_figure
 from moe.incentives.ledger import TOKEN, iter_blocks, read_summary
+from moe.incentives.ledger.audits import EVIDENCE_KEYS
 from moe.incentives.rewards import LEDGER_FILE
 
 EMISSION_PLOT = "emission.png"
@@ -52,8 +53,23 @@ def rewards_section(run_dir: Path, out_dir: Path) -> list[str]:
             ["miner", "consensus", "incentive"],
             [[str(m), f"{c:.4f}", f"{i:.4f}"] for m, (c, i) in enumerate(per_miner)],
         )
+    lines += audits_lines(rewards.get("audits", []))
     figure = plot_emission(list(iter_blocks(path)), Path(out_dir) / EMISSION_PLOT)
     return [*lines, "", figure_link("emission per block", figure)]
+
+
+def audits_lines(audits: list[dict]) -> list[str]:
+    """The failed audits the ledger records: when, whom, which check, the slash and the evidence."""
+    if not audits:
+        return []
+    slashed = sum(audit["slashed"] for audit in audits) / TOKEN
+    lines = ["", f"Failed audits: {len(audits)}, slashed {slashed:.6f} tokens in all.", ""]
+    rows = [
+        [str(a["block"]), str(a["step"]), f"{a['subnet']}/{a['miner']}", a["check"], f"{a['slashed'] / TOKEN:.6f}",
+         ", ".join(f"{k}={a['evidence'][k]}" for k in EVIDENCE_KEYS if k in a["evidence"])]
+        for a in audits
+    ]  # fmt: skip
+    return lines + markdown_table(["block", "step", "miner", "check", "slashed", "evidence"], rows)
 
 
 def plot_emission(blocks: list[tuple[int, int, int, int, int]], path: Path) -> Path:

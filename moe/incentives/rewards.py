@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 
 from experts.behaviours import parse_behaviours
+from moe.incentives.audits import as_audit_config
 from moe.incentives.ledger import LEDGER_FILE, RewardLedger, ScoreView, as_ledger_config
+from moe.incentives.ledger.audits import AuditPolicy
 
 
 def open_run_ledger(
@@ -31,7 +33,14 @@ def open_run_ledger(
         seed=run.cfg.seed,
         resume_step=resume_step,
         checkpoint_state=checkpoint_state,
+        audit_policy=audit_policy(run.cfg.get("audit")),
     )
+
+
+def audit_policy(cfg) -> AuditPolicy:
+    """What a failed audit costs in the ledger: the run's `audit.slash` and `audit.ban_after`."""
+    audit = as_audit_config(cfg)
+    return AuditPolicy(slash=audit.slash, ban_after=audit.ban_after)
 
 
 def miner_labels(run) -> dict[str, list[str]]:

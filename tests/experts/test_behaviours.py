@@ -18,9 +18,11 @@ from experts.behaviours import (
     CallContext,
     ExpertFailure,
     answer_call,
+    low_rank_weights,
     parse_behaviour,
     parse_behaviours,
     run_expert,
+    tiled_rows,
 )
 from experts.modules import FFN
 from experts.owner import OptimizerSettings
@@ -61,6 +63,8 @@ def inputs(rows: int = 5) -> torch.Tensor:
         ("flaky:0.3", "flaky", 0.3),
         ("crash:7", "crash", 7),
         ("intermittent:20", "intermittent", 20),
+        ("cheap:4", "cheap", 4),
+        ("replay:0.5", "replay", 0.5),
         (" Noisy : 0.1 ", "noisy", 0.1),
     ],
 )
@@ -91,6 +95,11 @@ def test_unknown_spec_fails_listing_the_valid_ones():
         ("slow:fast", "not a number"),
         ("adversarial:0", "k must be > 0"),
         ("intermittent:0", "number of steps >= 1"),
+        ("cheap", "needs an argument"),
+        ("cheap:0", "r must be a rank >= 1"),
+        ("cheap:2.5", "r must be a rank >= 1"),
+        ("replay:1.5", "p must be in [0, 1]"),
+        ("replay", "needs an argument"),
     ],
 )
 def test_bad_arguments_fail_saying_why(spec, says):
@@ -215,6 +224,43 @@ def test_intermittent_alternates_honest_and_zero_answers(expert):
     zero = [not run_expert(expert, intermittent, inputs(), call(step=step)).any() for step in range(12)]
     assert zero == [False] * 3 + [True] * 3 + [False] * 3 + [True] * 3
     assert torch.equal(run_expert(expert, intermittent, inputs(), call(step=7)), expert(inputs()))
+
+
+def test_cheap_answers_with_rank_r_weights_cached_per_version_and_learns(expert):
+    x_aD = inputs()
+    y_aD = run_expert(expert, parse_behaviour("cheap:2"), x_aD, call())
+    reference_weights = {}
+    for name, param in expert.named_parameters():
+        u, s, vh = torch.linalg.svd(param.detach(), full_matrices=False)
+        reference_weights[name] = (u[:, :2] * s[:2]) @ vh[:2]
+    assert torch.allclose(y_aD, torch.func.functional_call(expert, reference_weights, (x_aD,)), atol=1e-5)
+    assert not torch.allclose(y_aD, expert(x_aD), atol=1e-3)  # close to honest, but not honest
+    cached = low_rank_weights(expert, 2)["w_in.weight"]
+    assert low_rank_weights(expert, 2)["w_in.weight"] is cached  # same parameter version: cached
+    y_aD.sum().backward()
+    assert expert.w_in.weight.grad is not None  # straight through: the miner keeps learning
+    with torch.no_grad():
+        expert.w_in.weight.add_(1.0)  # an optimizer step bumps the version
+    assert low_rank_weights(expert, 2)["w_in.weight"] is not cached
+    full_rank = run_expert(expert, parse_behaviour("cheap:64"), x_aD, call())
+    assert torch.allclose(full_rank, expert(x_aD), atol=1e-6)  # rank ≥ the matrix's: exact
+
+
+def test_replay_answers_an_earlier_output_with_its_probability(expert):
+    replay = parse_behaviour("replay:0.5")
+    first = run_expert(expert, replay, inputs(5), call(step=0))  # nothing cached yet: computed
+    assert torch.equal(first, expert(inputs(5)))
+    replayed = []
+    for step in range(1, 200):
+        x_aD = torch.randn(3 + step % 5, D, generator=torch.Generator().manual_seed(step))
+        y_aD = run_expert(expert, replay, x_aD, call(step=step))
+        honest = expert(x_aD)
+        replayed.append(not torch.allclose(y_aD, honest))
+        assert y_aD.shape == x_aD.shape
+    assert abs(sum(replayed) / len(replayed) - 0.5) < 0.1
+    assert torch.equal(tiled_rows(torch.arange(6.0).reshape(3, 2), 5)[3:], torch.tensor([[0.0, 1], [2, 3]]))
+    never = parse_behaviour("replay:0")
+    assert torch.equal(run_expert(expert, never, inputs(7), call(step=3)), expert(inputs(7)))
 
 
 def test_call_draws_depend_only_on_seed_layer_step_and_expert(expert):

@@ -16,6 +16,8 @@ from experts.errors import IdentityError
 from experts.identity import read_hotkey
 from moe.errors import LedgerError
 from moe.incentives.ledger.anchor import LEDGER_FILE
+from moe.incentives.ledger.audits import EVIDENCE_KEYS
+from moe.incentives.ledger.emission import TOKEN
 from moe.incentives.ledger.summary import export_ledger, read_summary
 from moe.incentives.ledger.verify import verify_run
 
@@ -29,7 +31,21 @@ def _format_summary(path: Path, summary: Mapping[str, Any]) -> str:
     lines += [f"  {role:<28} {amount['tokens']:>20.9f}" for role, amount in summary["by_role"].items()]
     lines.append("balances by behaviour (tokens):")
     lines += [f"  {key:<28} {amount['tokens']:>20.9f}" for key, amount in summary["by_behaviour"].items()]
+    audits = summary.get("audits", [])
+    lines.append(
+        f"failed audits: {len(audits)} (slashed {sum(a['slashed'] for a in audits) / TOKEN:.9f} tokens)"
+    )
+    lines += [
+        f"  block {a['block']:>5} step {a['step']:>6} miner/{a['subnet']}/{a['miner']:<3} {a['check']:<10} "
+        f"slashed {a['slashed'] / TOKEN:.9f}  {_evidence(a['evidence'])}"
+        for a in audits
+    ]
     return "\n".join(lines)
+
+
+def _evidence(evidence: Mapping[str, Any]) -> str:
+    """The evidence a reader needs first: the gap, and what the answer copied or replayed."""
+    return ", ".join(f"{key}={evidence[key]}" for key in EVIDENCE_KEYS if key in evidence)
 
 
 def ledger_file(path: str | Path) -> Path:
@@ -54,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="the public key that must have signed it (64 hex digits or a .pub file)",
     )
-    commands.add_parser("show", help="print balances by role and behaviour").add_argument("path")
+    commands.add_parser(
+        "show", help="print balances by role and behaviour, failed audits and slashes"
+    ).add_argument("path")
     export = commands.add_parser("export", help="write every table as CSV")
     export.add_argument("path")
     export.add_argument("--out", default=None, help="output folder (default: <ledger stem>_csv next to it)")

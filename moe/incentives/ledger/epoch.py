@@ -25,6 +25,7 @@ import torch
 
 from moe.errors import LedgerError
 from moe.incentives.consensus import YumaResult, yuma_epoch
+from moe.incentives.ledger.audits import AuditState
 from moe.incentives.ledger.config import LedgerConfig
 from moe.incentives.ledger.emission import FIXED_ONE, apportion, pro_rata_floor, to_fixed, to_u16_row
 from moe.incentives.ledger.submissions import Validators
@@ -56,10 +57,12 @@ class SubnetState:
     failed_steps_M: list[int] = field(default_factory=list)
     open_failed_M: list[int] = field(default_factory=list)
     open_failed_steps_M: list[int] = field(default_factory=list)
+    audits: AuditState | None = None  # failed audits, bans (ledger/audits.py)
 
     def __post_init__(self) -> None:
         for counts in (self.failed_M, self.failed_steps_M, self.open_failed_M, self.open_failed_steps_M):
             counts[:] = counts or [0] * self.num_miners
+        self.audits = self.audits or AuditState(self.num_miners)
 
     @property
     def num_miners(self) -> int:
@@ -116,6 +119,7 @@ class SubnetState:
         self.prev_bonds_VM = bonds.to(torch.float64) / FIXED_ONE
         self.failed_M[:] = [0] * self.num_miners
         self.failed_steps_M[:] = [0] * self.num_miners
+        self.audits.epoch_settled()
 
 
 @dataclass
@@ -313,7 +317,11 @@ def _pay_epoch(draft: BlockDraft, state: SubnetState, epoch: int, result: YumaRe
     """Pay the three pending pools and record the ``epochs`` and ``epoch_values`` rows; return consensus."""
     height, name = draft.height, state.name
     consensus = to_fixed(result.consensus)
-    incentive = to_fixed(result.incentive)
+    # a miner that failed an audit since the last epoch, or is banned, earns nothing this epoch
+    incentive = [
+        0 if barred else i
+        for i, barred in zip(to_fixed(result.incentive), state.audits.barred(epoch), strict=True)
+    ]
     dividends = to_fixed(result.dividends)
     miners = [f"miner/{name}/{j}" for j in range(state.num_miners)]
     validators = [f"validator/{i}" for i in range(len(dividends))]

@@ -5,7 +5,8 @@ From the genesis block's config (shares, stakes, Yuma settings) and each block's
 writer's own functions (``epoch.accrue_emission``, ``epoch.settle_epoch``): the emission and its
 18/41/41 split (as configured), every epoch's Yuma outcome (consensus, incentive, dividends,
 validator trust, bonds) and every payout. Any recorded row that differs from the rebuilt one names
-its block. It also checks each epoch's signed submissions (``submissions.check_submissions``).
+its block. Failed audits (``audits``) are replayed too: their slashes, and the zero incentive of the
+miners that failed or are banned. It also checks each epoch's signed submissions (``submissions.check_submissions``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from moe.errors import ConfigError, LedgerError
+from moe.incentives.ledger.audits import AuditPolicy, apply_audits
 from moe.incentives.ledger.config import as_ledger_config
 from moe.incentives.ledger.emission import block_emission, fraction_weights
 from moe.incentives.ledger.epoch import BlockDraft, SubnetState, account_rows, accrue_emission, settle_epoch
@@ -40,6 +42,7 @@ class Replay:
         try:
             self.cfg = as_ledger_config(json.loads(meta["config"]))
             subnets = json.loads(meta["subnets"])
+            self.audit_policy = AuditPolicy.from_meta(meta.get("audit"))
         except (KeyError, ValueError, ConfigError) as error:
             raise LedgerError(f"block 0: the recorded config cannot be read: {error}") from None
         self.genesis_hash = genesis_hash
@@ -82,6 +85,7 @@ class Replay:
         if emission != draft.emission:
             raise LedgerError(f"block {height}: emission {emission} breaks the schedule ({draft.emission})")
         accrue_emission(draft, self.subnet_weights, self.pool_weights)
+        apply_audits(draft, self.states, rows["audits"], self.audit_policy, self.cfg.tempo)
         if height % self.cfg.tempo == 0:
             self.epochs += 1
             strangers = {row[1] for row in rows["submissions"]} - set(self.states)

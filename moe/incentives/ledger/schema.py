@@ -4,7 +4,7 @@ Tables: ``meta`` (config, subnets, seed), ``accounts`` (with their balances and 
 ``blocks`` (with the writer's signature), ``payouts`` (every movement of units, signed amounts),
 ``epochs`` (pools, paid, carried, burned), ``epoch_values`` (consensus, incentive, dividends, validator
 trust in units of 1e-9), ``weights`` (the u16 rows Yuma used, as on chain), ``bonds`` (1e-9),
-``failures`` (per block and miner) and ``submissions`` (each validator's signed weights, commit or reveal).
+``failures`` (per block and miner), ``audits`` (failed audits with their evidence) and ``submissions`` (each validator's signed weights, commit or reveal).
 
 Each block's SHA-256 covers the block's fields, the previous block's hash and every row written in
 that block in every table (rows of the genesis block: ``meta`` and ``accounts``), so a change to any
@@ -26,7 +26,7 @@ from typing import Any
 
 from moe.errors import LedgerError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 GENESIS_PREV_HASH = "0" * 64
 
 SCHEMA = """
@@ -66,6 +66,10 @@ CREATE TABLE failures (
     block INTEGER NOT NULL, subnet TEXT NOT NULL, miner INTEGER NOT NULL, failed INTEGER NOT NULL,
     failed_steps INTEGER NOT NULL, PRIMARY KEY (block, subnet, miner)
 ) WITHOUT ROWID, STRICT;
+CREATE TABLE audits (
+    block INTEGER NOT NULL, subnet TEXT NOT NULL, miner INTEGER NOT NULL, step INTEGER NOT NULL,
+    kind TEXT NOT NULL, evidence TEXT NOT NULL, PRIMARY KEY (block, subnet, miner, step, kind)
+) WITHOUT ROWID, STRICT;
 CREATE TABLE submissions (
     block INTEGER NOT NULL, subnet TEXT NOT NULL, validator INTEGER NOT NULL, kind TEXT NOT NULL,
     digest TEXT NOT NULL, salt TEXT NOT NULL, signature TEXT NOT NULL,
@@ -101,6 +105,7 @@ HASHED_TABLES: dict[str, tuple[tuple[str, ...], str | None]] = {
     "weights": (("block", "subnet", "validator", "miner", "value"), "block"),
     "bonds": (("block", "subnet", "validator", "miner", "value"), "block"),
     "failures": (("block", "subnet", "miner", "failed", "failed_steps"), "block"),
+    "audits": (("block", "subnet", "miner", "step", "kind", "evidence"), "block"),
     "submissions": (("block", "subnet", "validator", "kind", "digest", "salt", "signature"), "block"),
 }
 ALL_TABLES = ("blocks", *HASHED_TABLES)

@@ -11,6 +11,7 @@ from typing import Any
 
 from moe.errors import LedgerError
 from moe.incentives.ledger.anchor import head_of
+from moe.incentives.ledger.audits import recorded_audits
 from moe.incentives.ledger.emission import FIXED_ONE, TOKEN
 from moe.incentives.ledger.schema import ALL_TABLES, connect_read_only, has_tables
 
@@ -27,6 +28,7 @@ def summarise(conn: sqlite3.Connection) -> dict[str, Any]:
             "by_behaviour": {},
             "last_epoch": {},
             "head": None,
+            "audits": [],
         }
     height, step, issuance, burned = conn.execute(
         "SELECT height, step, issuance, burned FROM blocks ORDER BY height DESC LIMIT 1"
@@ -55,6 +57,7 @@ def summarise(conn: sqlite3.Connection) -> dict[str, Any]:
         "by_behaviour": by_behaviour,
         "last_epoch": _last_epochs(conn),
         "head": head_of(conn),
+        "audits": recorded_audits(conn),
     }
 
 

@@ -28,6 +28,7 @@ import torch
 
 from moe.errors import ConfigError, LedgerError
 from moe.incentives.ledger.anchor import anchor_from, head_of
+from moe.incentives.ledger.audits import AuditPolicy, apply_audits, audit_rows, restore_audit_state
 from moe.incentives.ledger.config import RUNTIME_ONLY_FIELDS, LedgerConfig, as_ledger_config
 from moe.incentives.ledger.emission import block_emission, fraction_weights
 from moe.incentives.ledger.epoch import (
@@ -79,6 +80,7 @@ class RewardLedger:
         seed: int,
         resume_step: int | None = None,
         checkpoint_state: Mapping[str, Any] | None = None,
+        audit_policy: AuditPolicy | None = None,
     ) -> None:
         """Open (or create) the ledger at ``path`` for writing.
 
@@ -87,9 +89,12 @@ class RewardLedger:
         from): blocks closed after that step are rolled back, so the run continues with no gap and no
         duplicate. ``checkpoint_state`` is what ``checkpoint_state()`` returned at that step: its head
         must be in the chain, and with commit-reveal it carries the validators' unrevealed rows. The file
-        is locked against a second writer until ``close``.
+        is locked against a second writer until ``close``. ``audit_policy``: what a failed audit costs
+        (``ledger/audits.py``; default: nothing beyond its record and the epoch's zero incentive).
         """
         self._cfg = as_ledger_config(cfg)
+        self._audit_policy = audit_policy or AuditPolicy()
+        self._open_audits: list[Any] = []
         self._path = Path(path)
         self._seed = int(seed)
         self._subnet_names = list(subnets)
@@ -154,6 +159,7 @@ class RewardLedger:
             "config": json.dumps(config, sort_keys=True),
             "subnets": json.dumps([[name, state.miner_labels] for name, state in self._subnets.items()]),
             "seed": str(self._seed),
+            "audit": self._audit_policy.meta(),
         }
 
     def _create(self, genesis_step: int) -> None:
@@ -212,6 +218,7 @@ class RewardLedger:
         )
         for state in self._subnets.values():
             load_subnet_state(conn, state, len(self._cfg.validators), self._cfg.commit_reveal)
+            restore_audit_state(conn, state, self._audit_policy, self._cfg.tempo)
 
     def _restore(self, checkpoint_state: Mapping[str, Any]) -> None:
         """Check the checkpoint's anchored head against the chain; take back the unrevealed rows."""
@@ -267,12 +274,14 @@ class RewardLedger:
         step: int,
         score_view: ScoreView,
         failures: Mapping[str, torch.Tensor] | None = None,
+        audits: Sequence[Any] = (),
     ) -> None:
         """Record training step ``step`` (consecutive, from 1); close a block and maybe run an epoch.
 
         ``score_view(v)`` gives validator v's PoI scores ``{layer: Tensor[E]}``; it is called only at an
         epoch, only for validators whose behaviour needs it. ``failures[layer][e]`` counts expert e's
-        failures during this step.
+        failures during this step; ``audits`` are the audits that failed during it (objects with
+        ``layer``, ``expert``, ``step``, ``check`` and ``evidence``; ``moe.incentives.audits.FailedAudit``).
         """
         if self._closed:
             raise LedgerError(f"ledger {self._path} is closed")
@@ -281,6 +290,7 @@ class RewardLedger:
                 f"ledger {self._path}: expected step {self._step + 1}, got {step} (steps must be consecutive)"
             )
         self._record_failures(failures or {})
+        self._open_audits += audit_rows(0, audits, self._subnet_names)
         self._step = step
         if step % self._cfg.steps_per_block == 0:
             self._close_block(score_view)
@@ -306,6 +316,8 @@ class RewardLedger:
             balances=self._balances,
         )
         accrue_emission(draft, self._subnet_weights, self._pool_weights)
+        draft.rows["audits"] += [(draft.height, *row[1:]) for row in self._open_audits]
+        apply_audits(draft, self._subnets, draft.rows["audits"], self._audit_policy, self._cfg.tempo)
         for name in self._subnet_names:
             draft.rows["failures"] += self._subnets[name].open_failure_rows(draft.height)
         if draft.height % self._cfg.tempo == 0:
@@ -357,6 +369,7 @@ class RewardLedger:
         self._burned += draft.burned
         for account, delta in draft.deltas.items():
             self._balances[account] += delta
+        self._open_audits = []
         for state in self._subnets.values():
             state.close_block()
         for name, update in draft.subnet_updates.items():

@@ -1,0 +1,126 @@
+"""Audit overhead, measured in one run: the step time with audits at `audit.rate` vs without.
+
+For each scenario (the default `python train.py` byte LM, and `data=clusters`; both with experts in
+process, `transport=local`, and no ledger, `~ledger`, so the numbers are the audits' own) it builds the
+same run three times: audits off (`audit.rate=0`), commitments only (audits enabled at a rate so low
+that none is drawn: what every step pays for output sketches and the owners' trails), and audits at
+`--rate` (default 0.05, the issue's target: overhead ≤ 7 % of a training step). A step is the
+training step plus the auditor's end-of-step work (sampling, re-running, replaying). Blocks of steps
+of the three are interleaved, so load from other processes hits all alike; medians over blocks after
+a warm-up block.
+
+    python benchmarks/audits.py                          # both scenarios
+    python benchmarks/audits.py --scenarios clusters --blocks 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+TARGET_OVERHEAD = 0.07
+SCENARIOS = {
+    "lm": ["transport=local", "~ledger"],  # the default run's byte LM on the mixture corpus
+    "clusters": ["data=clusters", "transport=local", "~ledger"],
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--rate", type=float, default=0.05, help="audit.rate of the audited run")
+    parser.add_argument("--blocks", type=int, default=8, help="timed blocks of steps per variant")
+    parser.add_argument("--block", type=int, default=10, help="steps per block")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
+    return parser.parse_args()
+
+
+def variants(rate: float) -> dict[str, list[str]]:
+    return {"off": ["audit.rate=0"], "commitments": ["audit.rate=1e-12"], "audits": [f"audit.rate={rate}"]}
+
+
+def build(scenario: list[str], variant: list[str], run_dir: Path, threads: int):
+    from moe.engine.build import build_run
+    from tests.helpers import compose
+
+    overrides = [
+        *scenario,
+        *variant,
+        f"run_dir={run_dir}",
+        "trainer.progress=false",
+        f"trainer.threads={threads}",
+    ]
+    return build_run(compose(overrides), run_dir)
+
+
+def timed_step(run) -> float:
+    from moe.engine.loop import train_step
+
+    run.step += 1
+    start = time.perf_counter()
+    train_step(run)
+    if run.auditor is not None:
+        run.auditor.after_step(run.step)
+    return time.perf_counter() - start
+
+
+def step_times(runs: dict, blocks: int, block: int) -> dict[str, float]:
+    """Median seconds per step of each run over interleaved blocks, after one warm-up block each."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for index in range(1 + blocks):
+        for name, run in runs.items():
+            seconds = sum(timed_step(run) for _ in range(block)) / block
+            if index > 0:
+                times[name].append(seconds)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def report(name: str, scenario: list[str], args: argparse.Namespace, root: Path) -> None:
+    runs = {variant: build(scenario, overrides, root / f"{name}-{variant}", args.threads)
+            for variant, overrides in variants(args.rate).items()}  # fmt: skip
+    try:
+        layers = runs["off"].layers
+        medians = step_times(runs, args.blocks, args.block)
+        base = medians["off"]
+        audited = runs["audits"].auditor
+        calls = sum(n for (_, _, what), n in audited.tally.items() if what == "run")
+        print(f"[{name}] L={len(layers)} E={layers[0].pool.num_experts}, {args.blocks} interleaved blocks of "
+              f"{args.block} steps, threads={torch.get_num_threads()}, {calls} calls audited")  # fmt: skip
+        print(f"  training step, audits off           {base * 1e3:8.2f} ms")
+        for variant, label in (
+            ("commitments", "commitments only (rate ~0)"),
+            ("audits", f"audit.rate={args.rate}"),
+        ):
+            overhead = medians[variant] / base - 1
+            verdict = "ok" if overhead <= TARGET_OVERHEAD else "ABOVE TARGET"
+            print(f"  {label:34s}  {medians[variant] * 1e3:8.2f} ms   overhead {overhead:+7.1%}   "
+                  f"(target <= {TARGET_OVERHEAD:.0%}: {verdict})")  # fmt: skip
+    finally:
+        for run in runs.values():
+            run.transport.close()
+
+
+def main() -> None:
+    args = parse_args()
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="audit-bench-") as tmp:
+        for name in args.scenarios:
+            report(name, SCENARIOS[name], args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

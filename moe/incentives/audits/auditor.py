@@ -1,0 +1,112 @@
+"""The validators' auditor: samples calls after their replies and audits them once their owners have
+stepped (at the end of the same training step), keeping per-expert tallies for metrics and the
+failures (with evidence) for the ledger.
+
+Legend: A assignments of a layer's call, a one expert's rows, K sketch directions, E experts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+
+import torch
+
+from moe.incentives.audits.checks import SampledCall, Verdict, audit_call
+from moe.incentives.audits.config import AuditConfig, tolerances
+from router.seeds import torch_generator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FailedAudit:
+    """One failed audit, as the ledger records it."""
+
+    layer: str
+    expert: int
+    step: int
+    check: str
+    evidence: dict
+
+
+class Auditor:
+    """Audits a random `cfg.rate` of each layer's training calls (see `checks.audit_call`)."""
+
+    def __init__(self, cfg: AuditConfig, layers, seed: int):
+        self.cfg, self.layers, self.seed = cfg, list(layers), seed
+        for layer in self.layers:
+            layer.pool.enable_audits(cfg.window)
+        # per layer: (step, sizes, output sketches, input sketches) of the last `window` calls
+        self.history = {layer.name: deque(maxlen=cfg.window) for layer in self.layers}
+        self.tally: Counter = Counter()  # (layer, expert, "run" | "failed")
+        self.seconds = 0.0
+
+    def after_step(self, step: int) -> list[FailedAudit]:
+        """Sample this step's calls and audit them (owners have stepped); returns the failures."""
+        start = time.perf_counter()
+        failures = []
+        for layer in self.layers:
+            for call in self.sample(layer, step):
+                verdict = audit_call(
+                    layer.pool, call, tolerances(call.dtype, self.cfg.tolerance), self.cfg.timeout
+                )
+                failures += self.count(call, verdict)
+        self.seconds += time.perf_counter() - start
+        return failures
+
+    def sample(self, layer, step: int) -> list[SampledCall]:
+        """The calls of `layer`'s latest training call (at `step`) drawn for audit, copied; the draw
+        comes from the validators' own stream, after the replies."""
+        record, layer.pool.last_call = layer.pool.last_call, None  # drop the references to the inputs
+        if record is None or record.step != step:
+            return []
+        draws_E = torch.rand(
+            len(record.sizes), generator=torch_generator(self.seed, "audit", layer.name, step)
+        )
+        offsets = [0]
+        for size in record.sizes:
+            offsets.append(offsets[-1] + size)
+        history = self.history[layer.name]
+        sampled = []
+        for e, draw in enumerate(draws_E.tolist()):
+            if record.versions[e] < 0 or not record.sizes[e] or draw >= self.cfg.rate:
+                continue
+            rows = slice(offsets[e], offsets[e + 1])
+            earlier = [
+                (s, out_AK[_rows(sizes, e)], in_AK[_rows(sizes, e)]) for s, sizes, out_AK, in_AK in history
+            ]
+            grad = None if record.grad_y_AD is None else record.grad_y_AD[rows].clone()
+            sampled.append(SampledCall(layer.name, e, step, record.versions[e], list(record.versions),
+                                       record.x_AD[rows].clone(), record.sketch_AK[rows].clone(), grad,
+                                       record.autocast_dtype, earlier))  # fmt: skip
+        history.append((step, record.sizes, record.sketch_AK, record.input_sketch_AK))
+        return sampled
+
+    def count(self, call: SampledCall, verdict: Verdict) -> list[FailedAudit]:
+        self.tally[(call.layer, call.expert, "run")] += 1
+        if verdict.passed:
+            return []
+        self.tally[(call.layer, call.expert, "failed")] += 1
+        log.info("audit failed: %s/%d at step %d (%s): %s", call.layer, call.expert, call.step, verdict.check,
+                 verdict.evidence)  # fmt: skip
+        return [FailedAudit(call.layer, call.expert, call.step, verdict.check, verdict.evidence)]
+
+    def metrics(self) -> dict[str, float]:
+        """`audits/<layer>/<expert>/{run,failed}` so far, and the seconds audits have taken."""
+        metrics = {
+            f"audits/{layer}/{expert}/{what}": float(n) for (layer, expert, what), n in self.tally.items()
+        }
+        return {**metrics, "audits/seconds": self.seconds}
+
+
+def _rows(sizes: list[int], expert: int) -> slice:
+    start = sum(sizes[:expert])
+    return slice(start, start + sizes[expert])
+
+
+def build_auditor(cfg: AuditConfig, layers, seed: int) -> Auditor | None:
+    """The run's auditor, or None when audits are off (`audit.rate: 0`)."""
+    return Auditor(cfg, layers, seed) if cfg.rate > 0 else None

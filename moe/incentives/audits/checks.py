@@ -1,0 +1,154 @@
+"""The checks of one audit, as a validator runs them on a sampled call (`SampledCall`).
+
+1. Ask the owner for its state at the version it answered with (`pool.audit`); refusal or timeout fails.
+2. The parameters must match the commitment the owner published for that version.
+3. Re-run the expert on the call's inputs (same autocast) and compare the row sketches of its output
+   with those of the output received, within the dtype's tolerance.
+4. Replay the owner's optimizer step on the gradient the call's outputs received: the parameters of
+   the version it committed to next must follow (a miner that stopped learning has no next version).
+When the output differs, the evidence says what it matches instead: another expert's output on the
+same inputs (a copy), or an earlier call's output (a replay).
+
+Legend: a rows of the sampled call, D model width, K sketch directions, h rows of earlier calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from experts.commitments import AuditAnswer, AuditRefused, digest, param_sketch_P, relative_gap, row_sketch_AK
+from experts.owner import ExpertOwner
+from experts.pool import ExpertPool
+
+SAME_ROW = 1e-5  # relative sketch distance under which two rows count as the same answer
+SAME_SKETCH = 1e-4  # parameters match a published commitment (float32 sketches, any thread count)
+
+
+@dataclass
+class SampledCall:
+    """What a validator copied of one sampled call: enough to audit it after the owner has stepped."""
+
+    layer: str
+    expert: int
+    step: int
+    version: int
+    versions: list[int]  # every expert's version in that call (a copied peer is re-run at its own)
+    x_aD: torch.Tensor
+    sketch_aK: torch.Tensor
+    grad_y_aD: torch.Tensor | None
+    autocast_dtype: torch.dtype | None
+    earlier: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (step, out, in)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.autocast_dtype or self.x_aD.dtype
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    check: str  # "output", "step", "refused", "commitment"
+    evidence: dict
+
+
+def audit_call(
+    pool: ExpertPool, call: SampledCall, tolerances: tuple[float, float], timeout: float
+) -> Verdict:
+    """Run every check on `call`; the first that fails decides the verdict and its evidence."""
+    output_tolerance, step_tolerance = tolerances
+    where = {"layer": call.layer, "expert": call.expert, "step": call.step, "version": call.version}
+    try:
+        answer = pool.audit(call.expert, call.version, timeout)
+    except AuditRefused as refusal:
+        return Verdict(False, "refused", {**where, "reason": str(refusal)[:200]})
+    params_digest = digest(answer.state.sketch_P)
+    published = pool.published_commitment(call.expert, call.version)
+    if published is not None and not relative_gap(answer.state.sketch_P, published) <= SAME_SKETCH:
+        return Verdict(
+            False, "commitment", {**where, "published": digest(published), "answered": params_digest}
+        )
+    module, settings = pool.expert_replica(call.expert)
+    module.load_state_dict(answer.state.params)
+    y_aD = _rerun(module, call)
+    gap = relative_gap(call.sketch_aK, row_sketch_AK(y_aD))
+    evidence = {**where, "params": params_digest, "output": digest(call.sketch_aK), "gap": round(gap, 6)}
+    if not gap <= output_tolerance:
+        explained = _explain(pool, call, timeout, output_tolerance)
+        return Verdict(False, "output", {**evidence, "tolerance": output_tolerance, **explained})
+    step_gap = _step_gap(module, ExpertOwner(module, settings), y_aD, call, answer)
+    if step_gap is None or not step_gap <= step_tolerance:
+        reason = "no version committed after this one" if step_gap is None else round(step_gap, 6)
+        return Verdict(False, "step", {**evidence, "step_gap": reason, "tolerance": step_tolerance})
+    return Verdict(True, "output", {**evidence, "step_gap": round(step_gap, 6)})
+
+
+def _rerun(module: torch.nn.Module, call: SampledCall) -> torch.Tensor:
+    device = call.x_aD.device.type
+    autocast = (
+        torch.autocast(device, dtype=call.autocast_dtype) if call.autocast_dtype else contextlib.nullcontext()
+    )
+    with torch.enable_grad(), autocast:
+        return module.to(call.x_aD.device)(call.x_aD)
+
+
+def _step_gap(module, owner: ExpertOwner, y_aD, call: SampledCall, answer: AuditAnswer) -> float | None:
+    """Relative gap between the parameter change the owner committed to (version v → its next) and
+    the owner's own step replayed from version v on the call's output gradient; None when the replay
+    steps but the owner committed to no later version (it stopped learning)."""
+    if call.grad_y_aD is None:  # the outputs got no gradient (no backward reached them): nothing to replay
+        return 0.0
+    owner.optimizer.load_state_dict(answer.state.optimizer)
+    owner.zero_grad()
+    y_aD.backward(call.grad_y_aD.to(y_aD.dtype))
+    report = owner.step()
+    if report.skipped:  # a non-finite gradient: the honest owner skips too, and keeps its version
+        return 0.0 if answer.next_version is None else 1.0
+    if answer.next_version is None or answer.next_sketch_P is None:
+        return None
+    before_P = answer.state.sketch_P
+    replayed = {name: p.detach() for name, p in module.named_parameters()}
+    return relative_gap(answer.next_sketch_P - before_P, param_sketch_P(replayed) - before_P)
+
+
+def _explain(pool: ExpertPool, call: SampledCall, timeout: float, tolerance: float) -> dict:
+    """What a failed output matches instead: another expert's answer on these inputs, or earlier rows."""
+    copied = _copied_expert(pool, call, timeout, tolerance)
+    if copied is not None:
+        return {"copy_of": copied}
+    replayed = _replayed_rows(call)
+    return {"replay_of": replayed} if replayed else {}
+
+
+def _copied_expert(pool: ExpertPool, call: SampledCall, timeout: float, tolerance: float) -> int | None:
+    for peer, version in enumerate(call.versions):
+        if peer == call.expert or version < 0:
+            continue
+        try:
+            answer = pool.audit(peer, version, timeout)
+        except AuditRefused:
+            continue
+        module, _ = pool.expert_replica(peer)
+        module.load_state_dict(answer.state.params)
+        with torch.no_grad():
+            gap = relative_gap(call.sketch_aK, row_sketch_AK(_rerun(module, call)))
+        if gap <= tolerance:
+            return peer
+    return None
+
+
+def _replayed_rows(call: SampledCall) -> dict | None:
+    """The earliest call whose rows the answer repeats for other inputs (zero rows do not count: they
+    are no one's answer), with the number of such rows; None when no row repeats."""
+    out_aK, in_aK = call.sketch_aK.double(), row_sketch_AK(call.x_aD).double()
+    out_scale_a1 = out_aK.norm(dim=1, keepdim=True)
+    in_scale_a1 = in_aK.norm(dim=1, keepdim=True)
+    for step, rows_hK, inputs_hK in sorted(call.earlier, key=lambda earlier: earlier[0]):
+        same_out_ah = torch.cdist(out_aK, rows_hK.double()) <= SAME_ROW * out_scale_a1
+        other_in_ah = torch.cdist(in_aK, inputs_hK.double()) > SAME_ROW * in_scale_a1
+        repeated_a = (same_out_ah & other_in_ah).any(dim=1) & (out_scale_a1[:, 0] > 0)
+        if bool(repeated_a.any()):
+            return {"step": step, "rows": int(repeated_a.sum())}
+    return None
