@@ -36,6 +36,7 @@ from moe.experiments.columns import (
     share,
     summed,
 )
+from moe.experiments.detection import DetectionSpec
 from router.typed_config import typed_config
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ class ReportSpec:
     columns: list[ColumnSpec] = field(default_factory=list)  # added after the standard ones
     gap_grid: GapGridSpec | None = None
     routing_heatmaps: HeatmapSpec | None = None
+    detection: DetectionSpec | None = (
+        None  # audits: caught per behaviour and audit rate (moe/experiments/detection.py)
+    )
     fidelity_table: bool = False  # PoI scorers against exact Shapley values (`poi.fidelity_every` runs)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from moe.experiments.columns import CAUSALITY_NOTE, event_metric
 from moe.experiments.comparison import add_causal_losses, plot_mean_curve_per_row, problem_lines, table
+from moe.experiments.detection import detection_section
 from moe.experiments.page_sections import fidelity_section, gap_grid_section, routing_heatmaps_section
 from moe.experiments.page_spec import ReportSpec, columns_for, load_report_spec
 from moe.experiments.render import display_path, figure_link
@@ -129,6 +130,8 @@ def special_sections(sweep: Sweep, spec: ReportSpec, slug: str, figures: Path) -
         lines += gap_grid_section(sweep, spec.gap_grid, slug, figures)
     if spec.routing_heatmaps is not None:
         lines += routing_heatmaps_section(sweep, spec.routing_heatmaps, slug, figures)
+    if spec.detection is not None:
+        lines += detection_section(sweep, spec.detection, slug, figures)
     if spec.fidelity_table:
         lines += fidelity_section(sweep)
     return lines
