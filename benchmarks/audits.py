@@ -16,18 +16,15 @@ a warm-up block.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from benchtools import build_training_run, interleaved_step_times, run_scenarios  # noqa: E402  (sibling module)
 
 TARGET_OVERHEAD = 0.07
 SCENARIOS = {
@@ -50,48 +47,12 @@ def variants(rate: float) -> dict[str, list[str]]:
     return {"off": ["audit.rate=0"], "commitments": ["audit.rate=1e-12"], "audits": [f"audit.rate={rate}"]}
 
 
-def build(scenario: list[str], variant: list[str], run_dir: Path, threads: int):
-    from moe.engine.build import build_run
-    from tests.helpers import compose
-
-    overrides = [
-        *scenario,
-        *variant,
-        f"run_dir={run_dir}",
-        "trainer.progress=false",
-        f"trainer.threads={threads}",
-    ]
-    return build_run(compose(overrides), run_dir)
-
-
-def timed_step(run) -> float:
-    from moe.engine.loop import train_step
-
-    run.step += 1
-    start = time.perf_counter()
-    train_step(run)
-    if run.auditor is not None:
-        run.auditor.after_step(run.step)
-    return time.perf_counter() - start
-
-
-def step_times(runs: dict, blocks: int, block: int) -> dict[str, float]:
-    """Median seconds per step of each run over interleaved blocks, after one warm-up block each."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for index in range(1 + blocks):
-        for name, run in runs.items():
-            seconds = sum(timed_step(run) for _ in range(block)) / block
-            if index > 0:
-                times[name].append(seconds)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def report(name: str, scenario: list[str], args: argparse.Namespace, root: Path) -> None:
-    runs = {variant: build(scenario, overrides, root / f"{name}-{variant}", args.threads)
+    runs = {variant: build_training_run([*scenario, *overrides], root / f"{name}-{variant}", args.threads)
             for variant, overrides in variants(args.rate).items()}  # fmt: skip
     try:
         layers = runs["off"].layers
-        medians = step_times(runs, args.blocks, args.block)
+        medians = interleaved_step_times(runs, args.blocks, args.block)
         base = medians["off"]
         audited = runs["audits"].auditor
         calls = sum(n for (_, _, what), n in audited.tally.items() if what == "run")
@@ -113,13 +74,7 @@ def report(name: str, scenario: list[str], args: argparse.Namespace, root: Path)
 
 def main() -> None:
     args = parse_args()
-    logging.disable(logging.WARNING)
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="audit-bench-") as tmp:
-        for name in args.scenarios:
-            report(name, SCENARIOS[name], args, Path(tmp))
+    run_scenarios(report, SCENARIOS, args.scenarios, args, "audit-bench-")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,17 @@
-"""Timing helpers shared by the benchmark scripts: warm up, then the median of repeats."""
+"""Helpers shared by the benchmark scripts: warm up, then the median of repeats; training runs built
+from config overrides and timed in interleaved blocks of steps; a scenario loop in a temporary folder."""
 
 from __future__ import annotations
 
+import logging
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+import torch
 
 
 def median_seconds(fn: Callable[[], object], *, repeats: int = 10, warmup: int = 2) -> float:
@@ -18,7 +25,9 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 10, warmup: int =
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], *, repeats: int = 10, warmup: int = 2) -> dict[str, float]:
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], *, repeats: int = 10, warmup: int = 2
+) -> dict[str, float]:
     """Median seconds per function, timing them in turn each round so that load on a shared machine
     hits every contestant alike and their ratio stays meaningful."""
     for _ in range(warmup):
@@ -31,3 +40,49 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, repeats: int = 
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def build_training_run(overrides: list[str], run_dir: Path, threads: int):
+    """The run `python train.py <overrides>` would build in `run_dir`, without a progress bar."""
+    from moe.engine.build import build_run
+    from tests.helpers import compose
+
+    cfg = compose([*overrides, f"run_dir={run_dir}", "trainer.progress=false", f"trainer.threads={threads}"])
+    return build_run(cfg, run_dir)
+
+
+def timed_train_step(run) -> float:
+    """Seconds of one training step of `run`, with the auditor's end-of-step work where it has one."""
+    from moe.engine.loop import train_step
+
+    run.step += 1
+    start = time.perf_counter()
+    train_step(run)
+    if getattr(run, "auditor", None) is not None:
+        run.auditor.after_step(run.step)
+    return time.perf_counter() - start
+
+
+def interleaved_step_times(runs: dict, blocks: int, block: int) -> dict[str, float]:
+    """Seconds per training step of each run: the median over blocks of `block` consecutive steps, the
+    runs' blocks interleaved so load from other processes hits all alike, after one warm-up block each."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for index in range(1 + blocks):
+        for name, run in runs.items():
+            seconds = sum(timed_train_step(run) for _ in range(block)) / block
+            if index > 0:
+                times[name].append(seconds)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run_scenarios(
+    report: Callable, scenarios: dict[str, list[str]], names: list[str], args, prefix: str
+) -> None:
+    """`report(name, overrides, args, folder)` for each scenario named, quietly, in a temporary folder."""
+    logging.disable(logging.WARNING)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        for name in names:
+            report(name, scenarios[name], args, Path(tmp))

@@ -19,11 +19,8 @@ Legend: E experts, L MoE layers.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +28,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from benchtools import build_training_run, interleaved_step_times, run_scenarios  # noqa: E402  (sibling module)
 
 TARGET_OVERHEAD = 0.05
 SCENARIOS = {
@@ -48,47 +47,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=16, help="shapley permutations")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     return parser.parse_args()
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import moe.engine.config  # noqa: F401  (registers the schemas)
-
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        return hydra_compose(config_name="train", overrides=overrides)
-
-
-def build(scenario: list[str], variant: list[str], run_dir: Path, threads: int):
-    from moe.engine.build import build_run
-
-    cfg = compose(
-        [*scenario, *variant, f"run_dir={run_dir}", "trainer.progress=false", f"trainer.threads={threads}"]
-    )
-    return build_run(cfg, run_dir)
-
-
-def timed_step(run) -> float:
-    from moe.engine.loop import train_step
-
-    run.step += 1
-    start = time.perf_counter()
-    train_step(run)
-    return time.perf_counter() - start
-
-
-def step_times(runs: dict, blocks: int, block: int) -> dict[str, float]:
-    """Seconds per training step of each run: the median over blocks of `block` consecutive steps
-    (a block holds one curvature step, so its cost is in), blocks interleaved across runs, after one
-    warm-up block each."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for index in range(1 + blocks):
-        for name, run in runs.items():
-            seconds = sum(timed_step(run) for _ in range(block)) / block
-            if index > 0:
-                times[name].append(seconds)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def view_seconds(run, scorer: str, samples: int) -> tuple[float, float]:
@@ -118,13 +76,13 @@ def timed(fn) -> float:
 
 def report(name: str, scenario: list[str], args: argparse.Namespace, root: Path) -> None:
     runs = {
-        variant: build(scenario, overrides, root / f"{name}-{variant}", args.threads)
+        variant: build_training_run([*scenario, *overrides], root / f"{name}-{variant}", args.threads)
         for variant, overrides in VARIANTS.items()
     }
     try:
         layers = runs["none"].layers
         experts = layers[0].pool.num_experts
-        medians = step_times(runs, args.blocks, args.block)
+        medians = interleaved_step_times(runs, args.blocks, args.block)
         base = medians["none"]
         print(
             f"[{name}] L={len(layers)} E={experts}, {args.blocks} interleaved blocks of {args.block} steps, "
@@ -172,13 +130,7 @@ def token_shapley_cost(run, step_seconds: float, num_layers: int) -> None:
 
 def main() -> None:
     args = parse_args()
-    logging.disable(logging.WARNING)
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="poi-bench-") as tmp:
-        for name in args.scenarios:
-            report(name, SCENARIOS[name], args, Path(tmp))
+    run_scenarios(report, SCENARIOS, args.scenarios, args, "poi-bench-")
 
 
 if __name__ == "__main__":
