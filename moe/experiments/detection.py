@@ -53,6 +53,13 @@ def honest_tallies(events: list[dict], prefixes: list[str]) -> tuple[float, floa
     return failed, sum(v for k, v in last.items() if k.endswith("/run"))
 
 
+def row_label(value) -> str:
+    """A row's `by` value as the page names it: a one-entry mapping (expert → behaviour) by its value."""
+    if isinstance(value, dict) and len(value) == 1:
+        return str(next(iter(value.values())))
+    return str(value)
+
+
 def detection_cells(sweep: Sweep, spec: DetectionSpec) -> dict[tuple[str, float], list[RunDetection]]:
     """(behaviour, rate) → one detection per completed seed."""
     cells: dict[tuple[str, float], list[RunDetection]] = {}
@@ -60,7 +67,7 @@ def detection_cells(sweep: Sweep, spec: DetectionSpec) -> dict[tuple[str, float]
         config = sweep.configs.get(run.job)
         if not run.complete or config is None:
             continue
-        behaviour = str(dotted_get(config, spec.by))
+        behaviour = row_label(dotted_get(config, spec.by))
         rate = float(dotted_get(config, spec.factor) or 0.0)
         cells.setdefault((behaviour, rate), []).append(run_detection(run.events, spec))
     return cells

@@ -24,7 +24,7 @@ def audited_run(job: str, behaviour: str, rate: float, seed: int, caught_at: int
         for step in range(5, 101, 5)
     ]  # fmt: skip
     run = JobRun(job, [f"seed={seed}"], {"val/loss": 1.0}, events)
-    return run, {"seed": seed, "audit": {"rate": rate}, "experts": {"behaviours": behaviour}}
+    return run, {"seed": seed, "audit": {"rate": rate}, "experts": {"behaviours": {"1": behaviour}}}
 
 
 def test_detection_counts_caught_seeds_first_steps_and_honest_false_positives(tmp_path):
