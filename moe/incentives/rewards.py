@@ -51,7 +51,9 @@ def miner_labels(run) -> dict[str, list[str]]:
 
 
 def score_view(run) -> ScoreView:
-    """Validator v's view per layer: v = 0 is the run's EMA PoI; others measure on their own batch."""
+    """Validator v's view per layer: v = 0 is the run's EMA PoI (a fresh view, as the others take, until
+    the scorer's first view: scorers that view every N steps have none before step N); others measure
+    on their own batch."""
     cache: dict[int, dict[str, torch.Tensor]] = {}
 
     def view(validator: int) -> dict[str, torch.Tensor]:
@@ -65,7 +67,7 @@ def score_view(run) -> ScoreView:
 def _measure(run, validator: int) -> dict[str, torch.Tensor]:
     if run.scorer is None:
         return gate_mass_by_layer(run)
-    if validator == 0:
+    if validator == 0 and run.scorer.has_views():
         return run.scorer.scores()
     batches = run.data.val_batches()
     return run.scorer.view(batches[validator % len(batches)], step=run.step)

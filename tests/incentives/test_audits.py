@@ -31,7 +31,7 @@ DISHONEST = {
     6: "cheap:4",
     7: "replay:0.5",
 }
-RUN = ["data=clusters", "experts.num=8", "poi.feedback=0", "trainer.log_every=10"]
+RUN = ["data=clusters", "experts.num=8", "poi=taylor", "poi.feedback=0", "trainer.log_every=10"]
 
 
 def behaviours_override(behaviours: dict[int, str]) -> str:
@@ -156,7 +156,7 @@ def test_every_dishonest_behaviour_fails_an_audit_and_honest_miners_none(run_tin
 
 def test_show_lists_failed_audits_and_verify_names_a_tampered_audit_row(run_tiny, capsys):
     _, run_dir = run_tiny(
-        "data=clusters", *steps(22), "audit.rate=1", "audit.slash=0.5", behaviours_override({1: "stale:12"})
+        "data=clusters", "poi=taylor", *steps(22), "audit.rate=1", "audit.slash=0.5", behaviours_override({1: "stale:12"})
     )
     assert ledger_main(["show", str(run_dir)]) == 0
     shown = capsys.readouterr().out

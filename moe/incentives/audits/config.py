@@ -13,8 +13,10 @@ from router.typed_config import typed_config
 # Honest floating-point noise, as a relative gap of sketches: outputs re-run elsewhere (other thread
 # counts, fused kernels, another process) and one replayed AdamW step (whose update is sign-like early
 # on, so elements with near-zero gradients may flip under noise). Measured gaps of honest runs sit
-# far below these; dishonest answers sit near 1 (see tests/incentives/test_audits.py).
-OUTPUT_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+# far below these; dishonest answers sit near 1 (see tests/incentives/test_audits.py). bf16: an honest
+# 4-expert `clusters` run re-run by the auditor reached a gap of 0.061 (a call whose rows cancel in the
+# projections), so bf16 and fp16 get a wider margin.
+OUTPUT_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 0.2, torch.float16: 0.1}
 STEP_TOLERANCE = {torch.float32: 5e-2, torch.float64: 1e-3, torch.bfloat16: 0.5, torch.float16: 0.3}
 
 

@@ -242,6 +242,10 @@ class PoIScorer:
         """Experts banned at `step` [E]."""
         return self.state[layer].banned_until_E > step
 
+    def has_views(self) -> bool:
+        """Whether any view has scored any expert yet (from the state, so a resumed run agrees)."""
+        return any(bool(state.views_E.any()) for state in self.state.values())
+
     def scores(self) -> dict[str, torch.Tensor]:
         """The current EMA score per layer [E] (the validator's own view, e.g. for ledger weights)."""
         return {name: state.score_E.clone() for name, state in self.state.items()}
