@@ -1,21 +1,74 @@
-"""MoE layer forward+backward against a dense FFN with the same activated FLOPs and a naive loop.
+"""MoE layer forward+backward against a dense FFN with the same activated FLOPs and a naive loop; training
+steps in bf16 against fp32; attention in bf16 against fp32 by head size.
 
     python benchmarks/moe_layer.py [--tokens 4096 --d-model 512 --d-ff 2048 --experts 8 --top-k 2]
+    python benchmarks/moe_layer.py --sections bf16 --train-steps 30      # the bf16 rows only
+    python benchmarks/moe_layer.py --sections attention --threads 1 --clock cpu
 
-Prints each time and the ratio dense / MoE (target ≥ 0.85). Legend: N tokens, D width, E experts.
+Sections (all by default):
+- layer: each time and the ratio dense / MoE (target ≥ 0.85), fp32.
+- bf16: tokens/s of `train.py`'s training step (transport=local, no PoI, no ledger) in fp32 and under
+  `trainer.precision=bf16`, steps of the two runs alternating, at the default size and at d_model 512,
+  d_ff 2048, with their ratio (targets where the CPU has bf16 units: ≥ 1.2 and ≥ 2); then the bf16 run
+  without row buckets (`experts.row_buckets=off`, timed alone), and how many distinct expert row counts
+  each bf16 run's expert calls saw (experts/rows.py). It first says whether the CPU has bf16 units.
+- attention: causal attention forward+backward under CPU bf16 autocast, computed in bf16 vs in fp32, by
+  head size (the rule in moe/nn/model.py, `CPU_BF16_ATTENTION_MIN_HEAD`).
+
+`--clock cpu` times with this process's CPU seconds instead of wall time: on a loaded machine, with
+`--threads 1`, the time a quiet one would take. Legend: N tokens, D width, E experts, B batch, H heads,
+T time, k head width.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
+from pathlib import Path
 
 import torch
-from benchtools import interleaved_medians  # sibling module: scripts run as python benchmarks/<name>.py
+from benchtools import (  # sibling module: scripts run as python benchmarks/<name>.py
+    CLOCKS,
+    interleaved_medians,
+)
+from hydra import compose, initialize_config_dir
 
+import moe.engine.config  # noqa: F401  (registers the config schemas)
 import router
 from experts.modules import FFN
 from experts.pool import LocalPool
+from moe.engine.build import Run, build_run
+from moe.engine.loop import seed_everything, train_step
 from moe.nn.layer import MoELayer
+from moe.nn.model import causal_attention
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+SIZES = {"default": [], "d_model=512 d_ff=2048": ["model.d_model=512", "experts.d_ff=2048"]}
+TARGETS = {"default": 1.2, "d_model=512 d_ff=2048": 2.0}  # bf16 / fp32 tokens/s (issue 15)
+HEAD_SIZES = ((64, 4), (128, 4), (128, 2), (256, 4), (512, 8), (512, 4), (512, 2), (1024, 4))  # (D, H)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", nargs="+", default=["layer", "bf16", "attention"],
+                        choices=["layer", "bf16", "attention"])  # fmt: skip
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--d-ff", type=int, default=2048)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--train-steps", type=int, default=30, help="bf16: timed training steps per run")
+    parser.add_argument("--warmup-steps", type=int, default=5, help="bf16: untimed steps first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--device", default="cpu")
+    return parser.parse_args()
+
+
+# --- layer -----------------------------------------------------------------------------------------
 
 
 def naive_loop(layer: MoELayer, x_ND: torch.Tensor) -> torch.Tensor:
@@ -29,19 +82,7 @@ def naive_loop(layer: MoELayer, x_ND: torch.Tensor) -> torch.Tensor:
     return out_ND
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--d-ff", type=int, default=2048)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def layer_section(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
     d, f = args.d_model, args.d_ff
@@ -65,12 +106,129 @@ def main() -> None:
         naive_loop(layer, x_ND).sum().backward()
         sync()
 
-    print(f"T={args.tokens} d={d} f={f} E={args.experts} k={args.top_k} fp32 on {device}, threads={torch.get_num_threads()}")
-    times = interleaved_medians({"dense": dense_step, "moe": moe_step, "naive": naive_step}, repeats=args.repeats)
+    print(
+        f"T={args.tokens} d={d} f={f} E={args.experts} k={args.top_k} fp32 on {device}, threads={torch.get_num_threads()}"
+    )
+    steps = {"dense": dense_step, "moe": moe_step, "naive": naive_step}
+    times = interleaved_medians(steps, repeats=args.repeats, clock=args.clock)
     for name, seconds in times.items():
         print(f"  {name:6s} forward+backward {seconds * 1e3:8.2f} ms")
     print(f"dense / MoE = {times['dense'] / times['moe']:.3f}   (target >= 0.85)")
     print(f"naive / MoE = {times['naive'] / times['moe']:.3f}")
+
+
+# --- bf16 training steps ----------------------------------------------------------------------------
+
+
+def cpu_bf16_units() -> list[str] | None:
+    """The CPU's bf16 matrix/vector units named in /proc/cpuinfo's flags; None where it cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    return [flag for flag in BF16_FLAGS if flag in flags]
+
+
+def bf16_units_note() -> str:
+    units = cpu_bf16_units()
+    if units is None:
+        return "CPU bf16 units: unknown (no /proc/cpuinfo); the speed targets may not apply"
+    if units:
+        return f"CPU bf16 units: {' '.join(units)}: the bf16 speed targets apply"
+    return (
+        f"CPU bf16 units: none ({' or '.join(BF16_FLAGS)} missing): bf16 is emulated on this CPU, the "
+        "speed targets (>= 1.2x, >= 2x) do not apply; the row-count counts below still do"
+    )
+
+
+def open_run(size: list[str], precision: str, row_buckets: str, run_dir: str) -> tuple[Run, set[int]]:
+    """A training run as `train.py` builds it (seed 0), and the set its expert calls' row counts go to."""
+    overrides = ["transport=local", "~poi", "ledger.enabled=false", "trainer.progress=false",
+                 f"trainer.precision={precision}", f"experts.row_buckets={row_buckets}", f"run_dir={run_dir}",
+                 *size]  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = compose(config_name="train", overrides=overrides)
+    seed_everything(cfg.seed)
+    run = build_run(cfg, Path(run_dir))
+    rows: set[int] = set()
+    for layer in run.layers:
+        for expert in layer.pool.experts:
+            expert.register_forward_pre_hook(lambda module, inputs: rows.add(inputs[0].shape[0]))
+    return run, rows
+
+
+def stepper(run: Run):
+    def step():
+        run.step += 1
+        train_step(run)
+
+    return step
+
+
+def bf16_section(args: argparse.Namespace) -> None:
+    print(bf16_units_note())
+    print(f"training steps (transport=local ~poi ledger.enabled=false), median of {args.train_steps} after "
+          f"{args.warmup_steps} warm-up, {args.clock} clock, threads={torch.get_num_threads()}")  # fmt: skip
+    print(f"{'size':<24}{'fp32 tok/s':>12}{'bf16 tok/s':>12}{'bf16/fp32':>11}{'target':>8}"
+          f"{'bf16 no-buckets tok/s':>23}{'rows seen: buckets':>20}{'no buckets':>12}")  # fmt: skip
+    timing = {"repeats": args.train_steps, "warmup": args.warmup_steps, "clock": args.clock}
+    for name, size in SIZES.items():
+        with tempfile.TemporaryDirectory() as folder:
+            # fp32 first: each build resets accelerate's shared state to its own precision, and only the
+            # bf16 runs read it (their autocast)
+            fp32, _ = open_run(size, "fp32", "auto", f"{folder}/fp32")
+            tokens = fp32.data.train_batch(1).targets.numel()
+            bf16, bucketed = open_run(size, "bf16", "auto", f"{folder}/bf16")
+            times = interleaved_medians({"fp32": stepper(fp32), "bf16": stepper(bf16)}, **timing)
+            close(fp32, bf16)
+            # alone: its per-shape kernels would crowd the bucketed run's out of oneDNN's cache
+            plain, unbucketed = open_run(size, "bf16", "off", f"{folder}/plain")
+            plain_s = interleaved_medians({"plain": stepper(plain)}, **timing)["plain"]
+            close(plain)
+        rate = {key: tokens / seconds for key, seconds in times.items()}
+        print(f"{name:<24}{rate['fp32']:>12.0f}{rate['bf16']:>12.0f}{rate['bf16'] / rate['fp32']:>11.2f}"
+              f"{TARGETS[name]:>8.1f}{tokens / plain_s:>23.0f}{len(bucketed):>20}{len(unbucketed):>12}")  # fmt: skip
+    steps = args.train_steps + args.warmup_steps
+    print(f"rows seen: distinct row counts of the expert calls (forward, every expert) over {steps} steps")
+
+
+def close(*runs: Run) -> None:
+    for run in runs:
+        run.transport.close()
+
+
+# --- attention -------------------------------------------------------------------------------------
+
+
+def attention_section(args: argparse.Namespace, batch: int = 16, seq_len: int = 128) -> None:
+    print(f"causal attention forward+backward under CPU bf16 autocast, B={batch} T={seq_len}, {args.clock} clock, "
+          f"threads={torch.get_num_threads()}; fp32: what moe/nn/model.py does below k=128")  # fmt: skip
+    print(f"{'D':>6}{'H':>4}{'k':>6}{'bf16 ms':>10}{'fp32 ms':>10}{'bf16/fp32':>11}")
+    for d_model, heads in HEAD_SIZES:
+        qkv = [torch.randn(batch, heads, seq_len, d_model // heads, requires_grad=True) for _ in range(3)]
+
+        def step(in_fp32: bool, qkv=qkv):
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # q, k, v come out of a bf16 projection
+                q_BHTk, k_BHTk, v_BHTk = (t.bfloat16() for t in qkv)
+                causal_attention(q_BHTk, k_BHTk, v_BHTk, in_fp32=in_fp32).float().sum().backward()
+
+        steps = {"bf16": lambda: step(False), "fp32": lambda: step(True)}
+        times = interleaved_medians(steps, repeats=args.repeats * 3, warmup=3, clock=args.clock)
+        print(f"{d_model:>6}{heads:>4}{d_model // heads:>6}{times['bf16'] * 1e3:>10.2f}{times['fp32'] * 1e3:>10.2f}"
+              f"{times['bf16'] / times['fp32']:>11.2f}")  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    sections = {"layer": layer_section, "bf16": bf16_section, "attention": attention_section}
+    for name in args.sections:
+        sections[name](args)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,33 @@ class ModelConfig:
     max_seq_len: int = 512
 
 
+# Under CPU bf16 autocast, torch 2.13's flash-attention backward in bf16 is slower than in fp32 at small
+# head sizes (forward + backward, B=16, T=128, one thread: 2.8x at k=32, 1.5x at k=64, even at k=128,
+# 0.65x at k=256; benchmarks/moe_layer.py --attention), so smaller heads attend in fp32.
+CPU_BF16_ATTENTION_MIN_HEAD = 128
+
+
+def attention_in_fp32(x: torch.Tensor, head_size: int) -> bool:
+    """Whether attention on `x` is computed in fp32 although autocast is on: on CPU, below
+    `CPU_BF16_ATTENTION_MIN_HEAD`, where that is faster. Without autocast it runs in fp32 anyway."""
+    cpu_autocast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    return cpu_autocast and head_size < CPU_BF16_ATTENTION_MIN_HEAD
+
+
+def causal_attention(
+    q_BHTk: torch.Tensor, k_BHTk: torch.Tensor, v_BHTk: torch.Tensor, in_fp32: bool | None = None
+) -> torch.Tensor:
+    """Causal softmax attention, in fp32 where `in_fp32` (None: where `attention_in_fp32` says that is
+    faster for this head size), else in the ambient precision."""
+    if in_fp32 is None:
+        in_fp32 = attention_in_fp32(q_BHTk, q_BHTk.shape[-1])
+    if not in_fp32:
+        return F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTk, is_causal=True)
+    with torch.autocast("cpu", enabled=False):
+        q_BHTk, k_BHTk, v_BHTk = q_BHTk.float(), k_BHTk.float(), v_BHTk.float()
+        return F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTk, is_causal=True)
+
+
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
@@ -45,7 +72,7 @@ class Attention(nn.Module):
         q_BHTk, k_BHTk, v_BHTk = rearrange(
             self.qkv(x_BTD), "b t (three h k) -> three b h t k", three=3, h=self.n_heads
         )
-        y_BHTk = F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTk, is_causal=True)
+        y_BHTk = causal_attention(q_BHTk, k_BHTk, v_BHTk)
         return self.proj(rearrange(y_BHTk, "b h t k -> b t (h k)"))
 
 

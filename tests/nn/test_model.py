@@ -1,0 +1,58 @@
+"""Attention runs in the precision that is fastest for its size (moe/nn/model.py): under CPU bf16 autocast,
+heads smaller than `CPU_BF16_ATTENTION_MIN_HEAD` attend in fp32, larger ones in bf16; without autocast
+nothing changes.
+
+Legend: B batch, H heads, T time, k head width, D model width.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe.nn.model import CPU_BF16_ATTENTION_MIN_HEAD, Attention, causal_attention
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def qkv(head: int, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(head)
+    return [torch.randn(2, 2, 16, head, generator=generator).to(dtype) for _ in range(3)]
+
+
+def test_small_heads_attend_in_fp32_under_cpu_bf16_autocast():
+    q_BHTk, k_BHTk, v_BHTk = qkv(CPU_BF16_ATTENTION_MIN_HEAD // 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_BHTk = causal_attention(q_BHTk, k_BHTk, v_BHTk)
+    reference = F.scaled_dot_product_attention(q_BHTk.float(), k_BHTk.float(), v_BHTk.float(), is_causal=True)
+    assert y_BHTk.dtype == torch.float32
+    assert torch.equal(y_BHTk, reference)
+
+
+def test_large_heads_attend_in_bf16_under_cpu_bf16_autocast():
+    q_BHTk, k_BHTk, v_BHTk = qkv(CPU_BF16_ATTENTION_MIN_HEAD)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_BHTk = causal_attention(q_BHTk, k_BHTk, v_BHTk)
+        reference = F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTk, is_causal=True)
+    assert y_BHTk.dtype == torch.bfloat16
+    assert torch.equal(y_BHTk, reference)
+
+
+@pytest.mark.parametrize("head", [16, CPU_BF16_ATTENTION_MIN_HEAD])
+def test_without_autocast_attention_is_plain_sdpa(head):
+    q_BHTk, k_BHTk, v_BHTk = qkv(head, torch.float32)
+    reference = F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTk, is_causal=True)
+    assert torch.equal(causal_attention(q_BHTk, k_BHTk, v_BHTk), reference)
+
+
+def test_an_attention_block_under_autocast_trains_through_its_fp32_heads():
+    torch.manual_seed(0)
+    attention = Attention(d_model=64, n_heads=2)  # head 32: fp32 inside, bf16 projections around it
+    x_BTD = torch.randn(2, 16, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_BTD = attention(x_BTD)
+    y_BTD.float().square().sum().backward()
+    assert y_BTD.dtype == torch.bfloat16
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in attention.parameters())
+    assert torch.isfinite(x_BTD.grad).all()
