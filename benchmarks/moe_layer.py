@@ -13,7 +13,7 @@ Sections (all by default):
   without row buckets (`experts.row_buckets=off`, timed alone), and how many distinct expert row counts
   each bf16 run's expert calls saw (experts/rows.py). It first says whether the CPU has bf16 units.
 - attention: causal attention forward+backward under CPU bf16 autocast, computed in bf16 vs in fp32, by
-  head size (the rule in moe/nn/model.py, `CPU_BF16_ATTENTION_MIN_HEAD`).
+  sequence length and head size, beside what the rule in moe/nn/model.py (`attention_in_fp32`) picks.
 
 `--clock cpu` times with this process's CPU seconds instead of wall time: on a loaded machine, with
 `--threads 1`, the time a quiet one would take. Legend: N tokens, D width, E experts, B batch, H heads,
@@ -23,6 +23,7 @@ T time, k head width.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -41,13 +42,14 @@ from experts.pool import LocalPool
 from moe.engine.build import Run, build_run
 from moe.engine.loop import seed_everything, train_step
 from moe.nn.layer import MoELayer
-from moe.nn.model import causal_attention
+from moe.nn.model import attention_in_fp32, causal_attention
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 SIZES = {"default": [], "d_model=512 d_ff=2048": ["model.d_model=512", "experts.d_ff=2048"]}
 TARGETS = {"default": 1.2, "d_model=512 d_ff=2048": 2.0}  # bf16 / fp32 tokens/s (issue 15)
-HEAD_SIZES = ((64, 4), (128, 4), (128, 2), (256, 4), (512, 8), (512, 4), (512, 2), (1024, 4))  # (D, H)
+HEAD_SIZES = ((64, 4), (128, 4), (128, 2), (512, 4), (512, 2))  # (D, H): heads of 16, 32, 64, 128, 256
+ATTENTION_SEQ_LENS = (32, 128, 512)
 
 
 def parse_args() -> argparse.Namespace:
@@ -203,22 +205,29 @@ def close(*runs: Run) -> None:
 # --- attention -------------------------------------------------------------------------------------
 
 
-def attention_section(args: argparse.Namespace, batch: int = 16, seq_len: int = 128) -> None:
-    print(f"causal attention forward+backward under CPU bf16 autocast, B={batch} T={seq_len}, {args.clock} clock, "
-          f"threads={torch.get_num_threads()}; fp32: what moe/nn/model.py does below k=128")  # fmt: skip
-    print(f"{'D':>6}{'H':>4}{'k':>6}{'bf16 ms':>10}{'fp32 ms':>10}{'bf16/fp32':>11}")
-    for d_model, heads in HEAD_SIZES:
-        qkv = [torch.randn(batch, heads, seq_len, d_model // heads, requires_grad=True) for _ in range(3)]
+def attention_section(args: argparse.Namespace, tokens: int = 2048) -> None:
+    print(f"causal attention forward+backward under CPU bf16 autocast, B·T={tokens}, {args.clock} clock, "
+          f"threads={torch.get_num_threads()}; rule: moe/nn/model.py attends in fp32 below k²·T = 2^21")  # fmt: skip
+    print(
+        f"{'T':>5}{'D':>6}{'H':>4}{'k':>6}{'log2 k²T':>10}{'bf16 ms':>10}{'fp32 ms':>10}{'bf16/fp32':>11}{'rule':>6}"
+    )
+    for seq_len in ATTENTION_SEQ_LENS:
+        for d_model, heads in HEAD_SIZES:
+            shape = (tokens // seq_len, heads, seq_len, d_model // heads)
+            qkv = [torch.randn(shape, requires_grad=True) for _ in range(3)]
 
-        def step(in_fp32: bool, qkv=qkv):
-            with torch.autocast("cpu", dtype=torch.bfloat16):  # q, k, v come out of a bf16 projection
-                q_BHTk, k_BHTk, v_BHTk = (t.bfloat16() for t in qkv)
-                causal_attention(q_BHTk, k_BHTk, v_BHTk, in_fp32=in_fp32).float().sum().backward()
+            def step(in_fp32: bool, qkv=qkv):
+                with torch.autocast("cpu", dtype=torch.bfloat16):  # q, k, v come out of a bf16 projection
+                    q_BHTk, k_BHTk, v_BHTk = (t.bfloat16() for t in qkv)
+                    causal_attention(q_BHTk, k_BHTk, v_BHTk, in_fp32=in_fp32).float().sum().backward()
 
-        steps = {"bf16": lambda: step(False), "fp32": lambda: step(True)}
-        times = interleaved_medians(steps, repeats=args.repeats * 3, warmup=3, clock=args.clock)
-        print(f"{d_model:>6}{heads:>4}{d_model // heads:>6}{times['bf16'] * 1e3:>10.2f}{times['fp32'] * 1e3:>10.2f}"
-              f"{times['bf16'] / times['fp32']:>11.2f}")  # fmt: skip
+            steps = {"bf16": lambda: step(False), "fp32": lambda: step(True)}
+            times = interleaved_medians(steps, repeats=args.repeats * 2, warmup=3, clock=args.clock)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                rule = "fp32" if attention_in_fp32(qkv[0]) else "bf16"
+            size = math.log2((d_model // heads) ** 2 * seq_len)
+            print(f"{seq_len:>5}{d_model:>6}{heads:>4}{d_model // heads:>6}{size:>10.0f}{times['bf16'] * 1e3:>10.2f}"
+                  f"{times['fp32'] * 1e3:>10.2f}{times['bf16'] / times['fp32']:>11.2f}{rule:>6}")  # fmt: skip
 
 
 def main() -> None:
