@@ -64,6 +64,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--train-steps", type=int, default=30, help="bf16: timed training steps per run")
     parser.add_argument("--warmup-steps", type=int, default=5, help="bf16: untimed steps first")
+    parser.add_argument("--row-buckets", default="auto", help="bf16: experts.row_buckets of the bf16 run")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--device", default="cpu")
@@ -183,7 +184,7 @@ def bf16_section(args: argparse.Namespace) -> None:
             # bf16 runs read it (their autocast)
             fp32, _ = open_run(size, "fp32", "auto", f"{folder}/fp32")
             tokens = fp32.data.train_batch(1).targets.numel()
-            bf16, bucketed = open_run(size, "bf16", "auto", f"{folder}/bf16")
+            bf16, bucketed = open_run(size, "bf16", args.row_buckets, f"{folder}/bf16")
             times = interleaved_medians({"fp32": stepper(fp32), "bf16": stepper(bf16)}, **timing)
             close(fp32, bf16)
             # alone: its per-shape kernels would crowd the bucketed run's out of oneDNN's cache

@@ -34,6 +34,7 @@ MINIMUM_ROWS = 16  # every call of fewer rows pads to this
 ALIGN = 16  # buckets are multiples of 16 rows (one AMX tile of bf16)
 MAX_GROWTH = 4.0  # above it a bucket can be four times the rows: more padding than any compile saves
 SPECS = f"auto, off, on, or a growth factor in (1, {MAX_GROWTH:g}]"
+_YAML_BOOLEANS = {"false": "off", "true": "on"}  # YAML reads `row_buckets: off` as false
 
 
 @dataclass
@@ -56,7 +57,7 @@ class RowBuckets:
     @classmethod
     def parse(cls, spec: object) -> RowBuckets:
         """`experts.row_buckets` (auto | off | on | a growth factor > 1) as RowBuckets; ConfigError otherwise."""
-        text = str(spec).strip().lower()
+        text = _YAML_BOOLEANS.get(str(spec).strip().lower(), str(spec).strip().lower())
         if text in ("auto", "off", "on"):
             return cls(growth=None if text == "off" else DEFAULT_GROWTH, auto=text == "auto")
         try:
