@@ -120,7 +120,9 @@ def test_auto_pads_only_under_cpu_autocast_and_leaves_fp32_calls_alone():
         ("on", DEFAULT_GROWTH, False),
         ("1.5", 1.5, False),
         (2, 2.0, False),
-    ],  # fmt: skip
+        (False, None, False),  # YAML's `off`
+        (True, DEFAULT_GROWTH, False),
+    ],
 )
 def test_row_bucket_specs_parse(spec, growth, auto):
     assert RowBuckets.parse(spec) == RowBuckets(growth=growth, auto=auto)
