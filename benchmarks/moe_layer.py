@@ -39,6 +39,7 @@ import moe.engine.config  # noqa: F401  (registers the config schemas)
 import router
 from experts.modules import FFN
 from experts.pool import LocalPool
+from experts.rows import RowBuckets
 from moe.engine.build import Run, build_run
 from moe.engine.loop import seed_everything, train_step
 from moe.nn.layer import MoELayer
@@ -180,26 +181,42 @@ def bf16_section(args: argparse.Namespace) -> None:
           f"{args.warmup_steps} warm-up, {args.clock} clock, threads={torch.get_num_threads()}")  # fmt: skip
     print(f"{'size':<10}{'fp32 tok/s':>12}{'bf16 tok/s':>12}{'bf16/fp32':>11}{'target':>8}"
           f"{'bf16 no-buckets tok/s':>23}{'rows seen: buckets':>20}{'no buckets':>12}")  # fmt: skip
-    timing = {"repeats": args.train_steps, "warmup": args.warmup_steps, "clock": args.clock}
     for name in args.sizes:
-        size = SIZES[name]
-        with tempfile.TemporaryDirectory() as folder:
-            # fp32 first: each build resets accelerate's shared state to its own precision, and only the
-            # bf16 runs read it (their autocast)
-            fp32, _ = open_run(size, "fp32", "auto", f"{folder}/fp32")
-            tokens = fp32.data.train_batch(1).targets.numel()
-            bf16, bucketed = open_run(size, "bf16", args.row_buckets, f"{folder}/bf16")
-            times = interleaved_medians({"fp32": stepper(fp32), "bf16": stepper(bf16)}, **timing)
-            close(fp32, bf16)
-            # alone: its per-shape kernels would crowd the bucketed run's out of oneDNN's cache
-            plain, unbucketed = open_run(size, "bf16", "off", f"{folder}/plain")
-            plain_s = interleaved_medians({"plain": stepper(plain)}, **timing)["plain"]
-            close(plain)
-        rate = {key: tokens / seconds for key, seconds in times.items()}
+        rate, rows_seen, tokens = bf16_row(SIZES[name], args)
         print(f"{name:<10}{rate['fp32']:>12.0f}{rate['bf16']:>12.0f}{rate['bf16'] / rate['fp32']:>11.2f}"
-              f"{TARGETS[name]:>8.1f}{tokens / plain_s:>23.0f}{len(bucketed):>20}{len(unbucketed):>12}")  # fmt: skip
+              f"{TARGETS[name]:>8.1f}{rate['plain']:>23.0f}{rows_seen['bf16']:>20}{rows_seen['plain']:>12}")  # fmt: skip
     steps = args.train_steps + args.warmup_steps
-    print(f"rows seen: distinct row counts of the expert calls (forward, every expert) over {steps} steps")
+    print(
+        f"rows seen: distinct row counts of the expert calls (forward, every expert) over {steps} steps",
+        end="",
+    )
+    buckets = RowBuckets.parse(args.row_buckets)
+    if buckets.growth is not None:  # an expert gets each token at most once: at most `tokens` rows a call
+        bound = len({buckets.rows(count) for count in range(1, tokens + 1)})
+        print(
+            f"; with row_buckets={args.row_buckets}, at most {bound} for calls of up to {tokens} rows", end=""
+        )
+    print()
+
+
+def bf16_row(size: list[str], args: argparse.Namespace) -> tuple[dict, dict, int]:
+    """Tokens/s and distinct expert row counts of fp32, bf16 and bf16 without row buckets ("plain"), and
+    the tokens of a step."""
+    timing = {"repeats": args.train_steps, "warmup": args.warmup_steps, "clock": args.clock}
+    with tempfile.TemporaryDirectory() as folder:
+        # fp32 first: each build resets accelerate's shared state to its own precision, and only the bf16
+        # runs read it (their autocast)
+        fp32, _ = open_run(size, "fp32", "auto", f"{folder}/fp32")
+        tokens = fp32.data.train_batch(1).targets.numel()
+        bf16, bucketed = open_run(size, "bf16", args.row_buckets, f"{folder}/bf16")
+        seconds = interleaved_medians({"fp32": stepper(fp32), "bf16": stepper(bf16)}, **timing)
+        close(fp32, bf16)
+        # alone: its per-shape kernels would crowd the bucketed run's out of oneDNN's cache
+        plain, unbucketed = open_run(size, "bf16", "off", f"{folder}/plain")
+        seconds |= interleaved_medians({"plain": stepper(plain)}, **timing)
+        close(plain)
+    rate = {key: tokens / value for key, value in seconds.items()}
+    return rate, {"bf16": len(bucketed), "plain": len(unbucketed)}, tokens
 
 
 def close(*runs: Run) -> None:
