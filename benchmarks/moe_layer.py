@@ -192,9 +192,9 @@ def bf16_section(args: argparse.Namespace) -> None:
     )
     buckets = RowBuckets.parse(args.row_buckets)
     if buckets.growth is not None:  # an expert gets each token at most once: at most `tokens` rows a call
-        bound = len({buckets.rows(count) for count in range(1, tokens + 1)})
+        bound = len({0} | {buckets.rows(count) for count in range(1, tokens + 1)})  # 0: a call with no rows
         print(
-            f"; with row_buckets={args.row_buckets}, at most {bound} for calls of up to {tokens} rows", end=""
+            f"; row_buckets={args.row_buckets} allows at most {bound} for calls of 0 to {tokens} rows", end=""
         )
     print()
 
