@@ -2,16 +2,17 @@
 steps in bf16 against fp32; attention in bf16 against fp32 by head size.
 
     python benchmarks/moe_layer.py [--tokens 4096 --d-model 512 --d-ff 2048 --experts 8 --top-k 2]
-    python benchmarks/moe_layer.py --sections bf16 --train-steps 30      # the bf16 rows only
+    python benchmarks/moe_layer.py --sections bf16 --blocks 6 --block 5     # the bf16 rows only
     python benchmarks/moe_layer.py --sections attention --threads 1 --clock cpu
 
 Sections (all by default):
 - layer: each time and the ratio dense / MoE (target ≥ 0.85), fp32.
 - bf16: tokens/s of `train.py`'s training step (transport=local, no PoI, no ledger) in fp32 and under
-  `trainer.precision=bf16`, steps of the two runs alternating, at the default size and at d_model 512,
-  d_ff 2048 ("d512"), with their ratio (targets where the CPU has bf16 units: ≥ 1.2 and ≥ 2); then the bf16 run
-  without row buckets (`experts.row_buckets=off`, timed alone), and how many distinct expert row counts
-  each bf16 run's expert calls saw (experts/rows.py). It first says whether the CPU has bf16 units.
+  `trainer.precision=bf16`, blocks of steps of the two runs alternating, at the default size and at
+  d_model 512, d_ff 2048 ("d512"), with their ratio (targets where the CPU has bf16 units: ≥ 1.2 and
+  ≥ 2); then the bf16 run without row buckets (`experts.row_buckets=off`, timed alone), and how many
+  distinct expert row counts each bf16 run's expert calls saw (experts/rows.py). It first says whether
+  the CPU has bf16 units.
 - attention: causal attention forward+backward under CPU bf16 autocast, computed in bf16 vs in fp32, by
   sequence length and head size, beside what the rule in moe/nn/model.py (`attention_in_fp32`) picks.
 
@@ -25,27 +26,30 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from benchtools import (  # sibling module: scripts run as python benchmarks/<name>.py
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchtools import (  # noqa: E402  (sibling module: scripts run as python benchmarks/<name>.py)
     CLOCKS,
+    build_training_run,
     interleaved_medians,
+    interleaved_step_times,
 )
-from hydra import compose, initialize_config_dir
 
-import moe.engine.config  # noqa: F401  (registers the config schemas)
-import router
-from experts.modules import FFN
-from experts.pool import LocalPool
-from experts.rows import RowBuckets
-from moe.engine.build import Run, build_run
-from moe.engine.loop import seed_everything, train_step
-from moe.nn.layer import MoELayer
-from moe.nn.model import attention_in_fp32, causal_attention
+import router  # noqa: E402
+from experts.modules import FFN  # noqa: E402
+from experts.pool import LocalPool  # noqa: E402
+from experts.rows import RowBuckets  # noqa: E402
+from moe.nn.layer import MoELayer  # noqa: E402
+from moe.nn.model import attention_in_fp32, causal_attention  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TRAIN_RUN = ["transport=local", "~poi", "~ledger"]  # issue 15's `transport=local ~poi ledger.enabled=false`
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 SIZES = {"default": [], "d512": ["model.d_model=512", "experts.d_ff=2048"]}  # d512: d_model 512, d_ff 2048
 TARGETS = {"default": 1.2, "d512": 2.0}  # bf16 / fp32 tokens/s where the CPU has bf16 units (issue 15)
@@ -63,8 +67,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--train-steps", type=int, default=30, help="bf16: timed training steps per run")
-    parser.add_argument("--warmup-steps", type=int, default=5, help="bf16: untimed steps first")
+    parser.add_argument("--blocks", type=int, default=6, help="bf16: timed blocks of steps per run")
+    parser.add_argument("--block", type=int, default=5, help="bf16: training steps per block")
     parser.add_argument(
         "--sizes", nargs="+", default=list(SIZES), choices=list(SIZES), help="bf16: model sizes"
     )
@@ -151,15 +155,11 @@ def bf16_units_note() -> str:
     )
 
 
-def open_run(size: list[str], precision: str, row_buckets: str, run_dir: str) -> tuple[Run, set[int]]:
+def open_run(size: list[str], precision: str, row_buckets: str, run_dir: Path, threads: int):
     """A training run as `train.py` builds it (seed 0), and the set its expert calls' row counts go to."""
-    overrides = ["transport=local", "~poi", "ledger.enabled=false", "trainer.progress=false",
-                 f"trainer.precision={precision}", f"experts.row_buckets={row_buckets}", f"run_dir={run_dir}",
-                 *size]  # fmt: skip
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        cfg = compose(config_name="train", overrides=overrides)
-    seed_everything(cfg.seed)
-    run = build_run(cfg, Path(run_dir))
+    torch.manual_seed(0)
+    overrides = [*TRAIN_RUN, *size, f"trainer.precision={precision}", f"experts.row_buckets={row_buckets}"]
+    run = build_training_run(overrides, run_dir, threads)
     rows: set[int] = set()
     for layer in run.layers:
         for expert in layer.pool.experts:
@@ -167,28 +167,19 @@ def open_run(size: list[str], precision: str, row_buckets: str, run_dir: str) ->
     return run, rows
 
 
-def stepper(run: Run):
-    def step():
-        run.step += 1
-        train_step(run)
-
-    return step
-
-
 def bf16_section(args: argparse.Namespace) -> None:
     print(bf16_units_note())
-    print(f"training steps (transport=local ~poi ledger.enabled=false), median of {args.train_steps} after "
-          f"{args.warmup_steps} warm-up, {args.clock} clock, threads={torch.get_num_threads()}")  # fmt: skip
+    print(f"training steps ({' '.join(TRAIN_RUN)}), median of {args.blocks} blocks of {args.block} after a "
+          f"warm-up block, {args.clock} clock, threads={torch.get_num_threads()}")  # fmt: skip
     print(f"{'size':<10}{'fp32 tok/s':>12}{'bf16 tok/s':>12}{'bf16/fp32':>11}{'target':>8}"
           f"{'bf16 no-buckets tok/s':>23}{'rows seen: buckets':>20}{'no buckets':>12}")  # fmt: skip
     for name in args.sizes:
         rate, rows_seen, tokens = bf16_row(SIZES[name], args)
         print(f"{name:<10}{rate['fp32']:>12.0f}{rate['bf16']:>12.0f}{rate['bf16'] / rate['fp32']:>11.2f}"
               f"{TARGETS[name]:>8.1f}{rate['plain']:>23.0f}{rows_seen['bf16']:>20}{rows_seen['plain']:>12}")  # fmt: skip
-    steps = args.train_steps + args.warmup_steps
+    steps = (args.blocks + 1) * args.block
     print(
-        f"rows seen: distinct row counts of the expert calls (forward, every expert) over {steps} steps",
-        end="",
+        f"rows seen: distinct row counts of the expert calls (forward, every expert) in {steps} steps", end=""
     )
     buckets = RowBuckets.parse(args.row_buckets)
     if buckets.growth is not None:  # an expert gets each token at most once: at most `tokens` rows a call
@@ -202,24 +193,24 @@ def bf16_section(args: argparse.Namespace) -> None:
 def bf16_row(size: list[str], args: argparse.Namespace) -> tuple[dict, dict, int]:
     """Tokens/s and distinct expert row counts of fp32, bf16 and bf16 without row buckets ("plain"), and
     the tokens of a step."""
-    timing = {"repeats": args.train_steps, "warmup": args.warmup_steps, "clock": args.clock}
+    timing = (args.blocks, args.block, args.clock)
     with tempfile.TemporaryDirectory() as folder:
         # fp32 first: each build resets accelerate's shared state to its own precision, and only the bf16
         # runs read it (their autocast)
-        fp32, _ = open_run(size, "fp32", "auto", f"{folder}/fp32")
+        fp32, _ = open_run(size, "fp32", "auto", Path(folder, "fp32"), args.threads)
         tokens = fp32.data.train_batch(1).targets.numel()
-        bf16, bucketed = open_run(size, "bf16", args.row_buckets, f"{folder}/bf16")
-        seconds = interleaved_medians({"fp32": stepper(fp32), "bf16": stepper(bf16)}, **timing)
+        bf16, bucketed = open_run(size, "bf16", args.row_buckets, Path(folder, "bf16"), args.threads)
+        seconds = interleaved_step_times({"fp32": fp32, "bf16": bf16}, *timing)
         close(fp32, bf16)
         # alone: its per-shape kernels would crowd the bucketed run's out of oneDNN's cache
-        plain, unbucketed = open_run(size, "bf16", "off", f"{folder}/plain")
-        seconds |= interleaved_medians({"plain": stepper(plain)}, **timing)
+        plain, unbucketed = open_run(size, "bf16", "off", Path(folder, "plain"), args.threads)
+        seconds |= interleaved_step_times({"plain": plain}, *timing)
         close(plain)
     rate = {key: tokens / value for key, value in seconds.items()}
     return rate, {"bf16": len(bucketed), "plain": len(unbucketed)}, tokens
 
 
-def close(*runs: Run) -> None:
+def close(*runs) -> None:
     for run in runs:
         run.transport.close()
 
