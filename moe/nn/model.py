@@ -35,8 +35,8 @@ class ModelConfig:
 # Under CPU bf16 autocast, torch 2.13's flash attention (forward + backward) in bf16 costs more than in
 # fp32 when heads are small for their sequence: a fixed cost per (batch, head) outweighs the cheaper
 # arithmetic. Measured (one thread, CPU time, B·T = 2048; benchmarks/moe_layer.py --sections attention):
-# bf16 / fp32 time at T=128 is 3.2 for k=32, 2.0 for k=64, 1.0 for k=128, 0.7 for k=256; at T=512 1.2 for
-# k=32, 0.8 for k=64; at T=32 1.4 for k=128, 1.0 for k=256: even where k² · T ≈ 2^21, hence the rule.
+# bf16 / fp32 time at T=128 is ~3 for k=32, ~2 for k=64, ~1 for k=128, 0.7 for k=256; at T=512 1.1 for
+# k=32, 0.8 for k=64; at T=32 1.1-1.4 for k=128, 0.9 for k=256: even where k² · T ≈ 2^21, hence the rule.
 CPU_BF16_ATTENTION_MIN_SIZE = 2**21  # head size² · sequence length from which bf16 attention is faster
 
 
