@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: this process's CPU seconds
+
 
 def median_seconds(fn: Callable[[], object], *, repeats: int = 10, warmup: int = 2) -> float:
     for _ in range(warmup):
@@ -26,19 +28,21 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 10, warmup: int =
 
 
 def interleaved_medians(
-    fns: dict[str, Callable[[], object]], *, repeats: int = 10, warmup: int = 2
+    fns: dict[str, Callable[[], object]], *, repeats: int = 10, warmup: int = 2, clock: str = "wall"
 ) -> dict[str, float]:
     """Median seconds per function, timing them in turn each round so that load on a shared machine
-    hits every contestant alike and their ratio stays meaningful."""
+    hits every contestant alike and their ratio stays meaningful. `clock="cpu"` counts the CPU time of
+    this process instead of wall time: with one torch thread, the time a quiet machine would take."""
+    now = CLOCKS[clock]
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = now()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(now() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -51,25 +55,27 @@ def build_training_run(overrides: list[str], run_dir: Path, threads: int):
     return build_run(cfg, run_dir)
 
 
-def timed_train_step(run) -> float:
+def timed_train_step(run, clock: str = "wall") -> float:
     """Seconds of one training step of `run`, with the auditor's end-of-step work where it has one."""
     from moe.engine.loop import train_step
 
+    now = CLOCKS[clock]
     run.step += 1
-    start = time.perf_counter()
+    start = now()
     train_step(run)
     if getattr(run, "auditor", None) is not None:
         run.auditor.after_step(run.step)
-    return time.perf_counter() - start
+    return now() - start
 
 
-def interleaved_step_times(runs: dict, blocks: int, block: int) -> dict[str, float]:
+def interleaved_step_times(runs: dict, blocks: int, block: int, clock: str = "wall") -> dict[str, float]:
     """Seconds per training step of each run: the median over blocks of `block` consecutive steps, the
-    runs' blocks interleaved so load from other processes hits all alike, after one warm-up block each."""
+    runs' blocks interleaved so load from other processes hits all alike, after one warm-up block each
+    (`clock` as in `interleaved_medians`)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for index in range(1 + blocks):
         for name, run in runs.items():
-            seconds = sum(timed_train_step(run) for _ in range(block)) / block
+            seconds = sum(timed_train_step(run, clock) for _ in range(block)) / block
             if index > 0:
                 times[name].append(seconds)
     return {name: statistics.median(values) for name, values in times.items()}

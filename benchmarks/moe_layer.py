@@ -1,21 +1,85 @@
-"""MoE layer forward+backward against a dense FFN with the same activated FLOPs and a naive loop.
+"""MoE layer forward+backward against a dense FFN with the same activated FLOPs and a naive loop; training
+steps in bf16 against fp32; attention in bf16 against fp32 by head size.
 
     python benchmarks/moe_layer.py [--tokens 4096 --d-model 512 --d-ff 2048 --experts 8 --top-k 2]
+    python benchmarks/moe_layer.py --sections bf16 --blocks 6 --block 5     # the bf16 rows only
+    python benchmarks/moe_layer.py --sections attention --threads 1 --clock cpu
 
-Prints each time and the ratio dense / MoE (target ≥ 0.85). Legend: N tokens, D width, E experts.
+Sections (all by default):
+- layer: each time and the ratio dense / MoE (target ≥ 0.85), fp32.
+- bf16: tokens/s of `train.py`'s training step (transport=local, no PoI, no ledger) in fp32 and under
+  `trainer.precision=bf16`, blocks of steps of the two runs alternating, at the default size and at
+  d_model 512, d_ff 2048 ("d512"), with their ratio (targets where the CPU has bf16 units: ≥ 1.2 and
+  ≥ 2); then the bf16 run without row buckets (`experts.row_buckets=off`, timed alone), and how many
+  distinct expert row counts each bf16 run's expert calls saw (experts/rows.py). It first says whether
+  the CPU has bf16 units.
+- attention: causal attention forward+backward under CPU bf16 autocast, computed in bf16 vs in fp32, by
+  sequence length and head size, beside what the rule in moe/nn/model.py (`attention_in_fp32`) picks.
+
+`--clock cpu` times with this process's CPU seconds instead of wall time: on a loaded machine, with
+`--threads 1`, the time a quiet one would take. Legend: N tokens, D width, E experts, B batch, H heads,
+T time, k head width.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
-from benchtools import interleaved_medians  # sibling module: scripts run as python benchmarks/<name>.py
 
-import router
-from experts.modules import FFN
-from experts.pool import LocalPool
-from moe.nn.layer import MoELayer
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchtools import (  # noqa: E402  (sibling module: scripts run as python benchmarks/<name>.py)
+    CLOCKS,
+    build_training_run,
+    interleaved_medians,
+    interleaved_step_times,
+)
+
+import router  # noqa: E402
+from experts.modules import FFN  # noqa: E402
+from experts.pool import LocalPool  # noqa: E402
+from experts.rows import RowBuckets  # noqa: E402
+from moe.nn.layer import MoELayer  # noqa: E402
+from moe.nn.model import attention_in_fp32, causal_attention  # noqa: E402
+
+TRAIN_RUN = ["transport=local", "~poi", "~ledger"]  # issue 15's `transport=local ~poi ledger.enabled=false`
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+SIZES = {"default": [], "d512": ["model.d_model=512", "experts.d_ff=2048"]}  # d512: d_model 512, d_ff 2048
+TARGETS = {"default": 1.2, "d512": 2.0}  # bf16 / fp32 tokens/s where the CPU has bf16 units (issue 15)
+HEAD_SIZES = ((64, 4), (128, 4), (128, 2), (512, 4), (512, 2))  # (D, H): heads of 16, 32, 64, 128, 256
+ATTENTION_SEQ_LENS = (32, 128, 512)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", nargs="+", default=["layer", "bf16", "attention"],
+                        choices=["layer", "bf16", "attention"])  # fmt: skip
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--d-ff", type=int, default=2048)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--blocks", type=int, default=6, help="bf16: timed blocks of steps per run")
+    parser.add_argument("--block", type=int, default=5, help="bf16: training steps per block")
+    parser.add_argument(
+        "--sizes", nargs="+", default=list(SIZES), choices=list(SIZES), help="bf16: model sizes"
+    )
+    parser.add_argument("--row-buckets", default="auto", help="bf16: experts.row_buckets of the bf16 run")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--device", default="cpu")
+    return parser.parse_args()
+
+
+# --- layer -----------------------------------------------------------------------------------------
 
 
 def naive_loop(layer: MoELayer, x_ND: torch.Tensor) -> torch.Tensor:
@@ -29,19 +93,7 @@ def naive_loop(layer: MoELayer, x_ND: torch.Tensor) -> torch.Tensor:
     return out_ND
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--d-ff", type=int, default=2048)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def layer_section(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
     d, f = args.d_model, args.d_ff
@@ -65,12 +117,140 @@ def main() -> None:
         naive_loop(layer, x_ND).sum().backward()
         sync()
 
-    print(f"T={args.tokens} d={d} f={f} E={args.experts} k={args.top_k} fp32 on {device}, threads={torch.get_num_threads()}")
-    times = interleaved_medians({"dense": dense_step, "moe": moe_step, "naive": naive_step}, repeats=args.repeats)
+    print(
+        f"T={args.tokens} d={d} f={f} E={args.experts} k={args.top_k} fp32 on {device}, threads={torch.get_num_threads()}"
+    )
+    steps = {"dense": dense_step, "moe": moe_step, "naive": naive_step}
+    times = interleaved_medians(steps, repeats=args.repeats, clock=args.clock)
     for name, seconds in times.items():
         print(f"  {name:6s} forward+backward {seconds * 1e3:8.2f} ms")
     print(f"dense / MoE = {times['dense'] / times['moe']:.3f}   (target >= 0.85)")
     print(f"naive / MoE = {times['naive'] / times['moe']:.3f}")
+
+
+# --- bf16 training steps ----------------------------------------------------------------------------
+
+
+def cpu_bf16_units() -> list[str] | None:
+    """The CPU's bf16 matrix/vector units named in /proc/cpuinfo's flags; None where it cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    return [flag for flag in BF16_FLAGS if flag in flags]
+
+
+def bf16_units_note() -> str:
+    units = cpu_bf16_units()
+    if units is None:
+        return "CPU bf16 units: unknown (no /proc/cpuinfo); the speed targets may not apply"
+    if units:
+        return f"CPU bf16 units: {' '.join(units)}: the bf16 speed targets apply"
+    return (
+        f"CPU bf16 units: none ({' or '.join(BF16_FLAGS)} missing): bf16 is emulated on this CPU, the "
+        "speed targets (>= 1.2x, >= 2x) do not apply; the row-count counts below still do"
+    )
+
+
+def open_run(size: list[str], precision: str, row_buckets: str, run_dir: Path, threads: int):
+    """A training run as `train.py` builds it (seed 0), and the set its expert calls' row counts go to."""
+    torch.manual_seed(0)
+    overrides = [*TRAIN_RUN, *size, f"trainer.precision={precision}", f"experts.row_buckets={row_buckets}"]
+    run = build_training_run(overrides, run_dir, threads)
+    rows: set[int] = set()
+    for layer in run.layers:
+        for expert in layer.pool.experts:
+            expert.register_forward_pre_hook(lambda module, inputs: rows.add(inputs[0].shape[0]))
+    return run, rows
+
+
+def bf16_section(args: argparse.Namespace) -> None:
+    print(bf16_units_note())
+    print(f"training steps ({' '.join(TRAIN_RUN)}), median of {args.blocks} blocks of {args.block} after a "
+          f"warm-up block, {args.clock} clock, threads={torch.get_num_threads()}")  # fmt: skip
+    print(f"{'size':<10}{'fp32 tok/s':>12}{'bf16 tok/s':>12}{'bf16/fp32':>11}{'target':>8}"
+          f"{'bf16 no-buckets tok/s':>23}{'rows seen: buckets':>20}{'no buckets':>12}")  # fmt: skip
+    for name in args.sizes:
+        rate, rows_seen, tokens = bf16_row(SIZES[name], args)
+        print(f"{name:<10}{rate['fp32']:>12.0f}{rate['bf16']:>12.0f}{rate['bf16'] / rate['fp32']:>11.2f}"
+              f"{TARGETS[name]:>8.1f}{rate['plain']:>23.0f}{rows_seen['bf16']:>20}{rows_seen['plain']:>12}")  # fmt: skip
+    steps = (args.blocks + 1) * args.block
+    print(
+        f"rows seen: distinct row counts of the expert calls (forward, every expert) in {steps} steps", end=""
+    )
+    buckets = RowBuckets.parse(args.row_buckets)
+    if buckets.growth is not None:  # an expert gets each token at most once: at most `tokens` rows a call
+        bound = len({0} | {buckets.rows(count) for count in range(1, tokens + 1)})  # 0: a call with no rows
+        print(
+            f"; row_buckets={args.row_buckets} allows at most {bound} for calls of 0 to {tokens} rows", end=""
+        )
+    print()
+
+
+def bf16_row(size: list[str], args: argparse.Namespace) -> tuple[dict, dict, int]:
+    """Tokens/s and distinct expert row counts of fp32, bf16 and bf16 without row buckets ("plain"), and
+    the tokens of a step."""
+    timing = (args.blocks, args.block, args.clock)
+    with tempfile.TemporaryDirectory() as folder:
+        # fp32 first: each build resets accelerate's shared state to its own precision, and only the bf16
+        # runs read it (their autocast)
+        fp32, _ = open_run(size, "fp32", "auto", Path(folder, "fp32"), args.threads)
+        tokens = fp32.data.train_batch(1).targets.numel()
+        bf16, bucketed = open_run(size, "bf16", args.row_buckets, Path(folder, "bf16"), args.threads)
+        seconds = interleaved_step_times({"fp32": fp32, "bf16": bf16}, *timing)
+        close(fp32, bf16)
+        # alone: its per-shape kernels would crowd the bucketed run's out of oneDNN's cache
+        plain, unbucketed = open_run(size, "bf16", "off", Path(folder, "plain"), args.threads)
+        seconds |= interleaved_step_times({"plain": plain}, *timing)
+        close(plain)
+    rate = {key: tokens / value for key, value in seconds.items()}
+    return rate, {"bf16": len(bucketed), "plain": len(unbucketed)}, tokens
+
+
+def close(*runs) -> None:
+    for run in runs:
+        run.transport.close()
+
+
+# --- attention -------------------------------------------------------------------------------------
+
+
+def attention_section(args: argparse.Namespace, tokens: int = 2048) -> None:
+    print(f"causal attention forward+backward under CPU bf16 autocast, B·T={tokens}, {args.clock} clock, "
+          f"threads={torch.get_num_threads()}; rule: moe/nn/model.py attends in fp32 below k²·T = 2^21")  # fmt: skip
+    print(
+        f"{'T':>5}{'D':>6}{'H':>4}{'k':>6}{'log2 k²T':>10}{'bf16 ms':>10}{'fp32 ms':>10}{'bf16/fp32':>11}{'rule':>6}"
+    )
+    for seq_len in ATTENTION_SEQ_LENS:
+        for d_model, heads in HEAD_SIZES:
+            shape = (tokens // seq_len, heads, seq_len, d_model // heads)
+            qkv = [torch.randn(shape, requires_grad=True) for _ in range(3)]
+
+            def step(in_fp32: bool, qkv=qkv):
+                with torch.autocast("cpu", dtype=torch.bfloat16):  # q, k, v come out of a bf16 projection
+                    q_BHTk, k_BHTk, v_BHTk = (t.bfloat16() for t in qkv)
+                    causal_attention(q_BHTk, k_BHTk, v_BHTk, in_fp32=in_fp32).float().sum().backward()
+
+            steps = {"bf16": lambda: step(False), "fp32": lambda: step(True)}
+            times = interleaved_medians(steps, repeats=args.repeats * 2, warmup=3, clock=args.clock)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                rule = "fp32" if attention_in_fp32(qkv[0]) else "bf16"
+            size = math.log2((d_model // heads) ** 2 * seq_len)
+            print(f"{seq_len:>5}{d_model:>6}{heads:>4}{d_model // heads:>6}{size:>10.0f}{times['bf16'] * 1e3:>10.2f}"
+                  f"{times['fp32'] * 1e3:>10.2f}{times['bf16'] / times['fp32']:>11.2f}{rule:>6}")  # fmt: skip
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    sections = {"layer": layer_section, "bf16": bf16_section, "attention": attention_section}
+    for name in args.sections:
+        sections[name](args)
 
 
 if __name__ == "__main__":

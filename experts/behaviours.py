@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 from experts.errors import ConfigError
+from experts.rows import RowBuckets
 from router.seeds import torch_generator
 
 VALID_SPECS = (
@@ -93,9 +94,14 @@ class CallContext:
 
 
 def run_expert(
-    expert: nn.Module, behaviour: Behaviour, x_aD: torch.Tensor, call: CallContext
+    expert: nn.Module,
+    behaviour: Behaviour,
+    x_aD: torch.Tensor,
+    call: CallContext,
+    rows: RowBuckets | None = None,
 ) -> torch.Tensor:
-    """The output an owner returns for one call of `expert` on `x_aD`; raises `ExpertFailure`.
+    """The output an owner returns for one call of `expert` on `x_aD` (computed in its owner's `rows`
+    buckets where given); raises `ExpertFailure`.
 
     Failures are decided before any work, as a dead or flaky miner would not compute. The returned
     tensor stays in the expert's autograd graph where the behaviour keeps it there, so the pool's
@@ -103,7 +109,9 @@ def run_expert(
     """
     _raise_if_failing(behaviour, call)
     call = dataclasses.replace(call, module=expert)
-    y_aD = expert(x_aD) if behaviour.computes else None
+    y_aD = None
+    if behaviour.computes:
+        y_aD = rows.call(expert, x_aD) if rows is not None else expert(x_aD)
     return _RESPONSES[behaviour.kind](behaviour, x_aD, y_aD, call)
 
 
@@ -117,13 +125,14 @@ def answer_call(
     step: int,
     expert_idx: int,
     peer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    rows: RowBuckets | None = None,
 ) -> torch.Tensor:
     """What every pool calls to answer one FORWARD of `expert_idx` at training step `step`: `run_expert`
     with draws from the stream (seed, "behaviour", layer, step, expert_idx). Raises `ExpertFailure`; the
     caller adds `behaviour.latency_ms` (virtual or slept) and asks `behaviour.learns_at(step)` before
     the owner's optimizer step."""
     generator = torch_generator(seed, "behaviour", layer, step, expert_idx)
-    return run_expert(expert, behaviour, x_aD, CallContext(step, expert_idx, generator, peer))
+    return run_expert(expert, behaviour, x_aD, CallContext(step, expert_idx, generator, peer), rows)
 
 
 def _raise_if_failing(behaviour: Behaviour, call: CallContext) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from experts.errors import ConfigError
 from experts.owner import OptimizerSettings
+from experts.rows import ComputeSettings
 
 
 class FFN(nn.Module):
@@ -43,9 +44,10 @@ ACTIVATIONS = {"gelu": F.gelu, "swiglu": _swiglu}
 
 
 @dataclass
-class ExpertsConfig(OptimizerSettings):
-    """Per-layer experts: how many, their size, and the owner's optimizer (each expert has its own).
-    The config is its own `OptimizerSettings` (`lr`, `weight_decay`, `grad_clip`, inherited)."""
+class ExpertsConfig(ComputeSettings, OptimizerSettings):
+    """Per-layer experts: how many, their size, the owner's optimizer (each expert has its own) and how
+    owners compute their rows. The config is its own `OptimizerSettings` (`lr`, `weight_decay`,
+    `grad_clip`, inherited) and `ComputeSettings` (`row_buckets`)."""
 
     num: int = 8
     d_ff: int = 256

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from experts.commitments import AuditTrail, OwnerState
+from experts.rows import ComputeSettings, RowBuckets
 
 
 @dataclass
@@ -35,10 +36,17 @@ class StepReport:
 
 
 class ExpertOwner:
-    """One expert and its AdamW; `step` clips, steps and zeroes, or skips on a non-finite gradient."""
+    """One expert and its AdamW; `forward` computes its rows (in their row bucket, experts/rows.py);
+    `step` clips, steps and zeroes, or skips on a non-finite gradient."""
 
-    def __init__(self, module: nn.Module, settings: OptimizerSettings | None = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        settings: OptimizerSettings | None = None,
+        compute: ComputeSettings | None = None,
+    ):
         self.module = module
+        self.row_buckets = RowBuckets.parse((compute or ComputeSettings()).row_buckets)
         self.settings = settings = settings or OptimizerSettings()
         # fused: one kernel for every parameter instead of a dozen passes each; 3.7x faster on CPU for a
         # 512x2048 expert (benchmarks/transport.py), where the owner's step is a third of its work
@@ -47,6 +55,10 @@ class ExpertOwner:
         )
         self.steps = 0  # optimizer steps taken: the version of the parameters
         self.trail: AuditTrail | None = None  # what audits of recent versions need (`keep_states`)
+
+    def forward(self, x_aD: torch.Tensor) -> torch.Tensor:
+        """The expert's output on its rows `x_aD`, computed in their row bucket when one applies."""
+        return self.row_buckets.call(self.module, x_aD)
 
     @property
     def version(self) -> int:

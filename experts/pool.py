@@ -24,6 +24,7 @@ from experts.behaviours import HONEST, Behaviour, ExpertFailure, answer_call
 from experts.commitments import AuditAnswer, CallRecord, answer_audit, record_call
 from experts.network import FaultPolicy, VirtualNetwork
 from experts.owner import ExpertOwner, OptimizerSettings, step_owners
+from experts.rows import ComputeSettings
 from router.plan import DispatchPlan
 
 log = logging.getLogger(__name__)
@@ -135,10 +136,15 @@ class ExpertPool(ABC):
 
 def expected_dtypes(x_aD: torch.Tensor) -> set[torch.dtype]:
     """An expert answers in its input's dtype, or in the autocast dtype when autocast is on."""
-    device = x_aD.device.type
-    if torch.is_autocast_enabled(device):
-        return {x_aD.dtype, torch.get_autocast_dtype(device)}
-    return {x_aD.dtype}
+    return {x_aD.dtype, answer_dtype(x_aD)}
+
+
+def answer_dtype(x_AD: torch.Tensor) -> torch.dtype:
+    """The dtype a pool answers in: autocast's where it is on for `x_AD`'s device, else the input's.
+    Every answer is cast to it (a failed or lazy expert's zeros too), so the layer combines in one dtype
+    whichever experts answered and wherever they computed."""
+    device = x_AD.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_AD.dtype
 
 
 def all_finite(t: torch.Tensor) -> torch.Tensor:
@@ -151,13 +157,17 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
 
 
 def invalid_outputs(
-    y_slices: list[torch.Tensor], x_slices: list[torch.Tensor], max_norm: float
+    y_slices: list[torch.Tensor],
+    x_slices: list[torch.Tensor],
+    max_norm: float,
+    dtypes: set[torch.dtype] | None = None,
 ) -> dict[int, str]:
-    """Experts whose output is not a finite tensor shaped and typed like its input, or whose per-token
-    L2 norm exceeds `max_norm` (0: no bound); one host sync for all experts."""
+    """Experts whose output is not a finite tensor shaped like its input and of one of `dtypes` (None:
+    `expected_dtypes` of the input), or whose per-token L2 norm exceeds `max_norm` (0: no bound); one
+    host sync for all experts."""
     reasons, checks = {}, []
     for e, (y_aD, x_aD) in enumerate(zip(y_slices, x_slices, strict=True)):
-        if y_aD.shape != x_aD.shape or y_aD.dtype not in expected_dtypes(x_aD):
+        if y_aD.shape != x_aD.shape or y_aD.dtype not in (dtypes or expected_dtypes(x_aD)):
             reasons[e] = f"invalid: {y_aD.dtype}{tuple(y_aD.shape)} for input {x_aD.dtype}{tuple(x_aD.shape)}"
         elif y_aD.numel():
             y_aD = y_aD.detach()
@@ -185,14 +195,16 @@ class LocalPool(ExpertPool):
         policy: FaultPolicy | None = None,
         network: VirtualNetwork | None = None,
         device: torch.device | str = "cpu",
+        compute: ComputeSettings | None = None,
     ):
-        """Each expert's owner trains it with `optimizer` (an `ExpertsConfig` is one; default: its
-        defaults). Outputs are checked against `policy.max_output_norm` (a transport config is its own
-        `FaultPolicy`). `network` simulates links in virtual time; experts it fails do not compute, as
-        their remote answer would not have arrived."""
+        """Each expert's owner trains it with `optimizer` and computes its rows as `compute` says (an
+        `ExpertsConfig` is both; default: their defaults). Outputs are checked against
+        `policy.max_output_norm` (a transport config is its own `FaultPolicy`). `network` simulates
+        links in virtual time; experts it fails do not compute, as their remote answer would not have
+        arrived."""
         self.experts = nn.ModuleList(experts).to(device)
         self.num_experts = len(experts)
-        self.owners = [ExpertOwner(expert, optimizer) for expert in self.experts]
+        self.owners = [ExpertOwner(expert, optimizer, compute) for expert in self.experts]
         self.policy = policy or FaultPolicy()
         self.network = network
         self.last_failures: dict[int, str] = {}
@@ -208,8 +220,9 @@ class LocalPool(ExpertPool):
         if self.network is not None:
             row_bytes = x_AD.shape[-1] * x_AD.element_size()
             failures = self.network.deliver(plan.token_idx, sizes, plan.num_tokens, row_bytes)
+        dtype = answer_dtype(x_AD)
         y_slices = [
-            x_aD.new_zeros(x_aD.shape) if e in failures else self.answer(e, x_aD, step, failures)
+            x_aD.new_zeros(x_aD.shape, dtype=dtype) if e in failures else self.answer(e, x_aD, step, failures)
             for e, x_aD in enumerate(x_slices)
         ]
         self.simulated_latency_ms = max(
@@ -217,13 +230,13 @@ class LocalPool(ExpertPool):
         )
         invalid = invalid_outputs(y_slices, x_slices, self.policy.max_output_norm)
         for e in invalid:  # a rejected output must not train its expert: drop it from the graph
-            y_slices[e] = x_slices[e].new_zeros(x_slices[e].shape)
+            y_slices[e] = x_slices[e].new_zeros(x_slices[e].shape, dtype=dtype)
         failures |= invalid
         self.last_failures = failures
         self.failure_counts.update(failures.items())
         answered_E = torch.ones(self.num_experts, dtype=torch.bool)
         answered_E[list(failures)] = False
-        y_AD = torch.cat(y_slices)
+        y_AD = torch.cat([y_aD.to(dtype) for y_aD in y_slices])
         if self.audit_window and torch.is_grad_enabled():
             versions = [-1 if e in failures else owner.version for e, owner in enumerate(self.owners)]
             self.keep_call(step, sizes, versions, x_AD, y_AD)
@@ -235,7 +248,7 @@ class LocalPool(ExpertPool):
         """Expert e's reply under its behaviour; a behaviour's failure is recorded in `failures`."""
         behaviour = self.behaviours.get(e, HONEST)
         if behaviour == HONEST or x_aD.shape[0] == 0:
-            return self.experts[e](x_aD)
+            return self.owners[e].forward(x_aD)
         try:
             return answer_call(
                 self.experts[e],
@@ -245,11 +258,12 @@ class LocalPool(ExpertPool):
                 layer=self.layer_name,
                 step=step,
                 expert_idx=e,
-                peer=lambda j, x_aD: self.experts[j](x_aD),
+                peer=lambda j, x_aD: self.owners[j].forward(x_aD),
+                rows=self.owners[e].row_buckets,
             )
         except ExpertFailure as failure:
             failures[e] = f"behaviour: {failure}"
-            return x_aD.new_zeros(x_aD.shape)
+            return x_aD.new_zeros(x_aD.shape, dtype=answer_dtype(x_aD))
 
     def enable_audits(self, window: int) -> None:
         self.audit_window = window

@@ -56,6 +56,7 @@ class LocalTransport(Transport):
             policy=self.cfg,  # and the transport config its own `FaultPolicy`
             network=self.virtual_network(layer, len(experts)),
             device=self.device,
+            compute=experts_cfg,  # and its own `ComputeSettings`
         )
 
     def virtual_network(self, layer: str, num_experts: int) -> VirtualNetwork | None:

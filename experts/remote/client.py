@@ -27,11 +27,12 @@ from experts.errors import CheckpointError, WireError
 from experts.modules import build_expert, expert_spec
 from experts.network import FailureMemory, FaultPolicy, NetworkConfig, Round, link_for, link_stream
 from experts.owner import OptimizerSettings
-from experts.pool import ExpertPool, PoolOutput, all_finite, invalid_outputs
+from experts.pool import ExpertPool, PoolOutput, all_finite, answer_dtype, expected_dtypes, invalid_outputs
 from experts.remote.checkpoint import CHECKPOINT_FILE, load_messages
 from experts.remote.coordinator import Coordinator, Key
-from experts.remote.settings import settings_meta
+from experts.remote.settings import autocast_meta, settings_meta
 from experts.remote.wire import Kind, Message, expert_state_from, expert_state_message, named_message
+from experts.rows import ComputeSettings, RowBuckets
 from router.plan import DispatchPlan
 
 log = logging.getLogger(__name__)
@@ -87,15 +88,19 @@ class RemotePool(ExpertPool):
         network: NetworkConfig | None = None,
         seed: int = 0,
         checkpoint_every: int = 0,
+        compute: ComputeSettings | None = None,
     ):
-        """Each expert's owner trains it with `optimizer` (an `ExpertsConfig` is one). `seed` is the
-        run's: the links of the simulated `network` draw from it (`link_stream`)."""
+        """Each expert's owner trains it with `optimizer` and computes its rows as `compute` says (an
+        `ExpertsConfig` is both). `seed` is the run's: the links of the simulated `network` draw from
+        it (`link_stream`)."""
         self.coordinator = coordinator
         self.layer_name = layer_name
         self.num_experts = len(experts)
         self.hosts = hosts
         self.policy = policy
         self.optimizer = optimizer
+        self.compute = compute or ComputeSettings()
+        RowBuckets.parse(self.compute.row_buckets)  # a bad spec fails here, not in every worker
         self.specs = [expert_spec(module, e) for e, module in enumerate(experts)]
         self.initial = [{k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for m in experts]
         self.links = [link_for(network, e) for e in range(self.num_experts)]
@@ -121,6 +126,7 @@ class RemotePool(ExpertPool):
             "layer_name": self.layer_name,
             "spec": self.specs[expert],
             "optim": settings_meta(OptimizerSettings, self.optimizer),
+            "compute": settings_meta(ComputeSettings, self.compute),
             "link": asdict(self.links[expert]),
             "link_stream": self.link_streams[expert],
             "restore": restore,
@@ -183,11 +189,14 @@ class RemotePool(ExpertPool):
         failures = self.unavailable(call.sizes)
         asked = [e for e, size in enumerate(call.sizes) if size and e not in failures]
         x_slices = x_AD.detach().cpu().split(call.sizes)
+        dtype, dtypes = answer_dtype(x_AD), expected_dtypes(x_AD)
+        # the owners compute in the precision the trainer's own experts would (autocast or not)
+        call_meta = {"keep": keep, "grad_input": grad_input, "step": step, **autocast_meta(x_AD.device)}
         round_ = Round(plan.token_idx, call.sizes, asked, plan.num_tokens, self.policy, time.monotonic())
         pending, outputs = {}, {}
         versions = [-1 if e in failures else v for e, v in enumerate(self.known_versions)]
         for e in asked:
-            meta = {"keep": keep, "grad_input": grad_input, "step": step, **self.behaviour_meta(e)}
+            meta = {**call_meta, **self.behaviour_meta(e)}
             message = Message(Kind.FORWARD, call.id, self.layer, e, meta=meta, tensors=[x_slices[e]])
             if self.coordinator.send(self.hosts[e], message):
                 pending[(call.id, self.layer, e)] = self.hosts[e]
@@ -198,9 +207,9 @@ class RemotePool(ExpertPool):
         def on_reply(key: Key, message: Message) -> None:
             e = key[2]
             y_aD = message.tensors[0] if len(message.tensors) == 1 else torch.empty(0)
-            reason = invalid_outputs([y_aD], [x_slices[e]], self.policy.max_output_norm).get(0)
+            reason = invalid_outputs([y_aD], [x_slices[e]], self.policy.max_output_norm, dtypes).get(0)
             if reason is None:
-                outputs[e] = y_aD
+                outputs[e] = y_aD.to(dtype)
                 version = message.meta.get("version", -1)
                 versions[e] = version if isinstance(version, int) and not isinstance(version, bool) else -1
                 self.known_versions[e] = versions[e]
@@ -219,10 +228,11 @@ class RemotePool(ExpertPool):
         call.answered = sorted(outputs)
         for e in failures:
             versions[e] = -1
-        y_AD = torch.cat([outputs.get(e, x_aD.new_zeros(x_aD.shape)) for e, x_aD in enumerate(x_slices)])
+        zeros = [x_aD.new_zeros(x_aD.shape, dtype=dtype) for x_aD in x_slices]
+        y_AD = torch.cat([outputs.get(e, zeros_aD) for e, zeros_aD in enumerate(zeros)])
         answered_E = torch.ones(self.num_experts, dtype=torch.bool)
         answered_E[list(failures)] = False
-        y_AD = y_AD.to(x_AD.device, x_AD.dtype)
+        y_AD = y_AD.to(x_AD.device)
         if keep and self.audit_window:
             self.keep_call(step, call.sizes, versions, x_AD, y_AD)
             self.last_call_id = call.id

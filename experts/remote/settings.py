@@ -1,13 +1,17 @@
 """What a worker is told and what it accepts: the run's `WorkerSettings`, sent in WELCOME, and the
 worker's own `WorkerLimits`, from its command line, within which it takes them. Meta from a peer
-becomes a dataclass only through `typed_meta`, which checks each field's JSON type.
+becomes a dataclass only through `typed_meta`, which checks each field's JSON type. Each FORWARD
+says in which precision to compute (`autocast_meta` → `autocast_from`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 import typing
 from dataclasses import dataclass, fields
+
+import torch
 
 from experts.errors import WireError
 from experts.remote.wire import WireLimits
@@ -85,3 +89,25 @@ def _json_type_fits(value: object, annotation) -> bool:
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return annotation in (bool, str) and type(value) is annotation
+
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_meta(device: torch.device) -> dict:
+    """FORWARD meta saying in which precision to compute: `{"autocast": dtype}` when the trainer calls
+    under autocast on `device` (`trainer.precision=bf16`), so the owner computes exactly as the
+    trainer's own experts would (`transport=process` ≡ `transport=local`); `{}` otherwise."""
+    if not torch.is_autocast_enabled(device.type):
+        return {}
+    return {"autocast": str(torch.get_autocast_dtype(device.type)).removeprefix("torch.")}
+
+
+def autocast_from(meta: dict, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast that FORWARD `meta` asks for, on this worker's `device` (none when it asks none)."""
+    name = meta.get("autocast")
+    if name is None:
+        return contextlib.nullcontext()
+    if name not in AUTOCAST_DTYPES:
+        raise WireError(f"autocast={str(name)[:40]!r}; valid: {', '.join(AUTOCAST_DTYPES)}")
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[name])

@@ -185,6 +185,7 @@ class ProcessTransport(Transport):
             network=self.cfg.network,
             seed=self.seed,
             checkpoint_every=self.cfg.checkpoint_every,
+            compute=experts_cfg,  # and its own `ComputeSettings`
         )
 
     def close(self) -> None:

@@ -51,9 +51,9 @@ class Kind(IntEnum):
 
     HELLO = 1  # →c: a worker registers: meta {name, pid, device, threads}
     WELCOME = 2  # →w: registration accepted: meta `WorkerSettings` {heartbeat_interval, cache_size, ...}
-    HOST = 3  # →w: host expert (layer, expert): meta {spec, optim, link, restore}, tensors = parameters
+    HOST = 3  # →w: host (layer, expert): meta {spec, optim, compute, link, restore}, tensors = parameters
     HOSTED = 4  # →c: hosted: meta {restored}
-    FORWARD = 5  # →w: tensors [x_aD] for one expert, one call; meta {keep, grad_input}
+    FORWARD = 5  # →w: tensors [x_aD] for one expert, one call; meta {keep, grad_input, autocast}
     OUTPUT = 6  # →c: tensors [y_aD]; meta {version} of the parameters that answered
     BACKWARD = 7  # →w: tensors [grad_y_aD] for the call named by `step`; meta {input_only} (optional)
     GRAD_INPUT = 8  # →c: tensors [grad_x_aD] (none when the trainer asked for no input gradient)

@@ -46,10 +46,11 @@ from experts.identity import Identity
 from experts.modules import FFN, build_expert
 from experts.network import Link, LinkSpec
 from experts.owner import ExpertOwner, OptimizerSettings
+from experts.pool import answer_dtype
 from experts.remote.audit_replies import audit_reply, audit_window
 from experts.remote.auth import connect_curve
 from experts.remote.checkpoint import CHECKPOINT_FILE, load_messages, save_messages
-from experts.remote.settings import RequestError, WorkerLimits, WorkerSettings, typed_meta
+from experts.remote.settings import RequestError, WorkerLimits, WorkerSettings, autocast_from, typed_meta
 from experts.remote.wire import (
     RECEIVE_HWM,
     Kind,
@@ -60,6 +61,7 @@ from experts.remote.wire import (
     expert_state_message,
     unpack_header,
 )
+from experts.rows import ComputeSettings
 
 log = logging.getLogger("experts.remote.worker")
 
@@ -247,10 +249,12 @@ class Worker:
             raise RequestError(f"already hosting {len(self.experts)} experts (--max-experts)")
         module = self.build_within_limits(meta["spec"])
         module.load_state_dict(message.named(), strict=True)
+        optim = typed_meta(OptimizerSettings, meta["optim"], "optim")
+        owner = ExpertOwner(module, optim, typed_meta(ComputeSettings, meta.get("compute", {}), "compute"))
         hosted = HostedExpert(
             layer_name=str(meta["layer_name"]),
             spec=meta["spec"],
-            owner=ExpertOwner(module, typed_meta(OptimizerSettings, meta["optim"], "optim")),
+            owner=owner,
             link=Link(typed_meta(LinkSpec, meta.get("link", {}), "link"), meta.get("link_stream", [0])),
         )
         restored = bool(meta.get("restore")) and self.restore(hosted, message.expert)
@@ -310,8 +314,8 @@ class Worker:
         keep = bool(message.meta.get("keep", False))
         if keep:
             x_aD = x_aD.detach().requires_grad_(bool(message.meta.get("grad_input", True)))
-        with torch.set_grad_enabled(keep):
-            y_aD = self.answer(hosted, behaviour, x_aD, message)
+        with torch.set_grad_enabled(keep), autocast_from(message.meta, self.device):
+            y_aD = self.answer(hosted, behaviour, x_aD, message).to(answer_dtype(x_aD))
         if keep:
             self.cache_put((message.step, message.layer, message.expert), x_aD, y_aD)
         delay = hosted.link.sample(nbytes(x_aD), nbytes(y_aD))
@@ -323,13 +327,13 @@ class Worker:
     def answer(self, hosted: HostedExpert, behaviour: Behaviour, x_aD: torch.Tensor, message: Message):
         """The expert's output under the behaviour the simulation gives this miner (honest by default)."""
         if behaviour == HONEST:
-            return hosted.owner.module(x_aD)
+            return hosted.owner.forward(x_aD)
         peer = None
         if behaviour.kind == "copycat" and (message.layer, int(behaviour.arg)) in self.experts:
-            peer = lambda j, x_aD: self.experts[(message.layer, j)].owner.module(x_aD)  # hosted here only
+            peer = lambda j, x_aD: self.experts[(message.layer, j)].owner.forward(x_aD)  # hosted here only
         seed, step = int(message.meta.get("seed", 0)), int(message.meta.get("step", 0))
-        return answer_call(hosted.owner.module, behaviour, x_aD, seed=seed, layer=hosted.layer_name,
-                           step=step, expert_idx=message.expert, peer=peer)  # fmt: skip
+        return answer_call(hosted.owner.module, behaviour, x_aD, seed=seed, layer=hosted.layer_name, step=step,
+                           expert_idx=message.expert, peer=peer, rows=hosted.owner.row_buckets)  # fmt: skip
 
     def cache_put(self, key: tuple[int, int, int], x_aD: torch.Tensor, y_aD: torch.Tensor) -> None:
         self.cache[key] = (x_aD, y_aD)

@@ -32,6 +32,37 @@ class ModelConfig:
     max_seq_len: int = 512
 
 
+# Under CPU bf16 autocast, torch 2.13's flash attention (forward + backward) in bf16 costs more than in
+# fp32 when heads are small for their sequence: a fixed cost per (batch, head) outweighs the cheaper
+# arithmetic. Measured (one thread, CPU time, B·T = 2048; benchmarks/moe_layer.py --sections attention):
+# bf16 / fp32 time at T=128 is ~3 for k=32, ~2 for k=64, ~1 for k=128, 0.7 for k=256; at T=512 1.1 for
+# k=32, 0.8 for k=64; at T=32 1.1-1.4 for k=128, 0.9 for k=256: even where k² · T ≈ 2^21, hence the rule.
+CPU_BF16_ATTENTION_MIN_SIZE = 2**21  # head size² · sequence length from which bf16 attention is faster
+
+
+def attention_in_fp32(x_BHTk: torch.Tensor) -> bool:
+    """Whether attention on `x_BHTk` runs in fp32 although autocast is on: on CPU, when its head size² ·
+    sequence length is below `CPU_BF16_ATTENTION_MIN_SIZE`, where that is faster. Without autocast it
+    runs in fp32 anyway."""
+    cpu_autocast = x_BHTk.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    seq_len, head_size = x_BHTk.shape[-2:]
+    return cpu_autocast and head_size**2 * seq_len < CPU_BF16_ATTENTION_MIN_SIZE
+
+
+def causal_attention(
+    q_BHTk: torch.Tensor, k_BHTk: torch.Tensor, v_BHTk: torch.Tensor, in_fp32: bool | None = None
+) -> torch.Tensor:
+    """Causal softmax attention, in fp32 where `in_fp32` (None: where `attention_in_fp32` says that is
+    faster for these heads), else in the ambient precision."""
+    if in_fp32 is None:
+        in_fp32 = attention_in_fp32(q_BHTk)
+    if not in_fp32:
+        return F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTk, is_causal=True)
+    with torch.autocast("cpu", enabled=False):
+        q_BHTk, k_BHTk, v_BHTk = q_BHTk.float(), k_BHTk.float(), v_BHTk.float()
+        return F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTk, is_causal=True)
+
+
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
@@ -45,7 +76,7 @@ class Attention(nn.Module):
         q_BHTk, k_BHTk, v_BHTk = rearrange(
             self.qkv(x_BTD), "b t (three h k) -> three b h t k", three=3, h=self.n_heads
         )
-        y_BHTk = F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTk, is_causal=True)
+        y_BHTk = causal_attention(q_BHTk, k_BHTk, v_BHTk)
         return self.proj(rearrange(y_BHTk, "b h t k -> b t (h k)"))
 
 

@@ -239,6 +239,34 @@ def test_behaviours_answer_the_same_in_workers_as_in_process(shared):
         remote.step(step)
 
 
+@pytest.mark.timeout(60)
+def test_remote_equals_local_under_bf16_autocast_with_a_lazy_and_a_crashed_expert(shared):
+    """Workers compute in the precision the call is made in, in the same row buckets, and every pool
+    answers in the autocast dtype whoever answered (a lazy expert's zeros, a failed expert's)."""
+    behaviours = parse_behaviours({1: "lazy", 3: "crash:0"}, E)
+    experts = make_experts(seed=5)
+    local = LocalPool(copy.deepcopy(experts), EXPERTS_CFG)
+    remote = shared.make_pool("bf16", experts, EXPERTS_CFG)
+    for pool in (local, remote):
+        pool.set_behaviours(behaviours, seed=7, layer="bf16")
+    pairs = [*PAIRS, (5, 3)]
+    for step in range(3):
+        x_ND = torch.randn(NUM_TOKENS, D)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_local = run_layer(local, x_ND, pairs, seed=step, step=step)
+            got_remote = run_layer(remote, x_ND, pairs, seed=step, step=step)
+        assert got_local[0].dtype == got_remote[0].dtype == torch.bfloat16
+        for a, b in zip(got_local, got_remote, strict=True):
+            torch.testing.assert_close(b, a, atol=0, rtol=0)
+        assert set(remote.last_failures) == set(local.last_failures) == {3}  # remote: crashed, then backoff
+        local.step(step)
+        remote.step(step)
+    remote_state, local_state = remote.state_dict(), local.state_dict()
+    for e in range(E):
+        for name, value in local_state["experts"][e].items():
+            torch.testing.assert_close(remote_state["experts"][e][name], value, atol=0, rtol=0)
+
+
 # --- robustness --------------------------------------------------------------------------------------
 
 
@@ -256,6 +284,7 @@ def bad_requests(layer: int) -> list[list]:
         encode(Message(Kind.FORWARD, call, layer, 0, tensors=[torch.ones(3, D, dtype=torch.int64)])),
         encode(Message(Kind.FORWARD, call, layer, 0, tensors=[])),
         encode(Message(Kind.BACKWARD, call, layer, 0, tensors=[torch.randn(3, D)])),  # never forwarded
+        encode(Message(Kind.FORWARD, call, layer, 0, meta={"autocast": "int8"}, tensors=[torch.randn(3, D)])),
         encode(Message(Kind.HELLO, meta={"name": "impostor"})),  # a kind workers do not accept
         encode(
             Message(Kind.LOAD_STATE, call, layer, 0, meta={"names": ["param.nope"]}, tensors=[torch.ones(1)])
@@ -280,13 +309,13 @@ def test_a_worker_survives_malformed_frames_and_bad_requests_and_keeps_answering
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (
         coordinator.stray["ERROR"] - errors_before < len(requests)
-        or coordinator.workers["w0"].stats["errors"] < 8
+        or coordinator.workers["w0"].stats["errors"] < 9
     ):
         coordinator.drain()  # heartbeats bring the worker's own counters
         time.sleep(0.05)
     assert coordinator.stray["ERROR"] - errors_before == len(requests)  # one ERROR answer per bad request
     assert coordinator.workers["w0"].stats["rejected"] == 3  # frames it could not even parse
-    assert coordinator.workers["w0"].stats["errors"] == 8  # well-formed requests it could not serve
+    assert coordinator.workers["w0"].stats["errors"] == 9  # well-formed requests it could not serve
     assert shared.processes[0].poll() is None
 
 
@@ -549,13 +578,16 @@ TRAIN_TINY = [
 
 
 @pytest.mark.timeout(120)
-def test_training_with_process_transport_follows_the_local_trajectory(tmp_path):
+@pytest.mark.parametrize(("precision", "steps"), [("fp32", 50), ("bf16", 20)])
+def test_training_with_process_transport_follows_the_local_trajectory(tmp_path, precision, steps):
+    """…in either precision: under bf16 the workers compute under the autocast the trainer's own
+    experts would (`autocast_meta`), in the same row buckets."""
     from moe.engine.loop import train
     from tests.helpers import compose
 
-    steps = 50
     common = [
         *TRAIN_TINY,
+        f"trainer.precision={precision}",
         f"trainer.max_steps={steps}",
         f"trainer.eval_every={steps}",
         f"trainer.ckpt_every={steps}",
