@@ -11,7 +11,8 @@ starts an embedded Ray for the run and shuts it down at close; `auto`, `HOST:POR
 connects to an existing cluster, which is left running. Ray itself is an optional extra (`poimoe[ray]`)
 imported only here, only when a run asks for it.
 
-The key travels in the actor's arguments through Ray's control plane: a cluster is one trust domain.
+The key travels in the actor's arguments through Ray's control plane, which keeps them for restarts: a
+Ray cluster is one trust domain. A run's keys admit nothing once its coordinator is gone.
 """
 
 from __future__ import annotations
