@@ -29,7 +29,7 @@ import torch
 
 from experts.errors import ConfigError
 from experts.identity import Identity
-from experts.remote.settings import WorkerLimits
+from experts.remote.settings import WorkerLimits, launched_limits
 
 if TYPE_CHECKING:
     from experts.remote.coordinator import Coordinator
@@ -196,12 +196,7 @@ class RayWorkers:
 
     def start(self, coordinator: Coordinator, run_dir: Path | None) -> list[str]:
         """One actor per worker, each bound to its name and key in the coordinator before it starts."""
-        limits = WorkerLimits(
-            max_frame_mb=self.cfg.max_frame_mb,
-            max_message_mb=self.cfg.max_message_mb,
-            max_cache=self.cfg.cache_size,
-            **({"max_grad_norm": self.cfg.max_grad_norm} if self.cfg.max_grad_norm > 0 else {}),
-        )
+        limits = launched_limits(self.cfg)
         names = [f"w{i}" for i in range(self.cfg.workers)]
         for name in names:
             state_dir = run_dir / "workers" / name if run_dir is not None else None

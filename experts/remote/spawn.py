@@ -33,7 +33,7 @@ from experts.remote.auth import uses_curve
 from experts.remote.client import RemotePool
 from experts.remote.coordinator import Coordinator
 from experts.remote.ray_launch import RayLaunchConfig, RayWorkers, check_ray_config
-from experts.remote.settings import DEFAULT_FRAME_MB, DEFAULT_MESSAGE_MB, WorkerSettings
+from experts.remote.settings import DEFAULT_FRAME_MB, DEFAULT_MESSAGE_MB, WorkerSettings, launched_limits
 from experts.transport import LocalTransportConfig, Transport, register_transport
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ def spawn_worker(name: str, coordinator: Coordinator, device: str, cfg: ProcessT
                  state_dir: Path | None, key_path: Path | None):  # fmt: skip
     """`python -m experts.worker` as a child that exits when this process dies; it keeps its
     checkpoint and log in `state_dir` and proves `key_path` under CURVE."""
+    limits = launched_limits(cfg)  # the launcher sets a spawned worker's own limits from the config
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads)}
     command = [
         sys.executable, "-m", "experts.worker",
@@ -111,10 +112,10 @@ def spawn_worker(name: str, coordinator: Coordinator, device: str, cfg: ProcessT
         "--device", device,
         "--threads", str(cfg.threads),
         "--parent-pid", str(os.getpid()),
-        "--max-frame-mb", str(cfg.max_frame_mb),
-        "--max-message-mb", str(cfg.max_message_mb),
-        "--max-cache", str(cfg.cache_size),  # the launcher sets a spawned worker's own limits from the config
-        *(["--max-grad-norm", str(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []),
+        "--max-frame-mb", str(limits.max_frame_mb),
+        "--max-message-mb", str(limits.max_message_mb),
+        "--max-cache", str(limits.max_cache),
+        "--max-grad-norm", str(limits.max_grad_norm),
         "--log-level", logging.getLevelName(log.getEffectiveLevel()),
     ]  # fmt: skip
     if state_dir is not None:

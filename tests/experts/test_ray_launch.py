@@ -126,7 +126,7 @@ def actor_pid(name: str, seconds: float) -> int:
 def test_a_killed_worker_actor_is_restarted_rejoins_from_its_checkpoint_and_the_run_ends_cleanly(
     cluster, tmp_path
 ):
-    run_dir, steps = tmp_path / "run", 150
+    run_dir, steps = tmp_path / "run", 200
     overrides = run_overrides(run_dir, steps, *on(cluster), "transport.checkpoint_every=5")
     command = [sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp_path / 'hydra'}"]
     env = {**os.environ, "PYTHONPATH": python_path()}
@@ -145,7 +145,8 @@ def test_a_killed_worker_actor_is_restarted_rejoins_from_its_checkpoint_and_the_
         killed = actor_pid(names[1], 10)
         killed_at = _last_step(run_dir)
         ray.kill(ray.get_actor(names[1], namespace="poimoe"), no_restart=False)
-        restarted = actor_pid(names[1], 90)
+        assert wait_gone({killed}, 30)
+        restarted = actor_pid(names[1], 90)  # the same handle answers from the restarted actor
         pids.add(restarted)
         assert restarted != killed
         output, _ = trainer.communicate(timeout=240)
