@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -126,7 +127,7 @@ def actor_pid(name: str, seconds: float) -> int:
 def test_a_killed_worker_actor_is_restarted_rejoins_from_its_checkpoint_and_the_run_ends_cleanly(
     cluster, tmp_path
 ):
-    run_dir, steps = tmp_path / "run", 200
+    run_dir, steps = tmp_path / "run", 150
     overrides = run_overrides(run_dir, steps, *on(cluster), "transport.checkpoint_every=5")
     command = [sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp_path / 'hydra'}"]
     env = {**os.environ, "PYTHONPATH": python_path()}
@@ -143,10 +144,14 @@ def test_a_killed_worker_actor_is_restarted_rejoins_from_its_checkpoint_and_the_
         names = [f"poimoe-{trainer.pid}-w{i}" for i in range(2)]
         pids = {actor_pid(name, 30) for name in names}
         killed = actor_pid(names[1], 10)
-        killed_at = _last_step(run_dir)
-        ray.kill(ray.get_actor(names[1], namespace="poimoe"), no_restart=False)
-        assert wait_gone({killed}, 30)
-        restarted = actor_pid(names[1], 90)  # the same handle answers from the restarted actor
+        os.kill(trainer.pid, signal.SIGSTOP)  # so the restart lands mid-run however fast the run is
+        try:
+            killed_at = _last_step(run_dir)
+            ray.kill(ray.get_actor(names[1], namespace="poimoe"), no_restart=False)
+            assert wait_gone({killed}, 30)
+            restarted = actor_pid(names[1], 90)  # the same name answers from the restarted actor
+        finally:
+            os.kill(trainer.pid, signal.SIGCONT)
         pids.add(restarted)
         assert restarted != killed
         output, _ = trainer.communicate(timeout=240)
