@@ -185,3 +185,15 @@ def test_an_embedded_ray_serves_the_run_and_stops_with_it(tmp_path):
     assert not ray.is_initialized()
     assert started  # the embedded Ray's processes
     assert wait_gone(started, 30), "the embedded Ray outlived its run"
+
+
+@pytest.mark.timeout(120)
+def test_workers_ray_cannot_place_fail_at_the_register_timeout_naming_what_they_asked_for(cluster, tmp_path):
+    from experts.remote import ProcessTransport, ProcessTransportConfig
+    from experts.remote.ray_launch import RayLaunchConfig
+
+    on_gpus = RayLaunchConfig(address=cluster.address, num_gpus=1)  # the cluster has none
+    cfg = ProcessTransportConfig(launch="ray", ray=on_gpus, register_timeout=3.0)
+    with pytest.raises(RuntimeError, match=r"did not register within 3s.*num_gpus=1; Ray has"):
+        ProcessTransport(cfg, device=torch.device("cpu"), run_dir=tmp_path, seed=0)
+    assert not ray.is_initialized()
