@@ -156,7 +156,7 @@ def stop_processes(processes: list[subprocess.Popen], grace_s: float = 2.0) -> N
 
 
 class ProcessTransport(Transport):
-    """Spawns the workers, makes a `RemotePool` per MoE layer on them, and tears everything down."""
+    """Launches the workers, makes a `RemotePool` per MoE layer on them, and tears everything down."""
 
     def __init__(self, cfg: ProcessTransportConfig, *, device: torch.device, run_dir: Path | None, seed: int):
         check_launch(cfg)
@@ -165,7 +165,8 @@ class ProcessTransport(Transport):
             raise ConfigError("transport.workers + transport.external_workers must be at least 1")
         if 0 < cfg.max_workers < cfg.workers + cfg.external_workers:
             raise ConfigError(f"transport.max_workers={cfg.max_workers} < workers + external_workers")
-        if external and uses_curve(cfg.auth, cfg.address) and not cfg.allowed_keys:
+        address = "tcp" if cfg.launch == "ray" else cfg.address  # Ray actors connect over tcp
+        if external and uses_curve(cfg.auth, address) and not cfg.allowed_keys:
             raise ConfigError(
                 "hand-started workers (transport.external_workers, or workers under launch=manual) need "
                 "their hotkeys in transport.allowed_keys under CURVE "

@@ -39,6 +39,7 @@ def open_process_transport(**overrides) -> ProcessTransport:
         ({"launch": "ray", "ray": RayLaunchConfig(num_cpus=-1)}, "transport.ray.num_cpus=-1"),
         ({"launch": "ray", "ray": RayLaunchConfig(max_restarts=-2)}, "transport.ray.max_restarts=-2"),
         ({"launch": "ray", "devices": ["cuda:1"]}, "transport.devices=['cuda:1'] is for launch=local"),
+        ({"launch": "ray", "external_workers": 1}, "need their hotkeys in transport.allowed_keys"),
     ],
 )
 @pytest.mark.timeout(30)
