@@ -36,6 +36,16 @@ class WorkerSettings:
     cache_size: int = 256  # forward graphs a worker keeps for backward (oldest evicted)
 
 
+def launched_limits(cfg) -> WorkerLimits:
+    """The own limits a launcher (`transport.launch=local|ray`) gives the workers it starts, from the
+    run's `ProcessTransportConfig`: its frame and message caps, cache size and gradient bound (0 or
+    less: the worker's default)."""
+    grad = {"max_grad_norm": cfg.max_grad_norm} if cfg.max_grad_norm > 0 else {}
+    return WorkerLimits(
+        max_frame_mb=cfg.max_frame_mb, max_message_mb=cfg.max_message_mb, max_cache=cfg.cache_size, **grad
+    )
+
+
 def settings_meta(settings_cls: type, source: object) -> dict:
     """The fields of dataclass `settings_cls` read from `source` (an instance of it or of a config that
     inherits it), as JSON meta: a config sends only the part a worker takes."""

@@ -1,12 +1,13 @@
 """`transport=process`: experts live in worker processes ("miners") that own them; the trainer keeps
 only the trunk and the routers. Importing this module registers the transport as "process".
 
-`ProcessTransport` spawns `workers` local workers (`python -m experts.worker`, the command a
-hand-started worker runs too), waits for them and any `external_workers` to register with
-its `Coordinator`, makes a `RemotePool` per MoE layer on them, and tears everything down. Each
-spawned worker gets a key made for the run (in the coordinator's private folder, when CURVE is on)
-and its own state dir, `<run_dir>/workers/<name>/`, on its command line: chosen by whoever starts
-the worker, never sent over the wire.
+`ProcessTransport` launches `workers` workers (`transport.launch`: `local` spawns `python -m
+experts.worker`, the command a hand-started worker runs too; `ray` places them as Ray actors, see
+`experts.remote.ray_launch`; `manual` starts none and waits for that many started by hand), waits for
+them and any `external_workers` to register with its `Coordinator`, makes a `RemotePool` per MoE layer
+on them, and tears everything down. Each launched worker gets a key made for the run (in the
+coordinator's private folder, when CURVE is on) and its own state dir, `<run_dir>/workers/<name>/`,
+from whoever starts it, never over the wire.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from experts.network import network_is_ideal
 from experts.remote.auth import uses_curve
 from experts.remote.client import RemotePool
 from experts.remote.coordinator import Coordinator
-from experts.remote.settings import DEFAULT_FRAME_MB, DEFAULT_MESSAGE_MB, WorkerSettings
+from experts.remote.ray_launch import RayLaunchConfig, RayWorkers, check_ray_config
+from experts.remote.settings import DEFAULT_FRAME_MB, DEFAULT_MESSAGE_MB, WorkerSettings, launched_limits
 from experts.transport import LocalTransportConfig, Transport, register_transport
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,10 @@ class ProcessTransportConfig(WorkerSettings, LocalTransportConfig):
     workers serve (`max_grad_norm`, `heartbeat_interval`, `cache_size`) comes from `WorkerSettings`."""
 
     name: str = "process"
-    workers: int = 2  # worker processes the trainer spawns on this machine
-    external_workers: int = 0  # workers started by hand (python -m experts.worker) to wait for
+    workers: int = 2  # workers the run launches (or, with launch=manual, waits for)
+    launch: str = "local"  # local: subprocesses here | ray: Ray actors (transport.ray) | manual: by hand
+    ray: RayLaunchConfig = field(default_factory=RayLaunchConfig)  # launch=ray: placement and restarts
+    external_workers: int = 0  # workers started by hand (python -m experts.worker) to wait for, besides
     address: str = "ipc"  # ipc (one host) | tcp (across hosts)
     host: str = "127.0.0.1"  # tcp: interface to bind; 0.0.0.0 accepts workers from other hosts
     port: int = 0  # tcp: port to bind; 0 picks a free one (logged)
@@ -66,6 +70,26 @@ class ProcessTransportConfig(WorkerSettings, LocalTransportConfig):
     checkpoint_every: int = 0  # workers checkpoint themselves every N steps; 0: at trainer checkpoints
 
 
+LAUNCHES = ("local", "ray", "manual")
+
+
+def check_launch(cfg: ProcessTransportConfig) -> None:
+    """`transport.launch` and the options that go with it; errors name the bad value."""
+    if cfg.launch not in LAUNCHES:
+        raise ConfigError(f"transport.launch={cfg.launch!r}; valid: {', '.join(LAUNCHES)}")
+    check_ray_config(cfg.ray, cfg.launch)
+    if cfg.launch == "ray" and cfg.devices:
+        raise ConfigError(
+            f"transport.devices={list(cfg.devices)} is for launch=local; a Ray actor's device is cuda:0 "
+            "when it has transport.ray.num_gpus, else the CPU"
+        )
+
+
+def hand_started(cfg: ProcessTransportConfig) -> int:
+    """Workers to wait for that nobody launches: `external_workers`, and `workers` under launch=manual."""
+    return cfg.external_workers + (cfg.workers if cfg.launch == "manual" else 0)
+
+
 def worker_devices(cfg: ProcessTransportConfig) -> list[str]:
     """One device per spawned worker: as configured, else cuda:i round-robin, else the CPU."""
     if cfg.devices:
@@ -79,6 +103,7 @@ def spawn_worker(name: str, coordinator: Coordinator, device: str, cfg: ProcessT
                  state_dir: Path | None, key_path: Path | None):  # fmt: skip
     """`python -m experts.worker` as a child that exits when this process dies; it keeps its
     checkpoint and log in `state_dir` and proves `key_path` under CURVE."""
+    limits = launched_limits(cfg)  # the launcher sets a spawned worker's own limits from the config
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads)}
     command = [
         sys.executable, "-m", "experts.worker",
@@ -87,10 +112,10 @@ def spawn_worker(name: str, coordinator: Coordinator, device: str, cfg: ProcessT
         "--device", device,
         "--threads", str(cfg.threads),
         "--parent-pid", str(os.getpid()),
-        "--max-frame-mb", str(cfg.max_frame_mb),
-        "--max-message-mb", str(cfg.max_message_mb),
-        "--max-cache", str(cfg.cache_size),  # the launcher sets a spawned worker's own limits from the config
-        *(["--max-grad-norm", str(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []),
+        "--max-frame-mb", str(limits.max_frame_mb),
+        "--max-message-mb", str(limits.max_message_mb),
+        "--max-cache", str(limits.max_cache),
+        "--max-grad-norm", str(limits.max_grad_norm),
         "--log-level", logging.getLevelName(log.getEffectiveLevel()),
     ]  # fmt: skip
     if state_dir is not None:
@@ -131,31 +156,51 @@ def stop_processes(processes: list[subprocess.Popen], grace_s: float = 2.0) -> N
 
 
 class ProcessTransport(Transport):
-    """Spawns the workers, makes a `RemotePool` per MoE layer on them, and tears everything down."""
+    """Launches the workers, makes a `RemotePool` per MoE layer on them, and tears everything down."""
 
     def __init__(self, cfg: ProcessTransportConfig, *, device: torch.device, run_dir: Path | None, seed: int):
+        check_launch(cfg)
+        external = hand_started(cfg)
         if cfg.workers + cfg.external_workers < 1:
             raise ConfigError("transport.workers + transport.external_workers must be at least 1")
         if 0 < cfg.max_workers < cfg.workers + cfg.external_workers:
             raise ConfigError(f"transport.max_workers={cfg.max_workers} < workers + external_workers")
-        if cfg.external_workers and uses_curve(cfg.auth, cfg.address) and not cfg.allowed_keys:
+        address = "tcp" if cfg.launch == "ray" else cfg.address  # Ray actors connect over tcp
+        if external and uses_curve(cfg.auth, address) and not cfg.allowed_keys:
             raise ConfigError(
-                "transport.external_workers needs their hotkeys in transport.allowed_keys under CURVE "
+                "hand-started workers (transport.external_workers, or workers under launch=manual) need "
+                "their hotkeys in transport.allowed_keys under CURVE "
                 "(make a key with: python -m experts.worker keygen PATH)"
             )
         self.cfg, self.run_dir, self.seed = cfg, Path(run_dir) if run_dir is not None else None, seed
         network_is_ideal(cfg.network)  # fails now, not after the workers started, on a bad link spec
         self.processes: list[subprocess.Popen] = []
         self._finalizer = weakref.finalize(self, stop_processes, self.processes, 0.0)
-        self.coordinator = Coordinator(cfg, self.run_dir)
-        self.closed = False
+        self.ray_workers, self.coordinator, self.closed = None, None, False
         self.next_slot = 0
         try:
-            names = self.spawn_workers()
-            self.coordinator.wait_for_workers(names, cfg.external_workers, cfg.register_timeout)
+            if cfg.launch == "ray":
+                self.ray_workers = RayWorkers(cfg)
+                cfg = self.ray_workers.coordinator_config(cfg)
+            self.cfg = cfg
+            self.coordinator = Coordinator(cfg, self.run_dir)
+            self.wait_for(self.launch_workers(), external)
         except BaseException:
             self.close()
             raise
+
+    def launch_workers(self) -> list[str]:
+        if self.ray_workers is not None:
+            return self.ray_workers.start(self.coordinator, self.run_dir)
+        return self.spawn_workers() if self.cfg.launch == "local" else []
+
+    def wait_for(self, names: list[str], external: int) -> None:
+        try:
+            self.coordinator.wait_for_workers(names, external, self.cfg.register_timeout)
+        except RuntimeError as err:
+            if self.ray_workers is None:
+                raise
+            raise RuntimeError(f"{err}; {self.ray_workers.hint()}") from None
 
     def spawn_workers(self) -> list[str]:
         names = []
@@ -192,8 +237,11 @@ class ProcessTransport(Transport):
         if self.closed:
             return
         self.closed = True
-        self.coordinator.close()
+        if self.coordinator is not None:
+            self.coordinator.close()
         stop_processes(self.processes)
+        if self.ray_workers is not None:
+            self.ray_workers.close()
 
 
 register_transport("process", ProcessTransportConfig, ProcessTransport)

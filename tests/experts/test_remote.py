@@ -64,22 +64,27 @@ def python_path() -> str:
 
 
 def start_worker_by_hand(transport, name: str, state_dir: Path | None = None) -> subprocess.Popen:
+    process = hand_worker(transport.coordinator.connect_address, name, state_dir)
+    transport.hand_started.append(process)
+    return process
+
+
+def hand_worker(coordinator: str, name: str, state_dir: Path | None = None) -> subprocess.Popen:
+    """`python -m experts.worker` as a person would start it, joining `coordinator` (no CURVE)."""
     env = {**os.environ, "PYTHONPATH": python_path()}
     command = [
         sys.executable,
         "-m",
         "experts.worker",
         "--coordinator",
-        transport.coordinator.connect_address,
+        coordinator,
         "--name",
         name,
         "--log-level",
         "WARNING",
         *(["--state-dir", str(state_dir)] if state_dir is not None else []),
     ]
-    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
-    transport.hand_started.append(process)
-    return process
+    return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
 
 
 def make_experts(seed: int = 0) -> list[FFN]:
