@@ -108,3 +108,23 @@ def test_a_state_without_a_step_count_leaves_the_count_as_it_is():
     del state["steps"]  # a pool's layout (LocalPool, RemotePool checkpoints) keeps no counts
     owner.load_state_dict(state)
     assert owner.steps == 1
+
+
+def test_an_audit_snapshot_is_the_optimizer_state_dict_copied():
+    """The per-step commit's fast snapshot has `state_dict()`'s layout and values, in new storage."""
+    from experts.commitments import optimizer_snapshot
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2, fused=True)
+    for _ in range(2):
+        module(torch.randn(5, 4)).square().sum().backward()
+        optimizer.step()
+    snapshot, reference = optimizer_snapshot(optimizer), optimizer.state_dict()
+    assert snapshot["param_groups"] == reference["param_groups"]
+    assert snapshot["state"].keys() == reference["state"].keys()
+    for index, entry in reference["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(snapshot["state"][index][key], value)
+            assert snapshot["state"][index][key].data_ptr() != value.data_ptr()
+    fresh = torch.optim.AdamW(module.parameters(), lr=1e-2, fused=True)
+    fresh.load_state_dict(snapshot)  # what an audit's step replay does with it
