@@ -136,7 +136,7 @@ def test_honest_owners_pass_audits_rerun_with_another_thread_count():
 
 
 def test_every_dishonest_behaviour_fails_an_audit_and_honest_miners_none(run_tiny):
-    """A short run at a high audit rate (the slow test below runs the issue's 300 steps at 5 %)."""
+    """A short run at a high audit rate (the test below runs the issue's 300 steps at 5 %)."""
     summary, run_dir = run_tiny(*RUN, *steps(30), "audit.rate=0.35", behaviours_override(DISHONEST))
     failed, run = failed_and_run(summary)
     assert run.get(0, 0) > 0
@@ -200,9 +200,12 @@ def test_audits_with_worker_processes(run_tiny):
     assert verify_run(run_dir).blocks == 10
 
 
-@pytest.mark.slow
-def test_the_issue_run_at_five_percent_catches_every_behaviour(run_tiny):
-    summary, _ = run_tiny(*RUN, *steps(300), "audit.rate=0.05", behaviours_override(DISHONEST))
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", ["local", "process"])
+def test_the_issue_run_at_five_percent_catches_every_behaviour(run_tiny, transport):
+    summary, _ = run_tiny(
+        *RUN, *steps(300), "audit.rate=0.05", f"transport={transport}", behaviours_override(DISHONEST)
+    )
     failed, run = failed_and_run(summary)
     assert run.get(0, 0) > 0
     assert failed.get(0, 0) == 0
