@@ -62,6 +62,22 @@ class ExpertPool(ABC):
     # leaves its `CallRecord` in `last_call`, and owners keep their last `window` versions.
     audit_window: int = 0
     last_call: CallRecord | None = None
+    _evaluating: bool = False  # inside `evaluation_calls()`
+
+    @contextmanager
+    def evaluation_calls(self) -> Iterator[None]:
+        """Calls inside are a scorer's evaluation passes, not training calls: they leave the training
+        call's audit record (and the gradient it keeps) alone."""
+        before, self._evaluating = self._evaluating, True
+        try:
+            yield
+        finally:
+            self._evaluating = before
+
+    @property
+    def records_calls(self) -> bool:
+        """Whether the next call is kept for audits: audits on, and not an evaluation pass."""
+        return bool(self.audit_window) and not self._evaluating
 
     @property
     def network_clock_s(self) -> float:
@@ -121,7 +137,7 @@ class ExpertPool(ABC):
 
     def keep_call(self, step: int, sizes: list[int], versions: list[int], x_AD, y_AD) -> None:
         """Record a training call for audits (the caller knows it is one: not an evaluation)."""
-        if self.audit_window:
+        if self.records_calls:
             self.last_call = record_call(step, sizes, versions, x_AD, y_AD)
 
     def keep_output_gradient(self, grad_y_AD: torch.Tensor) -> None:
@@ -237,7 +253,7 @@ class LocalPool(ExpertPool):
         answered_E = torch.ones(self.num_experts, dtype=torch.bool)
         answered_E[list(failures)] = False
         y_AD = torch.cat([y_aD.to(dtype) for y_aD in y_slices])
-        if self.audit_window and torch.is_grad_enabled():
+        if self.records_calls and torch.is_grad_enabled():
             versions = [-1 if e in failures else owner.version for e, owner in enumerate(self.owners)]
             self.keep_call(step, sizes, versions, x_AD, y_AD)
             if y_AD.requires_grad:

@@ -233,7 +233,7 @@ class RemotePool(ExpertPool):
         answered_E = torch.ones(self.num_experts, dtype=torch.bool)
         answered_E[list(failures)] = False
         y_AD = y_AD.to(x_AD.device)
-        if keep and self.audit_window:
+        if keep and self.records_calls:
             self.keep_call(step, call.sizes, versions, x_AD, y_AD)
             self.last_call_id = call.id
         return y_AD, answered_E.to(x_AD.device), call

@@ -156,7 +156,12 @@ def test_every_dishonest_behaviour_fails_an_audit_and_honest_miners_none(run_tin
 
 def test_show_lists_failed_audits_and_verify_names_a_tampered_audit_row(run_tiny, capsys):
     _, run_dir = run_tiny(
-        "data=clusters", "poi=taylor", *steps(22), "audit.rate=1", "audit.slash=0.5", behaviours_override({1: "stale:12"})
+        "data=clusters",
+        "poi=taylor",
+        *steps(22),
+        "audit.rate=1",
+        "audit.slash=0.5",
+        behaviours_override({1: "stale:12"}),
     )
     assert ledger_main(["show", str(run_dir)]) == 0
     shown = capsys.readouterr().out
@@ -210,3 +215,21 @@ def test_the_issue_run_at_five_percent_catches_every_behaviour(run_tiny, transpo
     assert run.get(0, 0) > 0
     assert failed.get(0, 0) == 0
     assert sorted(e for e in failed if failed[e] > 0) == sorted(DISHONEST)
+
+
+@pytest.mark.parametrize("transport", ["local", "process"])
+def test_evaluation_passes_are_never_audited_as_training_calls(run_tiny, transport):
+    """PoI's evaluation passes (here taylor's fidelity views, grad-enabled, every step, before the
+    auditor runs) must leave the training call's record alone: otherwise the auditor re-runs an
+    evaluation batch and replays the owner's step with PoI's gradient, failing honest miners."""
+    summary, _ = run_tiny(
+        "data=clusters",
+        "poi=taylor",
+        "poi.fidelity_every=1",
+        *steps(6),
+        "audit.rate=1",
+        f"transport={transport}",
+    )
+    failed, run = failed_and_run(summary)
+    assert sum(run.values()) >= 6
+    assert not any(failed.values()), failed
