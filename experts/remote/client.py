@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -67,6 +68,15 @@ class RemoteExpertsCall(torch.autograd.Function):
         return None, None, grad_x_AD, None, None
 
 
+def well_formed_sketch(values, size: int) -> bool:
+    """A parameter commitment off the wire: `size` finite floats."""
+    return (
+        isinstance(values, list)
+        and len(values) == size
+        and all(isinstance(v, float) and math.isfinite(v) for v in values)
+    )
+
+
 class RemotePool(ExpertPool):
     """Experts hosted by workers; one request per expert per call, all in flight at once.
 
@@ -116,6 +126,10 @@ class RemotePool(ExpertPool):
         self.behaviours, self.behaviour_seed = {}, 0
         self.anchor = torch.zeros((), requires_grad=True)  # keeps the call in the graph for param grads
         self.published: list[dict[int, torch.Tensor]] = [{} for _ in experts]  # per expert: version -> sketch
+        self.sketch_sizes = [  # what a well-formed commitment of each expert holds
+            len(param_sketch_P({name: p.detach() for name, p in module.named_parameters()}))
+            for module in experts
+        ]
         self.last_call_id = 0
         self.known_versions = [0] * len(experts)  # each owner's latest version, from replies and acks
         self.layer = coordinator.attach(self)
@@ -348,11 +362,7 @@ class RemotePool(ExpertPool):
         version, commitment = meta.get("version"), meta.get("commitment")
         if isinstance(version, int) and not isinstance(version, bool):
             self.known_versions[expert] = version
-        if (
-            isinstance(version, int)
-            and isinstance(commitment, list)
-            and all(isinstance(v, float) for v in commitment)
-        ):
+        if isinstance(version, int) and well_formed_sketch(commitment, self.sketch_sizes[expert]):
             published = self.published[expert]
             published[version] = torch.tensor(commitment)
             while len(published) > self.audit_window + 1:
@@ -374,8 +384,8 @@ class RemotePool(ExpertPool):
         next_version, next_sketch = result.meta.get("next_version"), result.meta.get("next_sketch")
         if state is None or result.meta.get("version") != version:
             raise AuditRefused(f"the owner answered the audit of version {version} with a malformed state")
-        if not (next_version is None or isinstance(next_version, int)) or not isinstance(
-            next_sketch, list | None
+        if not (next_version is None or isinstance(next_version, int)) or not (
+            next_sketch is None or well_formed_sketch(next_sketch, self.sketch_sizes[expert])
         ):
             raise AuditRefused("the owner answered the audit with a malformed next commitment")
         params, optimizer_state = state

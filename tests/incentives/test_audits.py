@@ -233,3 +233,34 @@ def test_evaluation_passes_are_never_audited_as_training_calls(run_tiny, transpo
     failed, run = failed_and_run(summary)
     assert sum(run.values()) >= 6
     assert not any(failed.values()), failed
+
+
+def test_an_answer_whose_next_commitment_differs_from_the_published_one_fails():
+    """A miner that publishes one commitment after its step and answers the audit with another (e.g. a
+    stale miner claiming a replayed step) fails the commitment check, naming the next version."""
+    torch.manual_seed(0)
+    pool = LocalPool([FFN(16, 64) for _ in range(4)], OptimizerSettings(lr=1e-2))
+    auditor = Auditor(AuditConfig(rate=1.0), [_Layer(pool)], seed=0)
+    answered_with = [owner.version for owner in pool.owners]
+
+    def published(expert: int, version: int) -> torch.Tensor | None:
+        if version <= answered_with[expert]:
+            return None
+        return pool.owners[expert].state_at(version).sketch_P + 1.0  # not what the owner answers
+
+    pool.published_commitment = published
+    _one_step(pool, auditor, 1, threads=1)
+    failures = auditor.after_step(1)
+    assert {f.expert for f in failures} == {0, 1, 2, 3}
+    assert {f.check for f in failures} == {"commitment"}
+    assert all(f.evidence["next_version"] == answered_with[f.expert] + 1 for f in failures)
+
+
+@pytest.mark.parametrize(
+    "values", [[1.0, 2.0], [1.0] * 7, [1.0, float("nan"), 0.0], [1, 2, 3], "1,2,3", None]
+)
+def test_malformed_commitments_off_the_wire_are_refused(values):
+    from experts.remote.client import well_formed_sketch
+
+    assert well_formed_sketch([0.5, -1.0, 2.0], 3)
+    assert not well_formed_sketch(values, 3)

@@ -70,6 +70,16 @@ def audit_call(
         return Verdict(
             False, "commitment", {**where, "published": digest(published), "answered": params_digest}
         )
+    if answer.next_version is not None:  # the next commitment it answers must be the one it published
+        published_next = pool.published_commitment(call.expert, answer.next_version)
+        if (
+            published_next is not None
+            and not relative_gap(answer.next_sketch_P, published_next) <= SAME_SKETCH
+        ):
+            evidence = {"next_version": answer.next_version, "published": digest(published_next)}
+            return Verdict(
+                False, "commitment", {**where, **evidence, "answered": digest(answer.next_sketch_P)}
+            )
     module, settings = pool.expert_replica(call.expert)
     module.load_state_dict(answer.state.params)
     y_aD = _rerun(module, call)
