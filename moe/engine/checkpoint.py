@@ -85,6 +85,7 @@ def checkpoint_state(run: Run) -> dict:
         "pools": pools,
         "incomplete": missing_experts(pools),
         "poi": run.scorer.state_dict() if run.scorer is not None else None,
+        "audits": run.auditor.state_dict() if run.auditor is not None else None,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         "config": OmegaConf.to_container(run.cfg, resolve=True),
         # the ledger's signed head (an anchor `python -m moe.ledger verify` checks) and unrevealed weights
@@ -124,6 +125,8 @@ def restore(run: Run, state: dict) -> None:
         layer.pool.load_state_dict(state["pools"][layer.name])
     if run.scorer is not None and state.get("poi"):
         run.scorer.load_state_dict(state["poi"])
+    if run.auditor is not None and state.get("audits"):
+        run.auditor.load_state_dict(state["audits"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(_as_random_state(state["rng"]["python"]))
     run.step = int(state["step"])

@@ -264,3 +264,17 @@ def test_malformed_commitments_off_the_wire_are_refused(values):
 
     assert well_formed_sketch([0.5, -1.0, 2.0], 3)
     assert not well_formed_sketch(values, 3)
+
+
+def test_a_resumed_run_keeps_its_audit_tallies_and_evidence(run_tiny):
+    common = ("data=clusters", "poi=taylor", "trainer.max_steps=12", "trainer.ckpt_every=6", "audit.rate=0.5",
+              behaviours_override({1: "replay:0.5"}))  # fmt: skip
+    straight, _ = run_tiny(*common, name="straight")
+    _, first = run_tiny(*common, name="first")
+    for ckpt in (first / "checkpoints").glob("step_*.pt"):
+        if not ckpt.name.endswith("0000006.pt"):
+            ckpt.unlink()
+    resumed, _ = run_tiny(*common, f"resume={first}", name="unused")
+    tallies = {k: v for k, v in straight.items() if k.startswith("audits/") and k != "audits/seconds"}
+    assert tallies
+    assert {k: resumed.get(k) for k in tallies} == tallies

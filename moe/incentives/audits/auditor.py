@@ -44,6 +44,22 @@ class Auditor:
         self.tally: Counter = Counter()  # (layer, expert, "run" | "failed")
         self.seconds = 0.0
 
+    def state_dict(self) -> dict:
+        """The tallies and the recent calls' sketches (copy and replay evidence), for checkpoints."""
+        return {
+            "tally": [[layer, expert, what, n] for (layer, expert, what), n in self.tally.items()],
+            "history": {name: list(calls) for name, calls in self.history.items()},
+            "seconds": self.seconds,
+        }
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.tally = Counter({(layer, int(expert), what): n for layer, expert, what, n in saved["tally"]})
+        for name, calls in saved["history"].items():
+            if name in self.history:
+                self.history[name].clear()
+                self.history[name].extend(tuple(call) for call in calls)
+        self.seconds = float(saved.get("seconds", 0.0))
+
     def after_step(self, step: int) -> list[FailedAudit]:
         """Sample this step's calls and audit them (owners have stepped); returns the failures."""
         start = time.perf_counter()
