@@ -9,7 +9,7 @@ import pytest
 
 from moe.engine.metrics import read_metrics
 from moe.errors import CheckpointError, DataError
-from tests.helpers import REPO, TINY, compose, run_cli
+from tests.helpers import REPO, TINY, compose, keep_only_checkpoint, run_cli
 
 
 def first_and_last(events: list[dict], key: str) -> tuple[float, float]:
@@ -53,9 +53,7 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(run_tiny):
     )
     _, first_half = run_tiny(*common, "trainer.max_steps=8", "trainer.ckpt_every=4", name="interrupted")
     # simulate a run killed after its step-4 checkpoint: drop later checkpoints and metrics
-    for ckpt in (first_half / "checkpoints").glob("step_*.pt"):
-        if not ckpt.name.endswith("0000004.pt"):
-            ckpt.unlink()
+    keep_only_checkpoint(first_half, 4)
     summary, _ = run_tiny(*common, "trainer.max_steps=8", f"resume={first_half}", name="unused")
     resumed = Path(summary["run_dir"])
     assert resumed == first_half

@@ -36,3 +36,14 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: float = 120) -> subprocess.Co
         timeout=timeout,
         env=os.environ.copy(),
     )
+
+
+def keep_only_checkpoint(run_dir: Path, step: int) -> None:
+    """Delete every checkpoint of `run_dir` but step `step`'s: a run killed right after writing it."""
+    from moe.engine.checkpoint import checkpoint_path, list_checkpoints
+
+    kept = checkpoint_path(run_dir, step)
+    assert kept.exists(), kept
+    for checkpoint in list_checkpoints(run_dir):
+        if checkpoint != kept:
+            checkpoint.unlink()

@@ -21,6 +21,7 @@ from moe.incentives.audits import AuditConfig, Auditor, as_audit_config
 from moe.incentives.ledger import main as ledger_main
 from moe.incentives.ledger import verify_run
 from router.plan import build_plan
+from tests.helpers import keep_only_checkpoint
 
 DISHONEST = {
     1: "lazy",
@@ -271,9 +272,7 @@ def test_a_resumed_run_keeps_its_audit_tallies_and_evidence(run_tiny):
               behaviours_override({1: "replay:0.5"}))  # fmt: skip
     straight, _ = run_tiny(*common, name="straight")
     _, first = run_tiny(*common, name="first")
-    for ckpt in (first / "checkpoints").glob("step_*.pt"):
-        if not ckpt.name.endswith("0000006.pt"):
-            ckpt.unlink()
+    keep_only_checkpoint(first, 6)
     resumed, _ = run_tiny(*common, f"resume={first}", name="unused")
     tallies = {k: v for k, v in straight.items() if k.startswith("audits/") and k != "audits/seconds"}
     assert tallies

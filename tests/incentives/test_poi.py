@@ -37,7 +37,7 @@ from moe.incentives.poi.shapley import exact_shapley, permutation_shapley
 from moe.incentives.poi.views import batch_loss, coalition_loss, evaluation_mode
 from moe.nn.layer import LayerEvidence, MoELayer
 from router.plan import build_plan
-from tests.helpers import compose
+from tests.helpers import compose, keep_only_checkpoint
 
 CLUSTERS = [
     "data=clusters",
@@ -417,9 +417,7 @@ def test_resume_restores_the_scorer(run_tiny):
     common = ("data=clusters", "trainer.max_steps=6", "trainer.ckpt_every=3")
     straight, _ = run_tiny(*common, name="straight")
     _, first = run_tiny(*common, name="first")
-    for ckpt in (first / "checkpoints").glob("step_*.pt"):
-        if not ckpt.name.endswith("0000003.pt"):
-            ckpt.unlink()
+    keep_only_checkpoint(first, 3)
     resumed, _ = run_tiny(*common, f"resume={first}", name="unused")
     for e in range(4):
         assert resumed[f"poi/score/layer0/{e}"] == pytest.approx(straight[f"poi/score/layer0/{e}"], rel=1e-5)
