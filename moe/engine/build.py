@@ -47,6 +47,7 @@ class Run:
     scorer: PoIScorer | None = None  # per-expert PoI and its routing feedback (poi=null: none)
     ledger: RewardLedger | None = None  # rewards by Yuma consensus (ledger=null: none)
     auditor: Auditor | None = None  # validators' audits of expert calls (audit.rate=0: none)
+    sim_seconds: float = 0.0  # wall + virtual network seconds of the training steps so far (checkpointed)
 
     @property
     def layers(self) -> list[MoELayer]:

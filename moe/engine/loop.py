@@ -107,7 +107,9 @@ def loop(run: Run) -> dict:
         step_metrics["seconds"] += time.perf_counter() - audit_start
         tokens, seconds = step_metrics.pop("tokens"), step_metrics.pop("seconds")
         window.add(tokens, seconds)
-        simulated.add(tokens, seconds + step_metrics.pop("virtual_seconds"))
+        step_sim_seconds = seconds + step_metrics.pop("virtual_seconds")
+        simulated.add(tokens, step_sim_seconds)
+        run.sim_seconds += step_sim_seconds
         if run.ledger is not None:  # before any checkpoint of this step, so resume finds the block
             run.ledger.after_step(run.step, score_view(run), step_failures(run), audits=failed_audits)
         bar.update(1)
@@ -116,7 +118,11 @@ def loop(run: Run) -> dict:
             poi_metrics = run.scorer.metrics() if run.scorer is not None else {}
             rewards = reward_metrics(run.ledger.summary()) if run.ledger is not None else {}
             rewards |= run.auditor.metrics() if run.auditor is not None else {}
-            perf = {"perf/tokens_per_s": window.rate(), "perf/sim_tokens_per_s": simulated.rate()}
+            perf = {
+                "perf/tokens_per_s": window.rate(),
+                "perf/sim_tokens_per_s": simulated.rate(),
+                "perf/sim_seconds": run.sim_seconds,
+            }
             run.logger.log(run.step, {**step_metrics, **poi_metrics, **rewards, **perf})
             window, simulated = Throughput(), Throughput()
         if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
@@ -232,6 +238,7 @@ def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
         "perf/sim_tokens_per_s": sum(e.get("perf/sim_tokens_per_s", 0.0) for e in events)
         / max(len(events), 1),
         "perf/wall_s": wall_seconds,
+        "perf/sim_seconds": run.sim_seconds,
         **(run.scorer.summary() if run.scorer is not None else {}),
         **(ledger_summary(run.ledger) if run.ledger is not None else {}),
         **(run.auditor.metrics() if run.auditor is not None else {}),
