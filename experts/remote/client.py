@@ -25,6 +25,7 @@ from torch import nn
 from experts.behaviours import HONEST
 from experts.commitments import AuditAnswer, AuditRefused, OwnerState, param_sketch_P
 from experts.errors import CheckpointError, WireError
+from experts.latency import ReplyClock, ReplyTimes
 from experts.modules import build_expert, expert_spec
 from experts.network import FailureMemory, FaultPolicy, NetworkConfig, Round, link_for, link_stream
 from experts.owner import OptimizerSettings
@@ -117,6 +118,7 @@ class RemotePool(ExpertPool):
         self.link_streams = [link_stream(seed, network, layer_name, e) for e in range(self.num_experts)]
         self.checkpoint_every = checkpoint_every
         self.memory = FailureMemory(self.num_experts, policy.backoff_base, policy.backoff_max)
+        self.reply_times = ReplyTimes(self.num_experts, policy.latency_ema)
         self.calls = itertools.count(1)
         self.rounds = 0
         self.steps = 0
@@ -206,13 +208,17 @@ class RemotePool(ExpertPool):
         dtype, dtypes = answer_dtype(x_AD), expected_dtypes(x_AD)
         # the owners compute in the precision the trainer's own experts would (autocast or not)
         call_meta = {"keep": keep, "grad_input": grad_input, "step": step, **autocast_meta(x_AD.device)}
-        round_ = Round(plan.token_idx, call.sizes, asked, plan.num_tokens, self.policy, time.monotonic())
+        start, clock = time.monotonic(), ReplyClock()
+        round_ = Round(
+            plan.token_idx, call.sizes, asked, plan.num_tokens, self.policy, start, self.reply_time_E
+        )
         pending, outputs = {}, {}
         versions = [-1 if e in failures else v for e, v in enumerate(self.known_versions)]
         for e in asked:
             meta = {**call_meta, **self.behaviour_meta(e)}
             message = Message(Kind.FORWARD, call.id, self.layer, e, meta=meta, tensors=[x_slices[e]])
             if self.coordinator.send(self.hosts[e], message):
+                clock.sent(e)
                 pending[(call.id, self.layer, e)] = self.hosts[e]
             else:
                 failures[e] = "unreachable"
@@ -220,6 +226,7 @@ class RemotePool(ExpertPool):
 
         def on_reply(key: Key, message: Message) -> None:
             e = key[2]
+            clock.replied(e)
             y_aD = message.tensors[0] if len(message.tensors) == 1 else torch.empty(0)
             reason = invalid_outputs([y_aD], [x_slices[e]], self.policy.max_output_norm, dtypes).get(0)
             if reason is None:
@@ -233,10 +240,13 @@ class RemotePool(ExpertPool):
 
         def on_fail(key: Key, reason: str) -> None:
             failures[key[2]] = reason
+            clock.failed(key[2], reason)
             round_.fail(key[2], time.monotonic())
 
         self.coordinator.collect(pending, Kind.OUTPUT, lambda: round_.deadline, on_reply, on_fail)
         failures |= round_.expire()
+        clock.gave_up(failures, at=round_.deadline)
+        self.observe_reply_times(clock.waited_s, clock.unanswered, training=keep)
         self.remember(asked, failures)
         self.record_failures(failures)
         call.answered = sorted(outputs)
@@ -418,7 +428,12 @@ class RemotePool(ExpertPool):
         experts = [states[e][0] if e in states else None for e in range(self.num_experts)]
         optimizers = [states[e][1] if e in states else None for e in range(self.num_experts)]
         missing = [e for e in range(self.num_experts) if e not in states]
-        return {"experts": experts, "optimizers": optimizers, "missing": missing}
+        return {
+            "experts": experts,
+            "optimizers": optimizers,
+            "missing": missing,
+            **self.reply_times.state_dict(),
+        }
 
     def checked_state(self, expert: int, message: Message) -> tuple[dict, dict] | None:
         """(parameters, optimizer state) from a STATE message, or None when its parameters are not
@@ -456,6 +471,7 @@ class RemotePool(ExpertPool):
     def load_state_dict(self, state: dict) -> None:
         """Send every expert its state; a missing one (None, from an incomplete checkpoint) keeps the
         parameters it was hosted with. Owners then checkpoint themselves, so their own files match."""
+        self.load_reply_times(state)
         requests = {}
         pairs = zip(state["experts"], state["optimizers"], strict=True)
         for e, (params, optimizer_state) in enumerate(pairs):

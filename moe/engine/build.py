@@ -20,6 +20,7 @@ from experts.behaviours import parse_behaviours
 from experts.modules import build_experts
 from experts.transport import Transport, open_transport
 from moe.data import build_data
+from moe.engine.market_routing import MarketRouting, Prices, market_routing, with_market_policy
 from moe.engine.metrics import MetricsLogger
 from moe.errors import ConfigError
 from moe.incentives.audits import Auditor, as_audit_config, build_auditor
@@ -48,6 +49,8 @@ class Run:
     ledger: RewardLedger | None = None  # rewards by Yuma consensus (ledger=null: none)
     auditor: Auditor | None = None  # validators' audits of expert calls (audit.rate=0: none)
     sim_seconds: float = 0.0  # wall + virtual network seconds of the training steps so far (checkpointed)
+    market: MarketRouting | None = None  # routing by expected latency and price (market=null: none)
+    market_prices: Prices = None  # each layer's prices per expert (the lease book's `price_E`)
 
     @property
     def layers(self) -> list[MoELayer]:
@@ -70,7 +73,9 @@ def build_run(cfg: DictConfig, run_dir: Path, data=None) -> Run:
     if cfg.trainer.precision not in ("fp32", "bf16"):
         raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}; valid: fp32, bf16")
     data = build_data(cfg.data, seed=cfg.seed) if data is None else data
-    transport = open_transport(cfg.transport, device=accelerator.device, run_dir=run_dir, seed=cfg.seed)
+    market = market_routing(cfg.get("market"))
+    transport_cfg = with_market_policy(cfg.transport, market)
+    transport = open_transport(transport_cfg, device=accelerator.device, run_dir=run_dir, seed=cfg.seed)
     try:
         model = build_model(cfg.model, data, moe_factory(cfg, transport))
         optimizer = torch.optim.AdamW(
@@ -97,6 +102,7 @@ def build_run(cfg: DictConfig, run_dir: Path, data=None) -> Run:
         scheduler,
         scorer=scorer,
         auditor=auditor,
+        market=market,
     )
 
 

@@ -59,6 +59,7 @@ class TrainConfig:
     poi: Any = None
     ledger: Any = None
     audit: AuditConfig = field(default_factory=AuditConfig)  # validators' audits (off: rate 0)
+    market: Any = None  # a compute marketplace (issue 16); its routing fields: moe.engine.market_routing
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0

@@ -27,6 +27,7 @@ from moe.engine.checkpoint import (
     save_checkpoint,
 )
 from moe.engine.cores import trainer_threads
+from moe.engine.market_routing import apply_market_bias
 from moe.engine.metrics import MetricsLogger, read_metrics, truncate_after
 from moe.engine.run_info import SUMMARY_FILE, resolved, write_run_info
 from moe.engine.validation import evaluate, specialisation_metrics, write_routing_tables
@@ -104,6 +105,8 @@ def loop(run: Run) -> dict:
         step_metrics = train_step(run)
         audit_start = time.perf_counter()
         failed_audits = run.auditor.after_step(run.step) if run.auditor is not None else []
+        if run.market is not None:
+            apply_market_bias(run.layers, run.market, run.market_prices)
         step_metrics["seconds"] += time.perf_counter() - audit_start
         tokens, seconds = step_metrics.pop("tokens"), step_metrics.pop("seconds")
         window.add(tokens, seconds)
