@@ -103,11 +103,11 @@ def loop(run: Run) -> dict:
     while run.step < cfg.max_steps:
         run.step += 1
         step_metrics = train_step(run)
-        audit_start = time.perf_counter()
+        after_start = time.perf_counter()
         failed_audits = run.auditor.after_step(run.step) if run.auditor is not None else []
-        if run.market is not None:
+        if run.market is not None:  # the next step's routing sees this step's reply times and prices
             apply_market_bias(run.layers, run.market, run.market_prices)
-        step_metrics["seconds"] += time.perf_counter() - audit_start
+        step_metrics["seconds"] += time.perf_counter() - after_start
         tokens, seconds = step_metrics.pop("tokens"), step_metrics.pop("seconds")
         window.add(tokens, seconds)
         step_sim_seconds = seconds + step_metrics.pop("virtual_seconds")
