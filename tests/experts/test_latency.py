@@ -4,6 +4,7 @@ against hand-computed virtual times in `LocalPool`, against real link delays in 
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -144,3 +145,19 @@ def test_process_pool_reply_times_are_positive_and_ordered_with_link_latency(tmp
     assert reply_s[1] >= 0.120
     assert reply_s[2] >= 0.040
     assert math.isnan(reply_s[3])
+
+
+@pytest.mark.timeout(60)
+def test_the_process_pool_cuts_a_slow_expert_at_the_measured_quantile(tmp_path):
+    network = NetworkConfig(experts={1: {"latency_ms": 400.0}})
+    with process_transport(
+        tmp_path, workers=2, threads=1, network=network, straggler_quantile=0.5
+    ) as transport:
+        pool = transport.make_pool("adaptive", make_experts(), EXPERTS_CFG)
+        run_layer(pool, torch.randn(NUM_TOKENS, D), PAIRS)  # unmeasured: the fixed cut-off waits for it
+        assert pool.last_failures == {}
+        tick = time.monotonic()
+        run_layer(pool, torch.randn(NUM_TOKENS, D), PAIRS)
+        elapsed = time.monotonic() - tick
+    assert pool.last_failures == {1: "straggler"}
+    assert elapsed < 0.6  # its reply takes 0.8 s; cut at the median expected one (experts 0, 2: ms)
