@@ -133,7 +133,10 @@ def replay_payments(
                 f"give amount {expected[6]}, unpaid {expected[7]}"
             )
     recorded_moves, rebuilt_moves = _compute_moves(recorded["payouts"]), _compute_moves(draft.rows["payouts"])
-    for subnet, account in sorted(set(recorded_moves) | set(rebuilt_moves)):
+    moved = set(recorded_moves) | set(rebuilt_moves)
+    for subnet, account in sorted(
+        moved, key=lambda key: (names.get(key[1]) == TREASURY, key)
+    ):  # providers first
         found, expected = recorded_moves.get((subnet, account), 0), rebuilt_moves.get((subnet, account), 0)
         if found != expected:
             raise LedgerError(
