@@ -8,6 +8,7 @@ evaluation batch. Without a PoI scorer (`poi=null`) validators see each expert's
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from moe.incentives.ledger import (
     as_ledger_config,
 )
 from moe.incentives.ledger.audits import AuditPolicy
+
+logger = logging.getLogger(__name__)
 
 
 def open_run_ledger(
@@ -51,9 +54,13 @@ def run_ledger_config(cfg) -> LedgerConfig:
     the ledger's treasury, which pays for compute, in place of `ledger.treasury`."""
     ledger = as_ledger_config(cfg.ledger)
     market = cfg.get("market")
-    if market is not None and market.get("treasury") is not None:
-        ledger = as_ledger_config({**dataclasses.asdict(ledger), "treasury": market.get("treasury")})
-    return ledger
+    if market is None or market.get("treasury") is None:
+        return ledger
+    if ledger.treasury and ledger.treasury != market.get("treasury"):
+        logger.warning(
+            "ledger.treasury=%s is replaced by market.treasury=%s", ledger.treasury, market.get("treasury")
+        )
+    return as_ledger_config({**dataclasses.asdict(ledger), "treasury": market.get("treasury")})
 
 
 def audit_policy(cfg) -> AuditPolicy:
@@ -143,9 +150,9 @@ def ledger_summary(ledger: RewardLedger) -> dict:
 def compute_metrics(rewards: dict) -> dict[str, float]:
     """`market/compute_cost` (tokens charged for compute: paid + unpaid), `market/compute_paid`,
     `market/compute_unpaid`, the treasury's balance and per provider `market/compute_cost/<provider>`;
-    empty when the ledger records no payment (no market)."""
+    empty when the ledger has neither a funded treasury nor a payment (no market)."""
     payments = rewards.get("payments") or {}
-    if not payments.get("by_provider"):
+    if not payments.get("by_provider") and not payments.get("funded"):
         return {}
     metrics = {
         "market/compute_cost": (payments["paid"] + payments["unpaid"]) / TOKEN,

@@ -13,7 +13,7 @@ import pytest
 from moe.engine.metrics import METRICS_FILE
 from moe.experiments.run_report import write_run_report
 from moe.ledger import LEDGER_FILE, TOKEN, RewardLedger, verify_run
-from tests.incentives.test_ledger_payments import Charge
+from tests.helpers.ledger_drivers import Charge
 
 PRICE = 20_000_000  # units per 1k tokens processed: 0.02 tokens
 KEY = "cd" * 32

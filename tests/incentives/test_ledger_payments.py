@@ -8,7 +8,6 @@ import hashlib
 import math
 import sqlite3
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from moe.incentives.rewards import compute_metrics, cost_per_bpb, run_ledger_con
 from moe.ledger import RewardLedger, main, read_summary, verify_ledger
 from tests.helpers.ledger_drivers import (
     SUBNETS,
+    Charge,
     balances,
     block_hashes,
     failures_at,
@@ -37,17 +37,6 @@ HOTKEYS = {provider: hashlib.sha256(provider.encode()).hexdigest() for provider 
 LATE_FROM = 45  # late/0 is first charged (so registered) after the resume points below
 RICH = 1000.0  # tokens: never runs out
 POOR = 0.5  # tokens: runs out after a few blocks
-
-
-@dataclass(frozen=True)
-class Charge:
-    """A stand-in for part M1's `experts.market.ComputeCharge` (the same fields)."""
-
-    provider: str
-    hotkey: str
-    layer: str
-    tokens: int
-    price_per_1k_units: int
 
 
 def charges_at(step: int) -> list[Charge]:
@@ -128,7 +117,7 @@ def test_payments_match_a_plain_loop_and_the_invariant_holds_every_block(tmp_pat
     path, funded = tmp_path / "ledger.sqlite", round(treasury * TOKEN)
     run_ledger(path, 60, treasury, after_block=lambda: check_invariant(path, funded))
     expected, treasury_left = reference_payments(60, funded)
-    assert recorded(path) == {key: (tokens, paid, unpaid) for key, (tokens, paid, unpaid) in expected.items()}
+    assert recorded(path) == expected
     owed = defaultdict(int)
     for (_, _, provider, _), (_, paid, _) in expected.items():
         owed[f"provider/{provider}"] += paid
@@ -271,12 +260,20 @@ def test_bad_charges_are_refused_naming_the_value(tmp_path, charge, message):
         ledger.after_step(1, score_view_at(1), charges=[charge])
 
 
-def test_a_provider_stays_bound_to_its_key(tmp_path):
-    with RewardLedger(tmp_path / "ledger.sqlite", make_config(treasury=RICH), SUBNETS, seed=7) as ledger:
+def test_a_provider_stays_bound_to_its_key_and_a_bad_step_adds_no_charge(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    other = Charge("fast_cheap/0", "ab" * 32, "layer0", 5, 1)
+    with RewardLedger(path, make_config(treasury=RICH), SUBNETS, seed=7) as ledger:
         drive(ledger, 1, 2)
-        ledger.after_step(3, score_view_at(3), charges=[Charge("fast_cheap/0", "ab" * 32, "layer0", 5, 1)])
-        with pytest.raises(LedgerError, match="provider fast_cheap/0 is bound to key"):
-            ledger.after_step(4, score_view_at(4))
+        with pytest.raises(LedgerError, match=f"provider fast_cheap/0 names key {'ab' * 32}; it is bound to"):
+            ledger.after_step(3, score_view_at(3), charges=[*charges_at(3), other])
+        drive(ledger, 3, 4)  # the refused step is retried; none of its charges was kept
+    assert recorded(path) == reference_payments(4, round(RICH * TOKEN))[0]
+    new = Charge("new/0", "ab" * 32, "layer0", 5, 1)
+    with RewardLedger(tmp_path / "two.sqlite", make_config(treasury=RICH), SUBNETS, seed=7) as ledger:
+        ledger.after_step(1, score_view_at(1), charges=[new])
+        with pytest.raises(LedgerError, match="provider new/0 names key"):  # bound within the open block too
+            ledger.after_step(2, score_view_at(2), charges=[Charge("new/0", "ef" * 32, "layer1", 5, 1)])
 
 
 def test_treasury_config_is_checked_and_filled_from_the_market():

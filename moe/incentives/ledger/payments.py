@@ -32,6 +32,7 @@ PRICE_TOKENS = 1000  # price_per_1k_units is the price of this many tokens proce
 
 # A block's charges summed: (subnet, provider, hotkey, tokens, price_per_1k_units).
 ChargeRow = tuple[str, str, str, int, int]
+ChargeKey = tuple[str, str, str, int]  # (subnet, provider, hotkey, price_per_1k_units)
 
 
 def funding_rows(accounts: Sequence[Sequence[Any]], funded: int) -> list[tuple[Any, ...]]:
@@ -59,20 +60,38 @@ class OpenCharges:
 
     def __init__(self, subnets: Sequence[str]) -> None:
         self._subnets = list(subnets)
-        self._tokens: dict[tuple[str, str, str, int], int] = defaultdict(int)
+        self._tokens: dict[ChargeKey, int] = defaultdict(int)
 
-    def add(self, charges: Iterable[Any]) -> None:
+    def check(self, charges: Iterable[Any], hotkeys: Mapping[str, str]) -> list[tuple[ChargeKey, int]]:
+        """One step's charges as (key, tokens), or ``LedgerError`` naming the first bad one: a bad field, an
+        unknown subnet, or a key other than the one its provider is bound to (``hotkeys``: registered
+        providers; or earlier in the open block)."""
+        bound = dict(hotkeys) | {provider: hotkey for _, provider, hotkey, _ in self._tokens}
+        checked = []
         for charge in charges:
-            provider = charge.provider
-            if not isinstance(provider, str) or not provider:
-                raise LedgerError(f"a charge names no provider ({provider!r})")
-            if charge.layer not in self._subnets:
+            key, tokens = self._checked(charge)
+            if bound.setdefault(key[1], key[2]) != key[2]:
                 raise LedgerError(
-                    f"a charge of provider {provider!r} for unknown subnet {charge.layer!r}; subnets: {self._subnets}"
+                    f"a charge of provider {key[1]} names key {key[2]}; it is bound to {bound[key[1]]}"
                 )
-            price = _whole(charge.price_per_1k_units, "price_per_1k_units", provider)
-            key = (charge.layer, provider, str(charge.hotkey), price)
-            self._tokens[key] += _whole(charge.tokens, "tokens", provider)
+            checked.append((key, tokens))
+        return checked
+
+    def add(self, checked: Iterable[tuple[ChargeKey, int]]) -> None:
+        """Add the charges ``check`` returned to the open block."""
+        for key, tokens in checked:
+            self._tokens[key] += tokens
+
+    def _checked(self, charge: Any) -> tuple[ChargeKey, int]:
+        provider = charge.provider
+        if not isinstance(provider, str) or not provider:
+            raise LedgerError(f"a charge names no provider ({provider!r})")
+        if charge.layer not in self._subnets:
+            raise LedgerError(
+                f"a charge of provider {provider!r} for unknown subnet {charge.layer!r}; subnets: {self._subnets}"
+            )
+        price = _whole(charge.price_per_1k_units, "price_per_1k_units", provider)
+        return (charge.layer, provider, str(charge.hotkey), price), _whole(charge.tokens, "tokens", provider)
 
     def rows(self) -> list[ChargeRow]:
         return [

@@ -303,9 +303,10 @@ class RewardLedger:
             raise LedgerError(
                 f"ledger {self._path}: expected step {self._step + 1}, got {step} (steps must be consecutive)"
             )
+        checked_charges = self._open_charges.check(charges, self._provider_hotkeys)
         self._record_failures(failures or {})
         self._open_audits += audit_rows(0, audits, self._subnet_names)
-        self._open_charges.add(charges)
+        self._open_charges.add(checked_charges)
         self._step = step
         if step % self._cfg.steps_per_block == 0:
             self._close_block(score_view)
