@@ -72,8 +72,8 @@ class RewardLedger:
 
     Resume: blocks closed after ``resume_step`` are dropped and the run's later ``after_step`` calls
     rebuild them. Steps of a block that was still open at ``resume_step`` are not replayed by the trainer,
-    so their failure counts and compute charges are lost (nothing is paid for them); with checkpoints on block boundaries a resumed run is bit-identical
-    (same block hashes) to an uninterrupted one. Call ``after_step`` before saving the checkpoint of a
+    so their failure counts and compute charges are lost (nothing is paid for them); with checkpoints on
+    block boundaries a resumed run is bit-identical (same block hashes) to an uninterrupted one. Call ``after_step`` before saving the checkpoint of a
     step, so that a checkpoint never runs ahead of the ledger.
     """
 
