@@ -127,8 +127,10 @@ def step_failures(run) -> dict[str, torch.Tensor]:
 
 def reward_metrics(rewards: dict) -> dict[str, float]:
     """`rewards/...` metrics from a ledger summary: issuance, balances by role and behaviour (tokens),
-    the last epoch's consensus and incentive per miner and dividends per validator of every subnet."""
+    the last epoch's consensus and incentive per miner and dividends per validator of every subnet, and
+    the compute paid so far (`compute_metrics`: logged with the others, a cumulative cost series)."""
     metrics = {"rewards/issuance": rewards["issuance_tokens"], "rewards/blocks": rewards["blocks"]}
+    metrics |= compute_metrics(rewards)
     for group in ("by_role", "by_behaviour"):
         for name, amount in rewards[group].items():
             metrics[f"rewards/balance/{name}"] = amount["tokens"]
@@ -141,10 +143,10 @@ def reward_metrics(rewards: dict) -> dict[str, float]:
 
 def ledger_summary(ledger: RewardLedger) -> dict:
     """What summary.json keeps of the ledger: the reward summary (with the signed head, an anchor that
-    `verify` checks), the final `rewards/...` metrics, which sweep reports read like any other, and
-    with compute payments their `market/...` totals (`compute_metrics`)."""
+    `verify` checks) and the final `rewards/...` (and `market/...`) metrics, which sweep reports read
+    like any other."""
     rewards = ledger.summary()
-    return {"rewards": rewards, **reward_metrics(rewards), **compute_metrics(rewards)}
+    return {"rewards": rewards, **reward_metrics(rewards)}
 
 
 def compute_metrics(rewards: dict) -> dict[str, float]:

@@ -36,6 +36,9 @@ def test_a_charged_run_reports_its_cost_per_bit_per_byte_and_the_report_lists_pa
     assert summary["market/compute_cost"] == pytest.approx(tokens * PRICE // 1000 / TOKEN)
     assert summary["market/compute_cost/sim/0"] == summary["market/compute_cost"]
     logged = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    spent = [e["market/compute_cost"] for e in logged if "market/compute_cost" in e]  # a cumulative series
+    assert spent == sorted(spent)
+    assert spent[-1] == summary["market/compute_cost"]
     start = next(e["val/bpb"] for e in logged if e["step"] == 0 and "val/bpb" in e)
     improvement = start - summary["val/bpb"]
     if improvement > 0:
