@@ -32,7 +32,14 @@ from moe.engine.metrics import MetricsLogger, read_metrics, truncate_after
 from moe.engine.run_info import SUMMARY_FILE, resolved, write_run_info
 from moe.engine.validation import evaluate, specialisation_metrics, write_routing_tables
 from moe.errors import ConfigError
-from moe.incentives.rewards import ledger_summary, open_run_ledger, reward_metrics, score_view, step_failures
+from moe.incentives.rewards import (
+    cost_per_bpb,
+    ledger_summary,
+    open_run_ledger,
+    reward_metrics,
+    score_view,
+    step_failures,
+)
 from moe.nn.layer import MoELayer
 
 log = logging.getLogger(__name__)
@@ -114,6 +121,8 @@ def loop(run: Run) -> dict:
         simulated.add(tokens, step_sim_seconds)
         run.sim_seconds += step_sim_seconds
         if run.ledger is not None:  # before any checkpoint of this step, so resume finds the block
+            # MARKET (issue 16, lead wires the lease book): pass this step's compute charges as
+            # `charges=[c for layer in run.layers for c in lease_book.charges(layer.name, answered_E)]`.
             run.ledger.after_step(run.step, score_view(run), step_failures(run), audits=failed_audits)
         bar.update(1)
         bar.set_postfix(loss=f"{step_metrics['train/loss']:.3f}", tok_s=f"{window.rate():.0f}")
@@ -232,7 +241,8 @@ def validate(run: Run, final: bool = False) -> dict:
 
 
 def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
-    events = [e for e in read_metrics(run.run_dir) if "perf/tokens_per_s" in e]
+    logged = read_metrics(run.run_dir)
+    events = [e for e in logged if "perf/tokens_per_s" in e]
     summary = {
         "step": run.step,
         "run_dir": str(run.run_dir),
@@ -246,5 +256,10 @@ def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
         **(ledger_summary(run.ledger) if run.ledger is not None else {}),
         **(run.auditor.metrics() if run.auditor is not None else {}),
     }
+    if "market/compute_cost" in summary:  # compute tokens per bit/byte of val improvement since step 0
+        start_bpb = next((e["val/bpb"] for e in logged if e.get("step") == 0 and "val/bpb" in e), None)
+        summary["market/cost_per_bpb"] = cost_per_bpb(
+            summary["market/compute_cost"], start_bpb, last_val.get("val/bpb")
+        )
     (run.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
