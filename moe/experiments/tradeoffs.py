@@ -32,7 +32,7 @@ class TradeoffSpec:
     metric_label: str = "val loss"
     time_key: str = "perf/sim_seconds"  # cumulative simulated seconds (wall + virtual network time)
     time_label: str = "simulated time (s)"
-    cost_key: str = "market/cost"  # cumulative compute cost
+    cost_key: str = "market/compute_cost"  # cumulative compute cost (the ledger's payments, paid + unpaid)
     cost_label: str = "compute cost (tokens)"
     throughput: str = "perf/sim_tokens_per_s"
     throughput_label: str = "simulated tokens/s"

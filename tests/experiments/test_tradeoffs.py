@@ -17,12 +17,12 @@ def market_run(job: str, weight: float, seed: int, loss: float, tokens_per_s: fl
     seconds = 1000 / tokens_per_s
     events = [
         {"step": 0, "val/loss": 3.0},
-        {"step": 10, "perf/sim_seconds": seconds / 2, "market/cost": cost / 2},
+        {"step": 10, "perf/sim_seconds": seconds / 2, "market/compute_cost": cost / 2},
         {"step": 10, "val/loss": (3.0 + loss) / 2},
-        {"step": 20, "perf/sim_seconds": seconds, "market/cost": cost},
+        {"step": 20, "perf/sim_seconds": seconds, "market/compute_cost": cost},
         {"step": 20, "val/loss": loss},
     ]
-    summary = {"val/loss": loss, "perf/sim_tokens_per_s": tokens_per_s, "market/cost": cost}
+    summary = {"val/loss": loss, "perf/sim_tokens_per_s": tokens_per_s, "market/compute_cost": cost}
     return JobRun(job, [f"market.latency_weight={weight:g}", f"seed={seed}"], summary, events)
 
 
@@ -35,7 +35,7 @@ def test_pareto_front_matches_a_brute_force_dominance_check():
 
 def test_spent_curve_joins_each_value_with_what_was_spent_by_its_step():
     events = market_run("0", 0.0, 0, 2.0, 100.0, 8.0).events
-    assert spent_curve(events, "val/loss", "market/cost") == [(0.0, 3.0), (4.0, 2.5), (8.0, 2.0)]
+    assert spent_curve(events, "val/loss", "market/compute_cost") == [(0.0, 3.0), (4.0, 2.5), (8.0, 2.0)]
 
 
 def test_section_reports_speedup_loss_gap_and_verdict_per_policy(tmp_path):
