@@ -27,6 +27,7 @@ from moe.engine.checkpoint import (
     save_checkpoint,
 )
 from moe.engine.cores import trainer_threads
+from moe.engine.market import ledger_takes_charges, market_step
 from moe.engine.metrics import MetricsLogger, read_metrics, truncate_after
 from moe.engine.run_info import SUMMARY_FILE, resolved, write_run_info
 from moe.engine.validation import evaluate, specialisation_metrics, write_routing_tables
@@ -110,14 +111,19 @@ def loop(run: Run) -> dict:
         step_sim_seconds = seconds + step_metrics.pop("virtual_seconds")
         simulated.add(tokens, step_sim_seconds)
         run.sim_seconds += step_sim_seconds
+        run.charges = market_step(run) if run.market is not None else []
         if run.ledger is not None:  # before any checkpoint of this step, so resume finds the block
-            run.ledger.after_step(run.step, score_view(run), step_failures(run), audits=failed_audits)
+            payments = {"charges": run.charges} if run.charges and ledger_takes_charges(run.ledger) else {}
+            run.ledger.after_step(
+                run.step, score_view(run), step_failures(run), audits=failed_audits, **payments
+            )
         bar.update(1)
         bar.set_postfix(loss=f"{step_metrics['train/loss']:.3f}", tok_s=f"{window.rate():.0f}")
         if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
             poi_metrics = run.scorer.metrics() if run.scorer is not None else {}
             rewards = reward_metrics(run.ledger.summary()) if run.ledger is not None else {}
             rewards |= run.auditor.metrics() if run.auditor is not None else {}
+            rewards |= run.market.metrics() if run.market is not None else {}
             perf = {
                 "perf/tokens_per_s": window.rate(),
                 "perf/sim_tokens_per_s": simulated.rate(),
@@ -242,6 +248,7 @@ def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
         **(run.scorer.summary() if run.scorer is not None else {}),
         **(ledger_summary(run.ledger) if run.ledger is not None else {}),
         **(run.auditor.metrics() if run.auditor is not None else {}),
+        **(run.market.metrics() if run.market is not None else {}),
     }
     (run.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
