@@ -106,7 +106,9 @@ def test_consecutive_failures_or_a_dead_worker_move_the_lease_at_once():
     moves = leases.update(7, {}, alive=lambda provider: provider != "d/0")
     # a/0 has room again but sits out slot 0, which it failed
     assert [(m.expert, m.target) for m in moves] == [(0, "d/1"), (3, "a/0"), (4, "d/1")]
-    assert [(m.expert, m.target) for m in leases.update(8, {LAYER: {1: "dead"}})] == [(1, "d/1")]
+    assert [(m.expert, m.target) for m in leases.update(8, {LAYER: {1: "dead"}})] == [
+        (1, "d/0")
+    ]  # d/0 is back
 
 
 def test_charges_are_tokens_times_price_per_provider_exactly():
