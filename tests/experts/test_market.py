@@ -82,7 +82,8 @@ def test_simulated_provider_keys_are_a_function_of_the_seed_and_the_name():
 
 def test_at_term_end_leases_are_re_auctioned_against_measured_reply_times():
     leases = book(market(lease_term=3))
-    assert leases.update(1, {}) == [] and leases.update(2, {}) == []
+    assert leases.update(1, {}) == []
+    assert leases.update(2, {}) == []
     assert leases.update(3, {}) == []  # the same offers win again under a new term
     assert {lease.end for lease in leases.leases.values()} == {6}
     moves = leases.update(6, {}, measured_ms={"e/0": 20.0})  # e is faster than it declared: it qualifies
@@ -90,7 +91,8 @@ def test_at_term_end_leases_are_re_auctioned_against_measured_reply_times():
     assert [(m.expert, m.source, m.target) for m in moves] == [
         (0, "a/0", "e/0"), (1, "a/0", "e/0"), (2, "b/0", "e/0"), (3, "d/0", "a/0"), (4, "d/0", "a/0")
     ]  # fmt: skip
-    assert moves[0].link == LinkSpec(latency_ms=40) and moves[0].host == "e-0"
+    assert moves[0].link == LinkSpec(latency_ms=40)
+    assert moves[0].host == "e-0"
     assert leases.metrics()["market/moves"] == 5
 
 
@@ -123,7 +125,8 @@ def test_charges_are_tokens_times_price_per_provider_exactly():
     assert all(isinstance(c.tokens, int) and isinstance(c.price_per_1k_units, int) for c in charges)
     metrics = leases.metrics()
     assert metrics["market/cost"] == pytest.approx((3 + 2) * 0.001 / 1000 + 6 * 0.002 / 1000)
-    assert metrics["market/share/a"] == pytest.approx(3 / 11) and metrics["market/share/c"] == 0
+    assert metrics["market/share/a"] == pytest.approx(3 / 11)
+    assert metrics["market/share/c"] == 0
 
 
 def test_the_lease_book_round_trips_through_its_state():
