@@ -46,3 +46,23 @@ def test_a_local_market_run_moves_experts_and_resumes_its_lease_book_identically
     _, resumed = load_checkpoint(resumed_dir)
     assert resumed["market"] == final["market"]
     assert losses(resumed_dir) == losses(run_dir)
+
+
+def test_answered_counts_and_measured_reply_times_feed_the_market():
+    from types import SimpleNamespace
+
+    import torch
+
+    from experts.market import LeaseBook, MarketConfig, ProviderClassConfig, build_providers
+    from moe.engine.market import answered_counts_E, measured_reply_ms
+
+    pool = SimpleNamespace(
+        num_experts=3, last_failures={1: "timeout"}, reply_time_E=torch.tensor([0.01, float("nan"), 0.03])
+    )
+    layer = SimpleNamespace(
+        name="l0", pool=pool, evidence=None, last_plan=SimpleNamespace(counts=torch.tensor([4, 2, 5]))
+    )
+    assert answered_counts_E(layer).tolist() == [4, 0, 5]
+    market = MarketConfig({"p": ProviderClassConfig(count=2, capacity=2)})
+    book = LeaseBook(market, build_providers(market, seed=0), ["l0"], 3)  # p/0: experts 0, 1; p/1: 2
+    assert measured_reply_ms([layer], book) == pytest.approx({"p/0": 10.0, "p/1": 30.0})  # NaN: not measured
