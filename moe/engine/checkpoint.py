@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from omegaconf import OmegaConf
 
-from moe.engine.market import place_experts
+from moe.engine.market import restore_market
 from moe.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -134,9 +134,7 @@ def restore(run: Run, state: dict) -> None:
     random.setstate(_as_random_state(state["rng"]["python"]))
     run.step = int(state["step"])
     run.sim_seconds = float(state.get("sim_seconds", 0.0))
-    if run.market is not None and state.get("market"):
-        run.market.load_state_dict(state["market"])
-        place_experts(run.layers, run.market)  # after the pools' state: a move carries it
+    restore_market(run, state)
 
 
 def _as_random_state(saved) -> tuple:

@@ -82,6 +82,14 @@ def place_experts(layers: list[MoELayer], market: LeaseBook) -> None:
                 layer.pool.move_expert(e, link, host)
 
 
+def restore_market(run: Run, state: dict) -> None:
+    """The checkpoint's lease book, with every expert moved where its lease says (after the pools'
+    state is loaded: a move carries it)."""
+    if run.market is not None and state.get("market"):
+        run.market.load_state_dict(state["market"])
+        place_experts(run.layers, run.market)
+
+
 def ledger_takes_charges(ledger) -> bool:
     """Whether this ledger's `after_step` accepts `charges=` (compute payments)."""
     return "charges" in inspect.signature(ledger.after_step).parameters

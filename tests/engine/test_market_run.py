@@ -9,6 +9,7 @@ import pytest
 
 from moe.engine.checkpoint import load_checkpoint
 from moe.engine.metrics import read_metrics
+from moe.experiments.trained import load_trained
 from tests.helpers import keep_only_checkpoint
 
 # flaky providers qualify (slow_cheap's 160 ms round trip does not) and drop every reply: after one failed
@@ -38,6 +39,11 @@ def test_a_local_market_run_moves_experts_and_resumes_its_lease_book_identically
     assert summary["market/moves"] == 8  # 4 experts, twice
     assert summary["market/share/fast_cheap"] == 1.0  # dropped replies are not charged
     assert summary["market/cost"] > 0
+    trained, _ = load_trained(run_dir)  # eval.py's rebuild puts the experts where the leases say
+    try:
+        assert trained.layers[0].pool.hosts == ["fast_cheap-0"] * 4
+    finally:
+        trained.transport.close()
 
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(run_dir, resumed_dir)
