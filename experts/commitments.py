@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -194,3 +195,12 @@ def answer_audit(trail: AuditTrail | None, version: int) -> AuditAnswer:
     if following is None:
         return AuditAnswer(state, None, None)
     return AuditAnswer(state, following.version, following.sketch_P)
+
+
+def well_formed_sketch(values, size: int) -> bool:
+    """A parameter commitment off the wire: `size` finite floats."""
+    return (
+        isinstance(values, list)
+        and len(values) == size
+        and all(isinstance(v, float) and math.isfinite(v) for v in values)
+    )

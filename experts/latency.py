@@ -44,6 +44,10 @@ class ReplyTimes:
             # written as a step towards the sample, so a constant link's estimate stays exactly constant
             self.reply_time_E[e] = current + (1.0 - self.ema) * (seconds - current)
 
+    def forget(self, expert: int) -> None:
+        """Drop `expert`'s estimate (it moved to another host: its old link says nothing of the new one)."""
+        self.reply_time_E[expert] = math.nan
+
     def state_dict(self) -> dict:
         return {"reply_time_E": self.reply_time_E.clone()}
 

@@ -89,6 +89,11 @@ def link_stream(run_seed: int, network: NetworkConfig | None, layer: str, expert
     return [run_seed, "link", network.seed if network is not None else 0, layer, expert]
 
 
+def placed_stream(stream: list, host: str | None) -> list:
+    """The link stream of an expert placed on `host` by the market: deterministic per (expert, host)."""
+    return [*stream, "host", host]
+
+
 class Link:
     """Samples what the link does to one call; seeded per (layer, expert) so runs repeat exactly."""
 
@@ -272,11 +277,17 @@ class VirtualNetwork:
     ):
         """`seed` is the run's; each link draws from `link_stream(seed, cfg, layer, expert)`."""
         self.policy = policy
-        self.links = [Link(link_for(cfg, e), link_stream(seed, cfg, layer, e)) for e in range(num_experts)]
+        self.streams = [link_stream(seed, cfg, layer, e) for e in range(num_experts)]
+        self.links = [Link(link_for(cfg, e), self.streams[e]) for e in range(num_experts)]
         self.memory = FailureMemory(num_experts, policy.backoff_base, policy.backoff_max)
         self.round_no = 0
         self.clock_s = 0.0
         self.last_waits_s: dict[int, float] = {}
+
+    def move_expert(self, expert: int, spec: LinkSpec, host: str | None) -> None:
+        """Expert `expert` now answers over `spec` (a market move): a fresh stream named by its host."""
+        self.links[expert] = Link(spec, placed_stream(self.streams[expert], host))
+        self.memory.succeeded(expert)
 
     def deliver(
         self,

@@ -23,7 +23,7 @@ from torch import nn
 from experts.behaviours import HONEST, Behaviour, ExpertFailure, answer_call
 from experts.commitments import AuditAnswer, CallRecord, answer_audit, record_call
 from experts.latency import ReplyTimes
-from experts.network import FaultPolicy, VirtualNetwork
+from experts.network import FaultPolicy, LinkSpec, VirtualNetwork
 from experts.owner import ExpertOwner, OptimizerSettings, step_owners
 from experts.rows import ComputeSettings
 from router.plan import DispatchPlan
@@ -166,6 +166,11 @@ class ExpertPool(ABC):
         if self.last_call is not None and not self._input_gradients_only:
             self.last_call.grad_y_AD = grad_y_AD.detach()
 
+    def move_expert(self, expert: int, link: LinkSpec, host: str | None) -> None:
+        """Re-host expert `expert` on `host` (a market move) behind the simulated `link`, keeping its
+        parameters and optimizer state."""
+        raise NotImplementedError(f"{type(self).__name__} cannot move experts")
+
     def set_behaviours(self, behaviours: dict[int, Behaviour], *, seed: int, layer: str) -> None:
         """Expert e answers as `behaviours[e]` (honest where absent), with draws from (seed, layer, step, e)."""
         self.behaviours, self.behaviour_seed, self.layer_name = dict(behaviours), seed, layer
@@ -250,6 +255,14 @@ class LocalPool(ExpertPool):
         self.behaviours: dict[int, Behaviour] = {}
         self.behaviour_seed, self.layer_name = 0, ""
         self.simulated_latency_ms = 0.0
+        self.hosts: list[str | None] = [None] * self.num_experts  # market placement (simulated hosts)
+
+    def move_expert(self, expert: int, link: LinkSpec, host: str | None) -> None:
+        """A market move: the expert keeps its parameters and optimizer and answers over `link` now."""
+        if self.network is None:
+            raise ValueError("move_expert needs a simulated network: build the pool with a placement")
+        self.network.move_expert(expert, link, host)
+        self.hosts[expert] = host
 
     def forward(self, x_AD: torch.Tensor, plan: DispatchPlan, step: int = 0) -> PoolOutput:
         sizes = plan.split_sizes()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -23,15 +22,16 @@ import torch
 from torch import nn
 
 from experts.behaviours import HONEST
-from experts.commitments import AuditAnswer, AuditRefused, OwnerState, param_sketch_P
+from experts.commitments import AuditAnswer, AuditRefused, OwnerState, param_sketch_P, well_formed_sketch
 from experts.errors import CheckpointError, WireError
 from experts.latency import ReplyClock, ReplyTimes
 from experts.modules import build_expert, expert_spec
-from experts.network import FailureMemory, FaultPolicy, NetworkConfig, Round, link_for, link_stream
+from experts.network import FailureMemory, FaultPolicy, LinkSpec, NetworkConfig, Round
 from experts.owner import OptimizerSettings
 from experts.pool import ExpertPool, PoolOutput, all_finite, answer_dtype, expected_dtypes, invalid_outputs
 from experts.remote.checkpoint import CHECKPOINT_FILE, load_messages
 from experts.remote.coordinator import Coordinator, Key
+from experts.remote.moves import move_remote_expert, placed_links
 from experts.remote.settings import autocast_meta, settings_meta
 from experts.remote.wire import Kind, Message, expert_state_from, expert_state_message, named_message
 from experts.rows import ComputeSettings, RowBuckets
@@ -69,15 +69,6 @@ class RemoteExpertsCall(torch.autograd.Function):
         return None, None, grad_x_AD, None, None
 
 
-def well_formed_sketch(values, size: int) -> bool:
-    """A parameter commitment off the wire: `size` finite floats."""
-    return (
-        isinstance(values, list)
-        and len(values) == size
-        and all(isinstance(v, float) and math.isfinite(v) for v in values)
-    )
-
-
 class RemotePool(ExpertPool):
     """Experts hosted by workers; one request per expert per call, all in flight at once.
 
@@ -100,10 +91,11 @@ class RemotePool(ExpertPool):
         seed: int = 0,
         checkpoint_every: int = 0,
         compute: ComputeSettings | None = None,
+        links: list[LinkSpec] | None = None,
     ):
         """Each expert's owner trains it with `optimizer` and computes its rows as `compute` says (an
         `ExpertsConfig` is both). `seed` is the run's: the links of the simulated `network` draw from
-        it (`link_stream`)."""
+        it (`link_stream`); `links` (a market placement) replace the network's, one per expert."""
         self.coordinator = coordinator
         self.layer_name = layer_name
         self.num_experts = len(experts)
@@ -114,8 +106,9 @@ class RemotePool(ExpertPool):
         RowBuckets.parse(self.compute.row_buckets)  # a bad spec fails here, not in every worker
         self.specs = [expert_spec(module, e) for e, module in enumerate(experts)]
         self.initial = [{k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for m in experts]
-        self.links = [link_for(network, e) for e in range(self.num_experts)]
-        self.link_streams = [link_stream(seed, network, layer_name, e) for e in range(self.num_experts)]
+        self.links, self.link_streams, self.base_streams = placed_links(
+            network, seed, layer_name, hosts, links
+        )
         self.checkpoint_every = checkpoint_every
         self.memory = FailureMemory(self.num_experts, policy.backoff_base, policy.backoff_max)
         self.reply_times = ReplyTimes(self.num_experts, policy.latency_ema)
@@ -137,7 +130,8 @@ class RemotePool(ExpertPool):
         self.layer = coordinator.attach(self)
         self.host_all()
 
-    def host_message(self, expert: int, restore: bool) -> Message:
+    def host_message(self, expert: int, restore: bool, params: dict | None = None) -> Message:
+        """HOST for `expert` with its initial parameters (or `params`)."""
         meta = {
             "layer_name": self.layer_name,
             "spec": self.specs[expert],
@@ -149,7 +143,8 @@ class RemotePool(ExpertPool):
             "audit_window": self.audit_window,
         }
         key = {"step": next(self.coordinator.request_ids), "layer": self.layer, "expert": expert}
-        return named_message(Kind.HOST, self.initial[expert], meta=meta, **key)
+        tensors = self.initial[expert] if params is None else params
+        return named_message(Kind.HOST, tensors, meta=meta, **key)
 
     def host_all(self) -> None:
         requests = {}
@@ -162,6 +157,11 @@ class RemotePool(ExpertPool):
                 log.warning(
                     "expert %s/%d could not be hosted on %s: %s", self.layer_name, e, self.hosts[e], result
                 )
+
+    def move_expert(self, expert: int, link: LinkSpec, host: str | None) -> None:
+        """Re-host `expert` on worker `host` behind `link`, carrying its parameters and optimizer state
+        (see `experts.remote.moves`)."""
+        move_remote_expert(self, expert, link, host)
 
     def rehost_on(self, worker: str) -> None:
         """A worker rejoined: send it its experts again; it restores them from its own checkpoint."""

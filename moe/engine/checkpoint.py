@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from omegaconf import OmegaConf
 
+from moe.engine.market import restore_market
 from moe.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ def checkpoint_state(run: Run) -> dict:
         "audits": run.auditor.state_dict() if run.auditor is not None else None,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         "sim_seconds": run.sim_seconds,
+        "market": run.market.state_dict() if run.market is not None else None,
         "config": OmegaConf.to_container(run.cfg, resolve=True),
         # the ledger's signed head (an anchor `python -m moe.ledger verify` checks) and unrevealed weights
         "ledger": run.ledger.checkpoint_state() if run.ledger is not None else None,
@@ -132,6 +134,7 @@ def restore(run: Run, state: dict) -> None:
     random.setstate(_as_random_state(state["rng"]["python"]))
     run.step = int(state["step"])
     run.sim_seconds = float(state.get("sim_seconds", 0.0))
+    restore_market(run, state)
 
 
 def _as_random_state(saved) -> tuple:

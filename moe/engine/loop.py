@@ -27,6 +27,7 @@ from moe.engine.checkpoint import (
     save_checkpoint,
 )
 from moe.engine.cores import trainer_threads
+from moe.engine.market import market_step
 from moe.engine.market_routing import apply_market_bias
 from moe.engine.metrics import MetricsLogger, read_metrics, truncate_after
 from moe.engine.run_info import SUMMARY_FILE, resolved, write_run_info
@@ -112,8 +113,10 @@ def loop(run: Run) -> dict:
         step_metrics = train_step(run)
         after_start = time.perf_counter()
         failed_audits = run.auditor.after_step(run.step) if run.auditor is not None else []
-        if run.market is not None:  # the next step's routing sees this step's reply times and prices
-            apply_market_bias(run.layers, run.market, run.market_prices)
+        run.charges = market_step(run) if run.market is not None else []  # charges, then lease moves
+        if run.market_routing is not None:  # the next step's routing sees this step's reply times and prices
+            prices = run.market.price_E if run.market is not None else None
+            apply_market_bias(run.layers, run.market_routing, prices)
         step_metrics["seconds"] += time.perf_counter() - after_start
         tokens, seconds = step_metrics.pop("tokens"), step_metrics.pop("seconds")
         window.add(tokens, seconds)
@@ -121,15 +124,16 @@ def loop(run: Run) -> dict:
         simulated.add(tokens, step_sim_seconds)
         run.sim_seconds += step_sim_seconds
         if run.ledger is not None:  # before any checkpoint of this step, so resume finds the block
-            # MARKET (issue 16, lead wires the lease book): pass this step's compute charges as
-            # `charges=[c for layer in run.layers for c in lease_book.charges(layer.name, answered_E)]`.
-            run.ledger.after_step(run.step, score_view(run), step_failures(run), audits=failed_audits)
+            run.ledger.after_step(
+                run.step, score_view(run), step_failures(run), audits=failed_audits, charges=run.charges
+            )
         bar.update(1)
         bar.set_postfix(loss=f"{step_metrics['train/loss']:.3f}", tok_s=f"{window.rate():.0f}")
         if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
             poi_metrics = run.scorer.metrics() if run.scorer is not None else {}
             rewards = reward_metrics(run.ledger.summary()) if run.ledger is not None else {}
             rewards |= run.auditor.metrics() if run.auditor is not None else {}
+            rewards |= run.market.metrics() if run.market is not None else {}
             perf = {
                 "perf/tokens_per_s": window.rate(),
                 "perf/sim_tokens_per_s": simulated.rate(),
@@ -255,6 +259,7 @@ def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
         **(run.scorer.summary() if run.scorer is not None else {}),
         **(ledger_summary(run.ledger) if run.ledger is not None else {}),
         **(run.auditor.metrics() if run.auditor is not None else {}),
+        **(run.market.metrics() if run.market is not None else {}),
     }
     if "market/compute_cost" in summary:  # compute tokens per bit/byte of val improvement since step 0
         start_bpb = next((e["val/bpb"] for e in logged if e.get("step") == 0 and "val/bpb" in e), None)

@@ -261,7 +261,7 @@ def test_an_answer_whose_next_commitment_differs_from_the_published_one_fails():
     "values", [[1.0, 2.0], [1.0] * 7, [1.0, float("nan"), 0.0], [1, 2, 3], "1,2,3", None]
 )
 def test_malformed_commitments_off_the_wire_are_refused(values):
-    from experts.remote.client import well_formed_sketch
+    from experts.commitments import well_formed_sketch
 
     assert well_formed_sketch([0.5, -1.0, 2.0], 3)
     assert not well_formed_sketch(values, 3)
