@@ -37,6 +37,7 @@ class TradeoffSpec:
     throughput: str = "perf/sim_tokens_per_s"
     throughput_label: str = "simulated tokens/s"
     claim: str = ""  # the claim the verdict checks, in words
+    claim_rows: list[str] = field(default_factory=list)  # rows holding any of these overrides (none: all)
     speedup_at_least: float = 2.0
     within_percent: float = 2.0
 
@@ -105,7 +106,8 @@ def verdicts(rows: dict[Row, RowFinals], base_row: Row, spec: TradeoffSpec, comm
             ratio_of_means(f.throughput, base.throughput),
             ratio_of_means(f.metric, base.metric),
         )
-        if row == base_row or speedup is None or metric_ratio is None:
+        claimed = not spec.claim_rows or any(o in row for o in spec.claim_rows)
+        if row == base_row or not claimed or speedup is None or metric_ratio is None:
             continue
         gap = 100 * (metric_ratio - 1)
         fast, close = speedup >= spec.speedup_at_least, gap <= spec.within_percent
@@ -176,7 +178,7 @@ def plot_tradeoff(rows: dict[Row, list[JobRun]], spec: TradeoffSpec, common, pat
     fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.5), squeeze=False)
     drawn = False
     for ax, (spent_key, xlabel) in zip(axes[0], panels, strict=True):
-        finals_all = []
+        finals_all, later_ys = [], []
         for i, (row, runs) in enumerate(rows.items()):
             curves = [
                 c for run in runs if run.complete and (c := spent_curve(run.events, spec.metric, spent_key))
@@ -190,11 +192,15 @@ def plot_tradeoff(rows: dict[Row, list[JobRun]], spec: TradeoffSpec, common, pat
             ax.plot(xs, ys, color=colour, alpha=0.8, label=config_label(row, common))
             ax.scatter([c[-1][0] for c in curves], [c[-1][1] for c in curves], color=colour, s=18)
             finals_all += [c[-1] for c in curves]
+            later_ys += [y for c in curves for _, y in c[1:]]
             drawn = True
         front = pareto_front(finals_all)
         if front:
             ax.step([x for x, _ in front], [y for _, y in front], where="post", color="black", ls="--",
                     lw=1, label="Pareto front (runs)")  # fmt: skip
+        if later_ys:  # the untrained start would squash the differences that matter
+            low, high = min(later_ys), max(later_ys)
+            ax.set_ylim(low - 0.05 * (high - low), high)
         ax.set(xlabel=xlabel, ylabel=spec.metric_label)
         ax.grid(alpha=0.3)
         if drawn:

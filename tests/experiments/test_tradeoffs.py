@@ -64,3 +64,10 @@ def test_section_without_a_baseline_row_says_so_and_gives_no_verdict(tmp_path):
     lines = tradeoff_section(Sweep(Path(tmp_path), "marketplace", runs), SPEC, "marketplace", tmp_path)
     assert "Baseline: none found" in lines
     assert not any("claim" in line for line in lines)
+
+
+def test_verdicts_cover_only_the_claimed_rows(tmp_path):
+    runs = [market_run("0", 0.0, 0, 2.0, 100.0, 10.0), market_run("1", 3.0, 0, 2.0, 300.0, 9.0)]
+    spec = TradeoffSpec(baseline=["market.latency_weight=0"], claim_rows=["market.latency_weight=9"])
+    lines = tradeoff_section(Sweep(Path(tmp_path), "marketplace", runs), spec, "marketplace", tmp_path)
+    assert not any("the claim" in line for line in lines)
