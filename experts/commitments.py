@@ -11,9 +11,10 @@
   quantised sketch (blake2b) for the ledger's evidence.
 - **Parameters.** After each optimizer step an owner commits to its new parameters: `param_sketch_P`,
   K bilinear projections u_kᵀ W v_k of every parameter (a vector is a 1-row matrix), and its
-  `AuditTrail` keeps what an audit of its last `window` versions needs: the parameters and optimizer
-  state of each version, so an auditor can re-run a call at the version it was answered with and
-  replay the step from version v to v+1.
+  `AuditTrail` keeps what an audit of its last `window` versions needs to rebuild the parameters
+  and optimizer state of each version (a snapshot every `window` steps and the gradients of the steps
+  since), so an auditor can re-run a call at the version it was answered with and replay the step
+  from version v to v+1.
 
 The random directions come from `router.seeds` (public: a commitment is a checksum a verifier can
 recompute, not a secret). Legend: A rows of a call (assignments), D model width, K directions,
@@ -22,6 +23,7 @@ P parameter tensors × K, O/I a parameter matrix's rows and columns.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 from collections import OrderedDict
@@ -108,47 +110,146 @@ class OwnerState:
 
     version: int
     params: dict[str, torch.Tensor]
-    optimizer: dict  # `torch.optim.Optimizer.state_dict()`, tensors copied
+    optimizer: dict  # `torch.optim.Optimizer.state_dict()`'s layout, tensors copied
     sketch_P: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    """A copied state of an owner: its parameters (in `named_parameters` order) and optimizer state."""
+
+    version: int
+    params: list[torch.Tensor]
+    optimizer: dict
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor it holds (buffers the next snapshot may be copied into)."""
+        entries = self.optimizer["state"].values()
+        return self.params + [t for entry in entries for t in entry.values() if torch.is_tensor(t)]
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What turned version v into v + 1: the gradients the optimizer stepped on (references: the owner
+    drops them after its step, `set_to_none`, so nothing writes them again) and its hyperparameters."""
+
+    grads: list[torch.Tensor | None]
+    groups: list[dict]
+
+
 class AuditTrail:
-    """The states of an owner's last `window` + 1 versions (so that a step v → v+1 up to `window` steps
-    back can be replayed); older ones are dropped, and an audit asking for them is refused."""
+    """The parameter commitments of an owner's last `window` + 1 versions, and what rebuilds the state
+    of any of them (so that a step v → v+1 up to `window` steps back can be replayed); older ones are
+    dropped, and an audit asking for them is refused. `record` is called after every optimizer step.
+
+    A copy of the whole state every step would cost more than the step itself on small experts (three
+    copies of the parameters' size, on every owner, while audits sample ~5 % of calls). So the trail
+    copies the state every `window` versions and keeps, for the steps since, only references to the
+    gradients the optimizer stepped on; `at(v)` replays the steps from the snapshot before v on a
+    scratch copy of the owner's module and optimizer, as Gensyn's proof-of-learning rebuilds a
+    checkpoint from the last one kept. The commitment of every version is still computed and kept
+    (published) when it is recorded, so the owner is bound to each version before any audit is drawn;
+    an audit checks the rebuilt state against it."""
 
     def __init__(self, window: int):
         if window < 1:
             raise ValueError(f"audit window {window} must be at least 1")
         self.window = window
-        self.states: OrderedDict[int, OwnerState] = OrderedDict()
+        self.commitments: OrderedDict[int, torch.Tensor] = OrderedDict()  # version -> sketch_P
+        self.snapshots: list[_Snapshot] = []  # oldest first; the first is at or before every kept version
+        self.steps: dict[int, _Step] = {}  # version v -> the step from v to v + 1
+        self.names: list[str] = []
+        self._owner: tuple[nn.Module, torch.optim.Optimizer] | None = None
+        self._scratch: tuple[nn.Module, torch.optim.Optimizer] | None = None  # for replays, built once
+        self._spare: list[torch.Tensor] = []  # a dropped snapshot's tensors, reused by the next one
 
-    def record(self, version: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> OwnerState:
-        """Commit to the owner's state at `version` (after its step); replaces a state of that version."""
-        names, tensors = zip(*((name, p.detach()) for name, p in module.named_parameters()), strict=True)
-        params = dict(zip(names, copied(list(tensors)), strict=True))
-        state = OwnerState(version, params, optimizer_snapshot(optimizer), param_sketch_P(params))
-        self.states[version] = state
-        self.states.move_to_end(version)
-        while len(self.states) > self.window + 1:
-            self.states.popitem(last=False)
-        return state
+    def record(self, version: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Commit to the owner's state at `version` (after its step); returns the commitment. A version
+        that does not follow the last one recorded (the first, a load) starts a new history."""
+        self.names, params = map(list, zip(*((n, p) for n, p in module.named_parameters()), strict=True))
+        sketch_P = param_sketch_P(dict(zip(self.names, params, strict=True)))
+        latest = next(reversed(self.commitments), None)
+        if latest is not None and latest == version - 1:
+            groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+            self.steps[latest] = _Step([p.grad for p in params], groups)
+        else:
+            self.commitments.clear()
+            self.steps.clear()
+            self.snapshots.clear()
+        self._owner = (module, optimizer)
+        if not self.snapshots or version - self.snapshots[-1].version >= self.window:
+            self.snapshots.append(self._snapshot(version, params, optimizer))
+        self.commitments[version] = sketch_P
+        while len(self.commitments) > self.window + 1:
+            self.commitments.popitem(last=False)
+        self._forget_before(next(iter(self.commitments)))
+        return sketch_P
 
-    def at(self, version: int) -> OwnerState | None:
-        return self.states.get(version)
+    def _snapshot(self, version: int, params: list[torch.Tensor], optimizer) -> _Snapshot:
+        live = [p.detach() for p in params]
+        spare, self._spare = self._spare, []  # copying into them spares the allocator's page faults
+        params_copy = copied(live, into=spare[: len(live)])
+        return _Snapshot(version, params_copy, optimizer_snapshot(optimizer, into=spare[len(live) :]))
+
+    def _forget_before(self, oldest: int) -> None:
+        """Drop the snapshots and steps no kept version needs (the snapshot at or before `oldest` stays)."""
+        while len(self.snapshots) > 1 and self.snapshots[1].version <= oldest:
+            self._spare = self.snapshots.pop(0).tensors()
+        for version in [v for v in self.steps if v < self.snapshots[0].version]:
+            del self.steps[version]
+
+    def commitment(self, version: int) -> torch.Tensor | None:
+        """The parameter commitment recorded for `version`, if still kept."""
+        return self.commitments.get(version)
 
     @property
-    def latest(self) -> OwnerState | None:
-        return next(reversed(self.states.values()), None)
+    def latest(self) -> tuple[int, torch.Tensor] | None:
+        """(version, commitment) of the latest version recorded."""
+        return next(reversed(self.commitments.items()), None)
+
+    def at(self, version: int) -> OwnerState | None:
+        """The state of `version`, rebuilt from the snapshot before it (None when it is not kept)."""
+        if version not in self.commitments:
+            return None
+        base = max((s for s in self.snapshots if s.version <= version), key=lambda s: s.version)
+        module, optimizer = self._scratch_at(base)
+        for step_version in range(base.version, version):
+            step = self.steps[step_version]
+            for param, grad in zip(module.parameters(), step.grads, strict=True):
+                param.grad = grad
+            for group, saved in zip(optimizer.param_groups, step.groups, strict=True):
+                group.update(saved)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        named = dict(zip(self.names, copied([p.detach() for p in module.parameters()]), strict=True))
+        return OwnerState(version, named, optimizer_snapshot(optimizer), param_sketch_P(named))
+
+    def _scratch_at(self, base: _Snapshot) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The scratch module and optimizer (copies of the owner's), loaded with `base`."""
+        if self._scratch is None:
+            self._scratch = copy.deepcopy(self._owner)  # together: the copy steps the copied parameters
+        module, optimizer = self._scratch
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in module.parameters()], base.params)
+        load_optimizer_snapshot(optimizer, base.optimizer)
+        return module, optimizer
 
 
-def copied(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def copied(tensors: list[torch.Tensor], into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Copies of `tensors`, bit for bit, in one fused call (a per-step commit cannot afford one clone
-    per tensor on small experts)."""
-    return list(torch._foreach_mul(tensors, 1.0)) if tensors else []
+    per tensor on small experts); into the buffers `into` when they match the tensors one for one."""
+    if not tensors:
+        return []
+    fits = into and len(into) == len(tensors)
+    if fits and all(b.shape == t.shape and b.dtype == t.dtype for b, t in zip(into, tensors, strict=True)):
+        torch._foreach_copy_(into, tensors)
+        return list(into)
+    return list(torch._foreach_mul(tensors, 1.0))
 
 
-def optimizer_snapshot(optimizer: torch.optim.Optimizer) -> dict:
-    """`optimizer.state_dict()`'s layout with its tensors copied, built without its per-call overhead."""
+def optimizer_snapshot(optimizer: torch.optim.Optimizer, into: list[torch.Tensor] | None = None) -> dict:
+    """`optimizer.state_dict()`'s layout with its tensors copied (into the buffers `into` where they
+    match), built without its per-call overhead."""
     groups, entries, index = [], [], 0
     for group in optimizer.param_groups:
         params = group["params"]
@@ -162,11 +263,23 @@ def optimizer_snapshot(optimizer: torch.optim.Optimizer) -> dict:
         index += len(params)
     tensor_keys = [(i, key) for i, entry in entries for key, value in entry.items() if torch.is_tensor(value)]
     by_index = dict(entries)
-    copies = dict(zip(tensor_keys, copied([by_index[i][key] for i, key in tensor_keys]), strict=True))
+    live = [by_index[i][key] for i, key in tensor_keys]
+    copies = dict(zip(tensor_keys, copied(live, into), strict=True))
     state = {
         i: {key: copies.get((i, key), value) for key, value in entry.items()} for i, entry in entries if entry
     }
     return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_snapshot(optimizer: torch.optim.Optimizer, snapshot: dict) -> None:
+    """`snapshot` (`optimizer_snapshot`'s layout) into `optimizer`, its tensors cloned so that stepping
+    leaves the snapshot as it was."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.state.clear()
+    for index, entry in snapshot["state"].items():
+        optimizer.state[params[index]] = {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items()}
+    for group, saved in zip(optimizer.param_groups, snapshot["param_groups"], strict=True):
+        group.update({k: v for k, v in saved.items() if k != "params"})
 
 
 @dataclass(frozen=True)
@@ -187,10 +300,9 @@ def answer_audit(trail: AuditTrail | None, version: int) -> AuditAnswer:
     """What an owner with `trail` answers an audit of `version`; raises `AuditRefused`."""
     state = trail.at(version) if trail is not None else None
     if state is None:
-        kept = list(trail.states) if trail is not None else []
+        kept = list(trail.commitments) if trail is not None else []
         raise AuditRefused(f"version {version} is not kept (kept: {kept})")
-    later = [v for v in trail.states if v > version]
-    following = trail.at(min(later)) if later else None
-    if following is None:
+    later = [v for v in trail.commitments if v > version]
+    if not later:
         return AuditAnswer(state, None, None)
-    return AuditAnswer(state, following.version, following.sketch_P)
+    return AuditAnswer(state, min(later), trail.commitments[min(later)])

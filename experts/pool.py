@@ -290,8 +290,7 @@ class LocalPool(ExpertPool):
         return answer_audit(self.owners[expert].trail, version)
 
     def published_commitment(self, expert: int, version: int) -> torch.Tensor | None:
-        state = self.owners[expert].state_at(version)
-        return state.sketch_P if state is not None else None
+        return self.owners[expert].commitment_at(version)
 
     def expert_replica(self, expert: int) -> tuple[nn.Module, OptimizerSettings]:
         return copy.deepcopy(self.experts[expert]), self.owners[expert].settings

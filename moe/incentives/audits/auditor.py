@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe.incentives.audits.checks import SampledCall, Verdict, audit_call
+from moe.incentives.audits.checks import Replicas, SampledCall, Verdict, audit_call
 from moe.incentives.audits.config import AuditConfig, tolerances
 from router.seeds import torch_generator
 
@@ -43,6 +43,7 @@ class Auditor:
         self.history = {layer.name: deque(maxlen=cfg.window) for layer in self.layers}
         self.tally: Counter = Counter()  # (layer, expert, "run" | "failed")
         self.seconds = 0.0
+        self.replicas = Replicas()
 
     def state_dict(self) -> dict:
         """The tallies and the recent calls' sketches (copy and replay evidence), for checkpoints."""
@@ -66,9 +67,8 @@ class Auditor:
         failures = []
         for layer in self.layers:
             for call in self.sample(layer, step):
-                verdict = audit_call(
-                    layer.pool, call, tolerances(call.dtype, self.cfg.tolerance), self.cfg.timeout
-                )
+                tolerance = tolerances(call.dtype, self.cfg.tolerance)
+                verdict = audit_call(layer.pool, call, tolerance, self.cfg.timeout, self.replicas)
                 failures += self.count(call, verdict)
         self.seconds += time.perf_counter() - start
         return failures

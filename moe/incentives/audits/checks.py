@@ -47,6 +47,20 @@ class SampledCall:
         return self.autocast_dtype or self.x_aD.dtype
 
 
+class Replicas:
+    """A re-run module and owner per (layer, expert), built at its first audit and loaded at each (a
+    deep copy and a fused AdamW per audit cost more than the re-run itself on small experts)."""
+
+    def __init__(self):
+        self.built: dict[tuple[str, int], tuple[torch.nn.Module, ExpertOwner]] = {}
+
+    def get(self, pool: ExpertPool, layer: str, expert: int) -> tuple[torch.nn.Module, ExpertOwner]:
+        if (layer, expert) not in self.built:
+            module, settings = pool.expert_replica(expert)
+            self.built[(layer, expert)] = (module, ExpertOwner(module, settings))
+        return self.built[(layer, expert)]
+
+
 @dataclass(frozen=True)
 class Verdict:
     passed: bool
@@ -55,7 +69,11 @@ class Verdict:
 
 
 def audit_call(
-    pool: ExpertPool, call: SampledCall, tolerances: tuple[float, float], timeout: float
+    pool: ExpertPool,
+    call: SampledCall,
+    tolerances: tuple[float, float],
+    timeout: float,
+    replicas: Replicas | None = None,
 ) -> Verdict:
     """Run every check on `call`; the first that fails decides the verdict and its evidence."""
     output_tolerance, step_tolerance = tolerances
@@ -80,15 +98,16 @@ def audit_call(
             return Verdict(
                 False, "commitment", {**where, **evidence, "answered": digest(answer.next_sketch_P)}
             )
-    module, settings = pool.expert_replica(call.expert)
+    replicas = replicas or Replicas()
+    module, owner = replicas.get(pool, call.layer, call.expert)
     module.load_state_dict(answer.state.params)
     y_aD = _rerun(module, call)
     gap = relative_gap(call.sketch_aK, row_sketch_AK(y_aD))
     evidence = {**where, "params": params_digest, "output": digest(call.sketch_aK), "gap": round(gap, 6)}
     if not gap <= output_tolerance:
-        explained = _explain(pool, call, timeout, output_tolerance)
+        explained = _explain(pool, call, timeout, output_tolerance, replicas)
         return Verdict(False, "output", {**evidence, "tolerance": output_tolerance, **explained})
-    step_gap = _step_gap(module, ExpertOwner(module, settings), y_aD, call, answer)
+    step_gap = _step_gap(module, owner, y_aD, call, answer)
     if step_gap is None or not step_gap <= step_tolerance:
         reason = "no version committed after this one" if step_gap is None else round(step_gap, 6)
         return Verdict(False, "step", {**evidence, "step_gap": reason, "tolerance": step_tolerance})
@@ -123,16 +142,20 @@ def _step_gap(module, owner: ExpertOwner, y_aD, call: SampledCall, answer: Audit
     return relative_gap(answer.next_sketch_P - before_P, param_sketch_P(replayed) - before_P)
 
 
-def _explain(pool: ExpertPool, call: SampledCall, timeout: float, tolerance: float) -> dict:
+def _explain(
+    pool: ExpertPool, call: SampledCall, timeout: float, tolerance: float, replicas: Replicas
+) -> dict:
     """What a failed output matches instead: another expert's answer on these inputs, or earlier rows."""
-    copied = _copied_expert(pool, call, timeout, tolerance)
+    copied = _copied_expert(pool, call, timeout, tolerance, replicas)
     if copied is not None:
         return {"copy_of": copied}
     replayed = _replayed_rows(call)
     return {"replay_of": replayed} if replayed else {}
 
 
-def _copied_expert(pool: ExpertPool, call: SampledCall, timeout: float, tolerance: float) -> int | None:
+def _copied_expert(
+    pool: ExpertPool, call: SampledCall, timeout: float, tolerance: float, replicas: Replicas
+) -> int | None:
     for peer, version in enumerate(call.versions):
         if peer == call.expert or version < 0:
             continue
@@ -140,7 +163,7 @@ def _copied_expert(pool: ExpertPool, call: SampledCall, timeout: float, toleranc
             answer = pool.audit(peer, version, timeout)
         except AuditRefused:
             continue
-        module, _ = pool.expert_replica(peer)
+        module, _ = replicas.get(pool, call.layer, peer)
         module.load_state_dict(answer.state.params)
         with torch.no_grad():
             gap = relative_gap(call.sketch_aK, row_sketch_AK(_rerun(module, call)))
