@@ -53,13 +53,26 @@ def row_sketch_AK(t_AD: torch.Tensor) -> torch.Tensor:
 def param_sketch_P(params: dict[str, torch.Tensor]) -> torch.Tensor:
     """K bilinear projections u_kᵀ W v_k per parameter, in name order (float32: a step moves a sketch
     by ~1e-3 of its size, resolved to ~1e-4 of itself; float64 GEMMs are 1000x slower on some CPUs)."""
+    return sketch_of([params[name] for name in sorted(params)])
+
+
+def sketch_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`param_sketch_P` of parameters already in name order: two small GEMMs per parameter, Uᵀ W V,
+    whose diagonal holds the K projections (every owner pays this after every step)."""
     parts = []
-    for name in sorted(params):
-        w_OI = params[name].detach().float().reshape(params[name].shape[0] if params[name].ndim else 1, -1)
-        u_KO = _directions(SKETCH_DIRECTIONS, w_OI.shape[0], "param-rows", str(w_OI.device))
-        v_KI = _directions(SKETCH_DIRECTIONS, w_OI.shape[1], "param-cols", str(w_OI.device))
-        parts.append(((u_KO @ w_OI) * v_KI).sum(dim=1))
+    with torch.no_grad():
+        for t in tensors:
+            w_OI = t.detach().float().reshape(t.shape[0] if t.ndim else 1, -1)
+            u_KO, v_IK = _bilinear_directions(w_OI.shape, str(w_OI.device))
+            parts.append(torch.mm(torch.mm(u_KO, w_OI), v_IK).diagonal())
     return torch.cat(parts).cpu() if parts else torch.zeros(0)
+
+
+@functools.lru_cache(maxsize=256)
+def _bilinear_directions(shape: tuple[int, int], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = shape
+    u_KO = _directions(SKETCH_DIRECTIONS, rows, "param-rows", device)
+    return u_KO, _directions(SKETCH_DIRECTIONS, cols, "param-cols", device).T.contiguous()
 
 
 def digest(t: torch.Tensor) -> str:
@@ -158,7 +171,8 @@ class AuditTrail:
         self.commitments: OrderedDict[int, torch.Tensor] = OrderedDict()  # version -> sketch_P
         self.snapshots: list[_Snapshot] = []  # oldest first; the first is at or before every kept version
         self.steps: dict[int, _Step] = {}  # version v -> the step from v to v + 1
-        self.names: list[str] = []
+        self.names: list[str] = []  # the parameters' names, in the optimizer's order
+        self._by_name: list[int] = []  # the optimizer's parameters in name order (the sketch's order)
         self._owner: tuple[nn.Module, torch.optim.Optimizer] | None = None
         self._scratch: tuple[nn.Module, torch.optim.Optimizer] | None = None  # for replays, built once
         self._spare: list[torch.Tensor] = []  # a dropped snapshot's tensors, reused by the next one
@@ -166,17 +180,15 @@ class AuditTrail:
     def record(self, version: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """Commit to the owner's state at `version` (after its step); returns the commitment. A version
         that does not follow the last one recorded (the first, a load) starts a new history."""
-        self.names, params = map(list, zip(*((n, p) for n, p in module.named_parameters()), strict=True))
-        sketch_P = param_sketch_P(dict(zip(self.names, params, strict=True)))
         latest = next(reversed(self.commitments), None)
-        if latest is not None and latest == version - 1:
+        follows = latest is not None and latest == version - 1 and self._owner == (module, optimizer)
+        if not follows:
+            self._start(module, optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        sketch_P = sketch_of([params[i] for i in self._by_name])
+        if follows:
             groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             self.steps[latest] = _Step([p.grad for p in params], groups)
-        else:
-            self.commitments.clear()
-            self.steps.clear()
-            self.snapshots.clear()
-        self._owner = (module, optimizer)
         if not self.snapshots or version - self.snapshots[-1].version >= self.window:
             self.snapshots.append(self._snapshot(version, params, optimizer))
         self.commitments[version] = sketch_P
@@ -184,6 +196,19 @@ class AuditTrail:
             self.commitments.popitem(last=False)
         self._forget_before(next(iter(self.commitments)))
         return sketch_P
+
+    def _start(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """A new history: nothing recorded before it applies."""
+        self.commitments.clear()
+        self.steps.clear()
+        self.snapshots.clear()
+        self._owner, self._scratch = (module, optimizer), None
+        name_of = {id(p): name for name, p in module.named_parameters()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if sorted(map(id, params)) != sorted(name_of):
+            raise ValueError("an audit trail needs an optimizer stepping exactly the module's parameters")
+        self.names = [name_of[id(p)] for p in params]  # in the optimizer's order
+        self._by_name = sorted(range(len(params)), key=lambda i: self.names[i])
 
     def _snapshot(self, version: int, params: list[torch.Tensor], optimizer) -> _Snapshot:
         live = [p.detach() for p in params]
@@ -213,15 +238,16 @@ class AuditTrail:
             return None
         base = max((s for s in self.snapshots if s.version <= version), key=lambda s: s.version)
         module, optimizer = self._scratch_at(base)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         for step_version in range(base.version, version):
             step = self.steps[step_version]
-            for param, grad in zip(module.parameters(), step.grads, strict=True):
+            for param, grad in zip(params, step.grads, strict=True):
                 param.grad = grad
             for group, saved in zip(optimizer.param_groups, step.groups, strict=True):
                 group.update(saved)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        named = dict(zip(self.names, copied([p.detach() for p in module.parameters()]), strict=True))
+        named = dict(zip(self.names, copied([p.detach() for p in params]), strict=True))
         return OwnerState(version, named, optimizer_snapshot(optimizer), param_sketch_P(named))
 
     def _scratch_at(self, base: _Snapshot) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -230,7 +256,9 @@ class AuditTrail:
             self._scratch = copy.deepcopy(self._owner)  # together: the copy steps the copied parameters
         module, optimizer = self._scratch
         with torch.no_grad():
-            torch._foreach_copy_([p.detach() for p in module.parameters()], base.params)
+            torch._foreach_copy_(
+                [p for group in optimizer.param_groups for p in group["params"]], base.params
+            )
         load_optimizer_snapshot(optimizer, base.optimizer)
         return module, optimizer
 
