@@ -56,16 +56,23 @@ def param_sketch_P(params: dict[str, torch.Tensor]) -> torch.Tensor:
     return sketch_of([params[name] for name in sorted(params)])
 
 
-def sketch_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+def sketch_of(tensors: list[torch.Tensor], directions: list | None = None) -> torch.Tensor:
     """`param_sketch_P` of parameters already in name order: two small GEMMs per parameter, Uᵀ W V,
-    whose diagonal holds the K projections (every owner pays this after every step)."""
-    parts = []
+    whose diagonal holds the K projections (every owner pays this after every step, so `directions`,
+    from `sketch_directions`, may come precomputed)."""
+    if not tensors:
+        return torch.zeros(0)
+    directions = directions or sketch_directions(tensors)
     with torch.no_grad():
-        for t in tensors:
-            w_OI = t.detach().float().reshape(t.shape[0] if t.ndim else 1, -1)
-            u_KO, v_IK = _bilinear_directions(w_OI.shape, str(w_OI.device))
-            parts.append(torch.mm(torch.mm(u_KO, w_OI), v_IK).diagonal())
-    return torch.cat(parts).cpu() if parts else torch.zeros(0)
+        parts = [
+            torch.mm(torch.mm(u_KO, _as_matrix(t)), v_IK) for t, (u_KO, v_IK) in zip(tensors, directions)
+        ]
+        return torch.stack(parts).diagonal(dim1=1, dim2=2).reshape(-1).cpu()
+
+
+def sketch_directions(tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (U, V) pair `sketch_of` projects each of `tensors` with."""
+    return [_bilinear_directions(tuple(_as_matrix(t).shape), str(t.device)) for t in tensors]
 
 
 @functools.lru_cache(maxsize=256)
@@ -73,6 +80,12 @@ def _bilinear_directions(shape: tuple[int, int], device: str) -> tuple[torch.Ten
     rows, cols = shape
     u_KO = _directions(SKETCH_DIRECTIONS, rows, "param-rows", device)
     return u_KO, _directions(SKETCH_DIRECTIONS, cols, "param-cols", device).T.contiguous()
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    if t.ndim == 2 and t.dtype == torch.float32:
+        return t
+    return t.detach().float().reshape(t.shape[0] if t.ndim else 1, -1)
 
 
 def digest(t: torch.Tensor) -> str:
@@ -173,6 +186,7 @@ class AuditTrail:
         self.steps: dict[int, _Step] = {}  # version v -> the step from v to v + 1
         self.names: list[str] = []  # the parameters' names, in the optimizer's order
         self._by_name: list[int] = []  # the optimizer's parameters in name order (the sketch's order)
+        self._directions: list = []  # `sketch_directions` of the parameters in name order
         self._owner: tuple[nn.Module, torch.optim.Optimizer] | None = None
         self._scratch: tuple[nn.Module, torch.optim.Optimizer] | None = None  # for replays, built once
         self._spare: list[torch.Tensor] = []  # a dropped snapshot's tensors, reused by the next one
@@ -185,7 +199,7 @@ class AuditTrail:
         if not follows:
             self._start(module, optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        sketch_P = sketch_of([params[i] for i in self._by_name])
+        sketch_P = sketch_of([params[i] for i in self._by_name], self._directions)
         if follows:
             groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             self.steps[latest] = _Step([p.grad for p in params], groups)
@@ -209,6 +223,7 @@ class AuditTrail:
             raise ValueError("an audit trail needs an optimizer stepping exactly the module's parameters")
         self.names = [name_of[id(p)] for p in params]  # in the optimizer's order
         self._by_name = sorted(range(len(params)), key=lambda i: self.names[i])
+        self._directions = sketch_directions([params[i] for i in self._by_name])
 
     def _snapshot(self, version: int, params: list[torch.Tensor], optimizer) -> _Snapshot:
         live = [p.detach() for p in params]
