@@ -65,7 +65,8 @@ def sketch_of(tensors: list[torch.Tensor], directions: list | None = None) -> to
     directions = directions or sketch_directions(tensors)
     with torch.no_grad():
         parts = [
-            torch.mm(torch.mm(u_KO, _as_matrix(t)), v_IK) for t, (u_KO, v_IK) in zip(tensors, directions)
+            torch.mm(torch.mm(u_KO, _as_matrix(t)), v_IK)
+            for t, (u_KO, v_IK) in zip(tensors, directions, strict=True)
         ]
         return torch.stack(parts).diagonal(dim1=1, dim2=2).reshape(-1).cpu()
 

@@ -135,6 +135,11 @@ class ExpertPool(ABC):
         for the parameters it was hosted with)."""
         return None
 
+    def missing_commitment(self, expert: int, version: int) -> bool:
+        """Whether expert `expert`'s owner announced `version` without publishing its commitment (an
+        audit of that version, or of the step to it, then fails: it must not switch the check off)."""
+        return False
+
     def keep_call(self, step: int, sizes: list[int], versions: list[int], x_AD, y_AD) -> None:
         """Record a training call for audits (the caller knows it is one: not an evaluation)."""
         if self.records_calls:

@@ -126,6 +126,7 @@ class RemotePool(ExpertPool):
         self.behaviours, self.behaviour_seed = {}, 0
         self.anchor = torch.zeros((), requires_grad=True)  # keeps the call in the graph for param grads
         self.published: list[dict[int, torch.Tensor]] = [{} for _ in experts]  # per expert: version -> sketch
+        self.uncommitted: list[set[int]] = [set() for _ in experts]  # versions acked without a commitment
         self.sketch_sizes = [  # what a well-formed commitment of each expert holds
             len(param_sketch_P({name: p.detach() for name, p in module.named_parameters()}))
             for module in experts
@@ -358,19 +359,27 @@ class RemotePool(ExpertPool):
             self.coordinator.send(host, Message(Kind.KEEP_STATES, 0, self.layer, e, meta={"window": window}))
 
     def publish(self, expert: int, meta: dict) -> None:
-        """Remember the parameter commitment a STEPPED ack published (the last `audit_window` + 1)."""
+        """Remember the parameter commitment a STEPPED ack published (the last `audit_window` + 1), or,
+        with audits on, that the ack named a version without one (audits of that version then fail)."""
         version, commitment = meta.get("version"), meta.get("commitment")
-        if isinstance(version, int) and not isinstance(version, bool):
-            self.known_versions[expert] = version
-        if isinstance(version, int) and well_formed_sketch(commitment, self.sketch_sizes[expert]):
-            published = self.published[expert]
-            published[version] = torch.tensor(commitment)
-            while len(published) > self.audit_window + 1:
-                del published[min(published)]
+        if not isinstance(version, int) or isinstance(version, bool):
+            return
+        self.known_versions[expert] = version
+        if well_formed_sketch(commitment, self.sketch_sizes[expert]):
+            self.published[expert][version] = torch.tensor(commitment)
+        elif self.audit_window:
+            self.uncommitted[expert].add(version)
+        oldest = version - self.audit_window
+        self.published[expert] = {v: c for v, c in self.published[expert].items() if v >= oldest}
+        self.uncommitted[expert] = {v for v in self.uncommitted[expert] if v >= oldest}
 
     def published_commitment(self, expert: int, version: int) -> torch.Tensor | None:
         self.coordinator.drain()  # STEPPED acks that arrived since the last call
         return self.published[expert].get(version)
+
+    def missing_commitment(self, expert: int, version: int) -> bool:
+        self.coordinator.drain()
+        return version in self.uncommitted[expert]
 
     def audit(self, expert: int, version: int, timeout: float) -> AuditAnswer:
         key = (next(self.coordinator.request_ids), self.layer, expert)

@@ -284,6 +284,38 @@ def test_an_answer_whose_next_commitment_differs_from_the_published_one_fails():
     assert all(f.evidence["next_version"] == answered_with[f.expert] + 1 for f in failures)
 
 
+def test_a_version_announced_without_its_commitment_fails_the_audit():
+    """A worker whose STEPPED ack names its new version but leaves the commitment out must not switch
+    the commitment checks off: audits of that version, and of the step to it, fail."""
+    torch.manual_seed(0)
+    pool = LocalPool([FFN(16, 64) for _ in range(4)], OptimizerSettings(lr=1e-2))
+    auditor = Auditor(AuditConfig(rate=1.0), [_Layer(pool)], seed=0)
+    uncommitted = {(0, pool.owners[0].version + 1), (1, pool.owners[1].version)}
+    pool.missing_commitment = lambda expert, version: (expert, version) in uncommitted
+    _one_step(pool, auditor, 1, threads=1)
+    failures = {f.expert: f for f in auditor.after_step(1)}
+    assert sorted(failures) == [0, 1]
+    assert {f.check for f in failures.values()} == {"commitment"}
+    assert failures[0].evidence["next_version"] == 1
+    assert failures[0].evidence["published"] is None
+    assert "next_version" not in failures[1].evidence
+
+
+def test_the_client_remembers_acks_without_a_commitment():
+    from types import SimpleNamespace
+
+    from experts.remote.client import RemotePool
+
+    pool = SimpleNamespace(known_versions=[0], sketch_sizes=[2], published=[{}], uncommitted=[set()],
+                           audit_window=2, coordinator=SimpleNamespace(drain=lambda: None))  # fmt: skip
+    for version, commitment in [(1, [0.5, 1.0]), (2, None), (3, [1.0]), (4, [0.5, 2.0]), (5, [1.0, 1.0])]:
+        RemotePool.publish(pool, 0, {"version": version, "commitment": commitment})
+    assert pool.known_versions == [5]
+    assert sorted(pool.published[0]) == [4, 5]  # the window's versions only
+    assert [v for v in range(6) if RemotePool.missing_commitment(pool, 0, v)] == [3]  # 2 left the window
+    assert torch.equal(RemotePool.published_commitment(pool, 0, 4), torch.tensor([0.5, 2.0]))
+
+
 @pytest.mark.parametrize(
     "values", [[1.0, 2.0], [1.0] * 7, [1.0, float("nan"), 0.0], [1, 2, 3], "1,2,3", None]
 )

@@ -1,7 +1,8 @@
 """The checks of one audit, as a validator runs them on a sampled call (`SampledCall`).
 
 1. Ask the owner for its state at the version it answered with (`pool.audit`); refusal or timeout fails.
-2. The parameters must match the commitment the owner published for that version.
+2. The parameters must match the commitment the owner published for that version (as must the next
+   commitment the answer names); a version it announced without a commitment fails.
 3. Re-run the expert on the call's inputs (same autocast) and compare the row sketches of its output
    with those of the output received, within the dtype's tolerance.
 4. Replay the owner's optimizer step on the gradient the call's outputs received: the parameters of
@@ -83,21 +84,9 @@ def audit_call(
     except AuditRefused as refusal:
         return Verdict(False, "refused", {**where, "reason": str(refusal)[:200]})
     params_digest = digest(answer.state.sketch_P)
-    published = pool.published_commitment(call.expert, call.version)
-    if published is not None and not relative_gap(answer.state.sketch_P, published) <= SAME_SKETCH:
-        return Verdict(
-            False, "commitment", {**where, "published": digest(published), "answered": params_digest}
-        )
-    if answer.next_version is not None:  # the next commitment it answers must be the one it published
-        published_next = pool.published_commitment(call.expert, answer.next_version)
-        if (
-            published_next is not None
-            and not relative_gap(answer.next_sketch_P, published_next) <= SAME_SKETCH
-        ):
-            evidence = {"next_version": answer.next_version, "published": digest(published_next)}
-            return Verdict(
-                False, "commitment", {**where, **evidence, "answered": digest(answer.next_sketch_P)}
-            )
+    refused = _commitment_failure(pool, call, answer, where)
+    if refused is not None:
+        return refused
     replicas = replicas or Replicas()
     module, owner = replicas.get(pool, call.layer, call.expert)
     module.load_state_dict(answer.state.params)
@@ -112,6 +101,25 @@ def audit_call(
         reason = "no version committed after this one" if step_gap is None else round(step_gap, 6)
         return Verdict(False, "step", {**evidence, "step_gap": reason, "tolerance": step_tolerance})
     return Verdict(True, "output", {**evidence, "step_gap": round(step_gap, 6)})
+
+
+def _commitment_failure(
+    pool: ExpertPool, call: SampledCall, answer: AuditAnswer, where: dict
+) -> Verdict | None:
+    """The answered version's parameters, and the next commitment the answer names, must be the ones
+    the owner published; a version it announced without a commitment fails too."""
+    versions = [(call.version, answer.state.sketch_P), (answer.next_version, answer.next_sketch_P)]
+    for version, answered in versions:
+        named = {} if version == call.version else {"next_version": version}
+        if version is not None and pool.missing_commitment(call.expert, version):
+            return Verdict(
+                False, "commitment", {**where, **named, "published": None, "answered": digest(answered)}
+            )
+        published = pool.published_commitment(call.expert, version) if version is not None else None
+        if published is not None and not relative_gap(answered, published) <= SAME_SKETCH:
+            evidence = {**named, "published": digest(published), "answered": digest(answered)}
+            return Verdict(False, "commitment", {**where, **evidence})
+    return None
 
 
 def _rerun(module: torch.nn.Module, call: SampledCall) -> torch.Tensor:
