@@ -12,7 +12,7 @@
 - **Parameters.** After each optimizer step an owner commits to its new parameters: `param_sketch_P`,
   K bilinear projections u_kᵀ W v_k of every parameter (a vector is a 1-row matrix), and its
   `AuditTrail` keeps what an audit of its last `window` versions needs to rebuild the parameters
-  and optimizer state of each version (a snapshot every `window` steps and the gradients of the steps
+  and optimizer state of each version (a snapshot every few steps and the gradients of the steps
   since), so an auditor can re-run a call at the version it was answered with and replay the step
   from version v to v+1.
 
@@ -34,6 +34,7 @@ from torch import nn
 
 from router.seeds import torch_generator
 
+SNAPSHOT_EVERY = 8  # versions between an owner's state copies, at least (see `AuditTrail`)
 SKETCH_DIRECTIONS = 4  # K: output sketch columns per row, and bilinear projections per parameter
 DIGEST_QUANTUM = 2.0**-8  # relative step of the quantised sketch that `digest` hashes
 
@@ -171,7 +172,8 @@ class AuditTrail:
 
     A copy of the whole state every step would cost more than the step itself on small experts (three
     copies of the parameters' size, on every owner, while audits sample ~5 % of calls). So the trail
-    copies the state every `window` versions and keeps, for the steps since, only references to the
+    copies the state every `max(window, SNAPSHOT_EVERY)` versions (rarer copies, longer replays at
+    audits: 8 balances them at a 5 % audit rate) and keeps, for the steps since, only references to the
     gradients the optimizer stepped on; `at(v)` replays the steps from the snapshot before v on a
     scratch copy of the owner's module and optimizer, as Gensyn's proof-of-learning rebuilds a
     checkpoint from the last one kept. The commitment of every version is still computed and kept
@@ -204,7 +206,7 @@ class AuditTrail:
         if follows:
             groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             self.steps[latest] = _Step([p.grad for p in params], groups)
-        if not self.snapshots or version - self.snapshots[-1].version >= self.window:
+        if not self.snapshots or version - self.snapshots[-1].version >= max(self.window, SNAPSHOT_EVERY):
             self.snapshots.append(self._snapshot(version, params, optimizer))
         self.commitments[version] = sketch_P
         while len(self.commitments) > self.window + 1:
@@ -249,7 +251,8 @@ class AuditTrail:
         return next(reversed(self.commitments.items()), None)
 
     def at(self, version: int) -> OwnerState | None:
-        """The state of `version`, rebuilt from the snapshot before it (None when it is not kept)."""
+        """The state of `version`, rebuilt from the snapshot before it (None when it is not kept). Its
+        tensors are the trail's scratch copy, valid until the next `at`: read them or copy them."""
         if version not in self.commitments:
             return None
         base = max((s for s in self.snapshots if s.version <= version), key=lambda s: s.version)
@@ -263,8 +266,8 @@ class AuditTrail:
                 group.update(saved)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        named = dict(zip(self.names, copied([p.detach() for p in params]), strict=True))
-        return OwnerState(version, named, optimizer_snapshot(optimizer), param_sketch_P(named))
+        named = dict(zip(self.names, [p.detach() for p in params], strict=True))
+        return OwnerState(version, named, optimizer_snapshot(optimizer, share=True), param_sketch_P(named))
 
     def _scratch_at(self, base: _Snapshot) -> tuple[nn.Module, torch.optim.Optimizer]:
         """The scratch module and optimizer (copies of the owner's), loaded with `base`."""
@@ -291,9 +294,11 @@ def copied(tensors: list[torch.Tensor], into: list[torch.Tensor] | None = None) 
     return list(torch._foreach_mul(tensors, 1.0))
 
 
-def optimizer_snapshot(optimizer: torch.optim.Optimizer, into: list[torch.Tensor] | None = None) -> dict:
+def optimizer_snapshot(
+    optimizer: torch.optim.Optimizer, into: list[torch.Tensor] | None = None, *, share: bool = False
+) -> dict:
     """`optimizer.state_dict()`'s layout with its tensors copied (into the buffers `into` where they
-    match), built without its per-call overhead."""
+    match; `share`: not copied), built without its per-call overhead."""
     groups, entries, index = [], [], 0
     for group in optimizer.param_groups:
         params = group["params"]
@@ -308,7 +313,7 @@ def optimizer_snapshot(optimizer: torch.optim.Optimizer, into: list[torch.Tensor
     tensor_keys = [(i, key) for i, entry in entries for key, value in entry.items() if torch.is_tensor(value)]
     by_index = dict(entries)
     live = [by_index[i][key] for i, key in tensor_keys]
-    copies = dict(zip(tensor_keys, copied(live, into), strict=True))
+    copies = dict(zip(tensor_keys, live if share else copied(live, into), strict=True))
     state = {
         i: {key: copies.get((i, key), value) for key, value in entry.items()} for i, entry in entries if entry
     }
@@ -316,14 +321,36 @@ def optimizer_snapshot(optimizer: torch.optim.Optimizer, into: list[torch.Tensor
 
 
 def load_optimizer_snapshot(optimizer: torch.optim.Optimizer, snapshot: dict) -> None:
-    """`snapshot` (`optimizer_snapshot`'s layout) into `optimizer`, its tensors cloned so that stepping
-    leaves the snapshot as it was."""
+    """`snapshot` (`optimizer_snapshot`'s layout) into `optimizer`, copied (into its own state tensors
+    where they match) so that stepping leaves the snapshot as it was."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    optimizer.state.clear()
-    for index, entry in snapshot["state"].items():
-        optimizer.state[params[index]] = {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items()}
+    targets, sources = [], []
+    for index, param in enumerate(params):
+        entry, live = snapshot["state"].get(index), optimizer.state.get(param)
+        if entry is None:
+            optimizer.state.pop(param, None)
+        elif live is not None and _same_tensors(live, entry):
+            targets += [live[k] for k, v in entry.items() if torch.is_tensor(v)]
+            sources += [v for v in entry.values() if torch.is_tensor(v)]
+        else:
+            optimizer.state[param] = {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items()}
+    if targets:
+        torch._foreach_copy_(targets, sources)
     for group, saved in zip(optimizer.param_groups, snapshot["param_groups"], strict=True):
         group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def _same_tensors(live: dict, entry: dict) -> bool:
+    """Whether `live` holds a tensor of the same shape and dtype under each of `entry`'s keys (and
+    the same other values)."""
+    if live.keys() != entry.keys():
+        return False
+    return all(
+        torch.is_tensor(live[k]) and live[k].shape == v.shape and live[k].dtype == v.dtype
+        if torch.is_tensor(v)
+        else live[k] == v
+        for k, v in entry.items()
+    )
 
 
 @dataclass(frozen=True)

@@ -102,11 +102,11 @@ def test_trail_keeps_a_window_of_versions_and_refuses_older_ones():
     assert not torch.equal(param_sketch_P(params), trail.commitment(4))  # changed after the last record
 
 
-@pytest.mark.parametrize("window", [1, 3, 4])
+@pytest.mark.parametrize("window", [1, 3, 10])
 def test_trail_rebuilds_every_kept_version_bit_for_bit_from_snapshots_and_gradients(window):
-    """The trail copies the state only every `window` versions; the versions between are rebuilt by
+    """The trail copies the state only every few versions; the versions between are rebuilt by
     replaying the owner's steps on the gradients it kept, and must equal what the owner had."""
-    trail, live, _ = _stepped_trail(window=window, steps=11)
+    trail, live, _ = _stepped_trail(window=window, steps=19)
     assert len(trail.snapshots) <= 2
     for version in trail.commitments:
         state = trail.at(version)
