@@ -1,10 +1,11 @@
 """Commitments: what a miner's replies and optimizer steps bind it to, so that audits can check them.
 
 - **Outputs.** `row_sketch_AK` projects every row onto K fixed random directions: one [A, D] × [D, K]
-  matmul for a whole layer's call, K/D of the output's size, computed on the device with no host sync.
-  A pool sketches each call's outputs *as received* (so a miner cannot commit to one answer and send
-  another) and its inputs (so a replayed answer, the same output for other inputs, shows), and keeps
-  them with the version of the parameters that produced each expert's answer (`CallRecord`). An
+  matmul, K/D of the output's size, computed on the device with no host sync. A pool keeps each
+  call's outputs *as received* (so a miner cannot commit to one answer and send another) and its
+  inputs (so a replayed answer, the same output for other inputs, shows), by reference, with the
+  version of the parameters that produced each expert's answer (`CallRecord`); the auditor sketches
+  the rows it samples, and those of earlier calls only when a failed answer needs explaining. An
   auditor re-runs the expert and compares sketches within a tolerance: honest floating-point noise
   (thread counts, devices, fused kernels) moves a sketch by ~1e-6 of its size in fp32 and ~1e-2 in
   bf16; a different answer moves it by the size of the difference. `digest` hashes a coarsely
@@ -110,26 +111,25 @@ def relative_gap(committed: torch.Tensor, reference: torch.Tensor) -> float:
 
 @dataclass
 class CallRecord:
-    """What a pool keeps of its latest training call for the auditor (references; copies only of what
-    an audit samples). `versions[e]`: the version expert e answered with (with no rows: its latest
-    known version); -1 when it failed."""
+    """What a pool keeps of its latest training call for the auditor: references to its inputs and to
+    the outputs as received (a pool never writes them again; sketches are computed only for the rows
+    an audit samples, or for replay evidence). `versions[e]`: the version expert e answered with (with
+    no rows: its latest known version); -1 when it failed."""
 
     step: int
     sizes: list[int]
     versions: list[int]
     x_AD: torch.Tensor  # the call's inputs, detached
-    sketch_AK: torch.Tensor  # row sketches of the outputs as received
-    input_sketch_AK: torch.Tensor  # row sketches of the inputs
+    y_AD: torch.Tensor  # the call's outputs as received, detached
     autocast_dtype: torch.dtype | None  # the autocast the call ran under (None: off)
     grad_y_AD: torch.Tensor | None = None  # the gradient the outputs received in the training backward
 
 
 def record_call(step: int, sizes: list[int], versions: list[int], x_AD: torch.Tensor, y_AD: torch.Tensor):
-    """The `CallRecord` of one call: sketches of its inputs and received outputs, and the autocast state."""
+    """The `CallRecord` of one call: its inputs and received outputs, and the autocast state."""
     device = x_AD.device.type
     autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    return CallRecord(step, list(sizes), list(versions), x_AD.detach(), row_sketch_AK(y_AD),
-                      row_sketch_AK(x_AD), autocast)  # fmt: skip
+    return CallRecord(step, list(sizes), list(versions), x_AD.detach(), y_AD.detach(), autocast)
 
 
 @dataclass(frozen=True)

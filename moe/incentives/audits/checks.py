@@ -28,6 +28,33 @@ SAME_ROW = 1e-5  # relative sketch distance under which two rows count as the sa
 SAME_SKETCH = 1e-4  # parameters match a published commitment (float32 sketches, any thread count)
 
 
+@dataclass(frozen=True)
+class EarlierCall:
+    """One of a layer's recent calls, kept as replay evidence: its outputs as received and inputs,
+    [A, D] references (sketched only when a failed answer needs explaining), or their [A, K] row
+    sketches (`sketched`: as saved in a checkpoint)."""
+
+    step: int
+    sizes: list[int]
+    out: torch.Tensor
+    inputs: torch.Tensor
+    sketched: bool = False
+
+    def sketches(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row sketches of expert `expert`'s outputs and inputs in this call."""
+        start = sum(self.sizes[:expert])
+        rows = slice(start, start + self.sizes[expert])
+        if self.sketched:
+            return self.out[rows], self.inputs[rows]
+        return row_sketch_AK(self.out[rows]), row_sketch_AK(self.inputs[rows])
+
+    def saved(self) -> list:
+        """[step, sizes, output sketches, input sketches]: what a checkpoint keeps."""
+        if self.sketched:
+            return [self.step, self.sizes, self.out, self.inputs]
+        return [self.step, self.sizes, row_sketch_AK(self.out), row_sketch_AK(self.inputs)]
+
+
 @dataclass
 class SampledCall:
     """What a validator copied of one sampled call: enough to audit it after the owner has stepped."""
@@ -41,7 +68,7 @@ class SampledCall:
     sketch_aK: torch.Tensor
     grad_y_aD: torch.Tensor | None
     autocast_dtype: torch.dtype | None
-    earlier: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (step, out, in)
+    earlier: list[EarlierCall] = field(default_factory=list)  # the layer's calls of the last steps
 
     @property
     def dtype(self) -> torch.dtype:
@@ -186,7 +213,8 @@ def _replayed_rows(call: SampledCall) -> dict | None:
     out_aK, in_aK = call.sketch_aK.double(), row_sketch_AK(call.x_aD).double()
     out_scale_a1 = out_aK.norm(dim=1, keepdim=True)
     in_scale_a1 = in_aK.norm(dim=1, keepdim=True)
-    for step, rows_hK, inputs_hK in sorted(call.earlier, key=lambda earlier: earlier[0]):
+    for earlier in sorted(call.earlier, key=lambda earlier: earlier.step):
+        step, (rows_hK, inputs_hK) = earlier.step, earlier.sketches(call.expert)
         same_out_ah = torch.cdist(out_aK, rows_hK.double()) <= SAME_ROW * out_scale_a1
         other_in_ah = torch.cdist(in_aK, inputs_hK.double()) > SAME_ROW * in_scale_a1
         repeated_a = (same_out_ah & other_in_ah).any(dim=1) & (out_scale_a1[:, 0] > 0)
