@@ -11,7 +11,7 @@
   bf16; a different answer moves it by the size of the difference. `digest` hashes a coarsely
   quantised sketch (blake2b) for the ledger's evidence.
 - **Parameters.** After each optimizer step an owner commits to its new parameters: `param_sketch_P`,
-  K bilinear projections u_kᵀ W v_k of every parameter (a vector is a 1-row matrix), and its
+  K² bilinear projections u_iᵀ W v_j of every parameter (a vector is a 1-row matrix), and its
   `AuditTrail` keeps what an audit of its last `window` versions needs to rebuild the parameters
   and optimizer state of each version (a snapshot every few steps and the gradients of the steps
   since), so an auditor can re-run a call at the version it was answered with and replay the step
@@ -36,7 +36,7 @@ from torch import nn
 from router.seeds import torch_generator
 
 SNAPSHOT_EVERY = 8  # versions between an owner's state copies, at least (see `AuditTrail`)
-SKETCH_DIRECTIONS = 4  # K: output sketch columns per row, and bilinear projections per parameter
+SKETCH_DIRECTIONS = 4  # K: output sketch columns per row, and directions per side of a parameter
 DIGEST_QUANTUM = 2.0**-8  # relative step of the quantised sketch that `digest` hashes
 
 
@@ -53,15 +53,15 @@ def row_sketch_AK(t_AD: torch.Tensor) -> torch.Tensor:
 
 
 def param_sketch_P(params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """K bilinear projections u_kᵀ W v_k per parameter, in name order (float32: a step moves a sketch
+    """K² bilinear projections u_iᵀ W v_j per parameter, in name order (float32: a step moves a sketch
     by ~1e-3 of its size, resolved to ~1e-4 of itself; float64 GEMMs are 1000x slower on some CPUs)."""
     return sketch_of([params[name] for name in sorted(params)])
 
 
 def sketch_of(tensors: list[torch.Tensor], directions: list | None = None) -> torch.Tensor:
-    """`param_sketch_P` of parameters already in name order: two small GEMMs per parameter, Uᵀ W V,
-    whose diagonal holds the K projections (every owner pays this after every step, so `directions`,
-    from `sketch_directions`, may come precomputed)."""
+    """`param_sketch_P` of parameters already in name order: two small GEMMs per parameter, U W V
+    ([K, K]), and nothing else (every owner pays this after every step, reading all its parameters
+    once, so `directions`, from `sketch_directions`, may come precomputed)."""
     if not tensors:
         return torch.zeros(0)
     directions = directions or sketch_directions(tensors)
@@ -70,7 +70,7 @@ def sketch_of(tensors: list[torch.Tensor], directions: list | None = None) -> to
             torch.mm(torch.mm(u_KO, _as_matrix(t)), v_IK)
             for t, (u_KO, v_IK) in zip(tensors, directions, strict=True)
         ]
-        return torch.stack(parts).diagonal(dim1=1, dim2=2).reshape(-1).cpu()
+        return torch.stack(parts).reshape(-1).cpu()
 
 
 def sketch_directions(tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
