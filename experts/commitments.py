@@ -238,8 +238,8 @@ class AuditTrail:
         """Drop the snapshots and steps no kept version needs (the snapshot at or before `oldest` stays)."""
         while len(self.snapshots) > 1 and self.snapshots[1].version <= oldest:
             self._spare = self.snapshots.pop(0).tensors()
-        for version in [v for v in self.steps if v < self.snapshots[0].version]:
-            del self.steps[version]
+        while self.steps and next(iter(self.steps)) < self.snapshots[0].version:  # recorded in order
+            del self.steps[next(iter(self.steps))]
 
     def commitment(self, version: int) -> torch.Tensor | None:
         """The parameter commitment recorded for `version`, if still kept."""
