@@ -75,8 +75,8 @@ class Auditor:
         return failures
 
     def sample(self, layer, step: int) -> list[SampledCall]:
-        """The calls of `layer`'s latest training call (at `step`) drawn for audit, copied; the draw
-        comes from the validators' own stream, after the replies."""
+        """The calls of `layer`'s latest training call (at `step`) drawn for audit; the draw comes from
+        the validators' own stream, after the replies."""
         record, layer.pool.last_call = layer.pool.last_call, None  # drop the references to the inputs
         if record is None or record.step != step:
             return []
@@ -92,9 +92,9 @@ class Auditor:
             if record.versions[e] < 0 or not record.sizes[e] or draw >= self.cfg.rate:
                 continue
             rows = slice(offsets[e], offsets[e + 1])
-            grad = None if record.grad_y_AD is None else record.grad_y_AD[rows].clone()
+            grad = None if record.grad_y_AD is None else record.grad_y_AD[rows]  # views: none is written
             sampled.append(SampledCall(layer.name, e, step, record.versions[e], list(record.versions),
-                                       record.x_AD[rows].clone(), row_sketch_AK(record.y_AD[rows]), grad,
+                                       record.x_AD[rows], row_sketch_AK(record.y_AD[rows]), grad,
                                        record.autocast_dtype, list(history)))  # fmt: skip
         history.append(EarlierCall(step, record.sizes, record.y_AD, record.x_AD))
         return sampled

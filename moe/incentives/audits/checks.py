@@ -110,7 +110,6 @@ def audit_call(
         answer = pool.audit(call.expert, call.version, timeout)
     except AuditRefused as refusal:
         return Verdict(False, "refused", {**where, "reason": str(refusal)[:200]})
-    params_digest = digest(answer.state.sketch_P)
     refused = _commitment_failure(pool, call, answer, where)
     if refused is not None:
         return refused
@@ -119,15 +118,27 @@ def audit_call(
     module.load_state_dict(answer.state.params)
     y_aD = _rerun(module, call)
     gap = relative_gap(call.sketch_aK, row_sketch_AK(y_aD))
-    evidence = {**where, "params": params_digest, "output": digest(call.sketch_aK), "gap": round(gap, 6)}
     if not gap <= output_tolerance:
         explained = _explain(pool, call, timeout, output_tolerance, replicas)
+        evidence = _evidence(where, answer, call, gap)
         return Verdict(False, "output", {**evidence, "tolerance": output_tolerance, **explained})
     step_gap = _step_gap(module, owner, y_aD, call, answer)
     if step_gap is None or not step_gap <= step_tolerance:
         reason = "no version committed after this one" if step_gap is None else round(step_gap, 6)
+        evidence = _evidence(where, answer, call, gap)
         return Verdict(False, "step", {**evidence, "step_gap": reason, "tolerance": step_tolerance})
-    return Verdict(True, "output", {**evidence, "step_gap": round(step_gap, 6)})
+    return Verdict(True, "output", {**where, "gap": round(gap, 6), "step_gap": round(step_gap, 6)})
+
+
+def _evidence(where: dict, answer: AuditAnswer, call: SampledCall, gap: float) -> dict:
+    """What a failed re-run records: digests of the parameters and the output, and the output's gap
+    (computed for failures only: most audits pass)."""
+    return {
+        **where,
+        "params": digest(answer.state.sketch_P),
+        "output": digest(call.sketch_aK),
+        "gap": round(gap, 6),
+    }
 
 
 def _commitment_failure(
