@@ -115,7 +115,7 @@ def audit_call(
         return refused
     replicas = replicas or Replicas()
     module, owner = replicas.get(pool, call.layer, call.expert)
-    module.load_state_dict(answer.state.params)
+    _load_params(module, answer.state.params)
     y_aD = _rerun(module, call)
     gap = relative_gap(call.sketch_aK, row_sketch_AK(y_aD))
     if not gap <= output_tolerance:
@@ -158,6 +158,16 @@ def _commitment_failure(
             evidence = {**named, "published": digest(published), "answered": digest(answered)}
             return Verdict(False, "commitment", {**where, **evidence})
     return None
+
+
+def _load_params(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
+    """`params` into the replica in one fused copy (`load_state_dict` walks the module per audit);
+    names and shapes must match, as `load_state_dict(strict=True)` would insist."""
+    named = dict(module.named_parameters())
+    if set(named) != set(params) or any(named[n].shape != t.shape for n, t in params.items()):
+        raise ValueError(f"audited parameters {sorted(params)} do not fit the expert's {sorted(named)}")
+    with torch.no_grad():
+        torch._foreach_copy_([named[n] for n in params], list(params.values()))
 
 
 def _rerun(module: torch.nn.Module, call: SampledCall) -> torch.Tensor:
@@ -210,7 +220,7 @@ def _copied_expert(
         except AuditRefused:
             continue
         module, _ = replicas.get(pool, call.layer, peer)
-        module.load_state_dict(answer.state.params)
+        _load_params(module, answer.state.params)
         with torch.no_grad():
             gap = relative_gap(call.sketch_aK, row_sketch_AK(_rerun(module, call)))
         if gap <= tolerance:
