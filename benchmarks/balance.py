@@ -30,7 +30,9 @@ from moe.engine.metrics import MetricsLogger, read_metrics
 from moe.engine.run_info import resolved
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TRAIN_CV_LOGS = 10  # train_cv: the mean training-batch load CV over this many last logs (training-mode routing)
+TRAIN_CV_LOGS = (
+    10  # train_cv: the mean training-batch load CV over this many last logs (training-mode routing)
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,8 +46,14 @@ def parse_args() -> argparse.Namespace:
 
 def composed(router_name: str, seed: int, steps: int, extra: list[str], run_dir: Path):
     overrides = [
-        "experiment=routing_comparison", f"router={router_name}", f"seed={seed}", f"trainer.max_steps={steps}",
-        f"trainer.eval_every={steps}", f"trainer.ckpt_every={steps}", f"run_dir={run_dir}", *extra,
+        "experiment=routing_comparison",
+        f"router={router_name}",
+        f"seed={seed}",
+        f"trainer.max_steps={steps}",
+        f"trainer.eval_every={steps}",
+        f"trainer.ckpt_every={steps}",
+        f"run_dir={run_dir}",
+        *extra,
     ]
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         return compose(config_name="train", overrides=overrides)
@@ -87,7 +95,9 @@ def balance(counts_E: torch.Tensor) -> tuple[float, float]:
 
 def main() -> None:
     args = parse_args()
-    print(f"{'router':<15}{'seed':>5}{'layer':>8}{'load_cv':>9}{'max_vio':>9}{'train_cv':>9}{'val_loss':>10}{'wall_s':>8}")
+    print(
+        f"{'router':<15}{'seed':>5}{'layer':>8}{'load_cv':>9}{'max_vio':>9}{'train_cv':>9}{'val_loss':>10}{'wall_s':>8}"
+    )
     for router_name in args.routers:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as run_dir:

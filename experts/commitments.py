@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -377,3 +378,12 @@ def answer_audit(trail: AuditTrail | None, version: int) -> AuditAnswer:
     if not later:
         return AuditAnswer(state, None, None)
     return AuditAnswer(state, min(later), trail.commitments[min(later)])
+
+
+def well_formed_sketch(values, size: int) -> bool:
+    """A parameter commitment off the wire: `size` finite floats."""
+    return (
+        isinstance(values, list)
+        and len(values) == size
+        and all(isinstance(v, float) and math.isfinite(v) for v in values)
+    )

@@ -2,7 +2,7 @@
 
 from router.errors import ConfigError, PoimoeError
 
-__all__ = ["CheckpointError", "ConfigError", "IdentityError", "PoimoeError", "WireError"]
+__all__ = ["CheckpointError", "ConfigError", "IdentityError", "OfferError", "PoimoeError", "WireError"]
 
 
 class CheckpointError(PoimoeError):
@@ -15,3 +15,7 @@ class WireError(PoimoeError):
 
 class IdentityError(PoimoeError):
     """A key file or public key is missing, malformed or readable by others; the message names it."""
+
+
+class OfferError(PoimoeError):
+    """A market offer is unsigned, forged or malformed; the message names the provider and the fault."""

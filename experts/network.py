@@ -7,7 +7,8 @@
 - `FaultPolicy`: timeouts, `k_min`, straggler cut-off, output bound and back-off, as documented values;
   the transport configs inherit it, so a transport config is its own policy.
 - `Round`: the acceptance rule of one forward round (who answered, when to stop waiting), driven by
-  real time in `RemotePool` and by virtual arrival times in `VirtualNetwork`.
+  real time in `RemotePool` and by virtual arrival times in `VirtualNetwork`; its straggler cut-off is
+  a fixed constant or follows the measured reply times (`straggler_quantile`, experts/latency.py).
 - `FailureMemory`: exponential back-off, so an expert that keeps failing is not asked every step.
 
 Legend: N tokens, A assignments sorted by expert, E experts.
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from experts.errors import ConfigError
+from experts.latency import expected_wait_s
 from router.seeds import python_rng
 from router.typed_config import plain, typed_config
 
@@ -87,6 +89,11 @@ def link_stream(run_seed: int, network: NetworkConfig | None, layer: str, expert
     return [run_seed, "link", network.seed if network is not None else 0, layer, expert]
 
 
+def placed_stream(stream: list, host: str | None) -> list:
+    """The link stream of an expert placed on `host` by the market: deterministic per (expert, host)."""
+    return [*stream, "host", host]
+
+
 class Link:
     """Samples what the link does to one call; seeded per (layer, expert) so runs repeat exactly."""
 
@@ -132,6 +139,14 @@ class FaultPolicy:
     # once every token has k_min answers, wait this much longer for the rest, then mark those that did
     # not answer as stragglers (failed for this call)
     straggler_cutoff: float = 1.0
+    # null: the fixed `straggler_cutoff` above. q in (0, 1]: the cut-off follows the measured latency
+    # distribution instead: once k_min is met, the round waits until the q-quantile of the asked experts'
+    # expected reply times (the pool's `reply_time_E`) after its start; the fixed cut-off applies while
+    # none of them has been measured. q=1 waits for the slowest expected reply, q=0.5 for the median
+    straggler_quantile: float | None = None
+    # each expert's expected reply time (`pool.reply_time_E`) moves (1 - latency_ema) of the way to every
+    # training call's measured reply time
+    latency_ema: float = 0.9
     max_output_norm: float = 1e4  # reject outputs whose per-token L2 norm is larger; 0 disables the bound
     # after n consecutive failures an expert is not asked for min(backoff_base * 2**(n-1), backoff_max)
     # rounds (calls); backoff_base=0 disables the memory
@@ -143,12 +158,18 @@ class FaultPolicy:
             raise ConfigError(f"k_min={self.k_min} must be >= 0")
         if min(self.forward_timeout, self.backward_timeout, self.straggler_cutoff) < 0:
             raise ConfigError("forward_timeout, backward_timeout and straggler_cutoff must be >= 0")
+        if self.straggler_quantile is not None and not 0.0 < self.straggler_quantile <= 1.0:
+            raise ConfigError(f"straggler_quantile={self.straggler_quantile} must be in (0, 1] or null")
+        if not 0.0 <= self.latency_ema < 1.0:
+            raise ConfigError(f"latency_ema={self.latency_ema} must be in [0, 1)")
 
 
 class Round:
     """One forward round's rule: answers count until every expert has answered or failed, or the
     deadline passes: `forward_timeout` after the start, cut to `straggler_cutoff` after the moment
-    every token has `k_min` answers (or as many as it has experts still in play)."""
+    every token has `k_min` answers (or as many as it has experts still in play). With
+    `policy.straggler_quantile`, the cut-off is instead that quantile of the asked experts' expected
+    reply times `reply_time_E` after the start (never before k_min is met)."""
 
     def __init__(
         self,
@@ -158,8 +179,11 @@ class Round:
         num_tokens: int,
         policy: FaultPolicy,
         start: float,
+        reply_time_E: torch.Tensor | None = None,
     ):
         self.policy = policy
+        self.expected_s = expected_wait_s(reply_time_E, asked, policy.straggler_quantile)
+        self.start = start
         self.bounds = _slice_bounds(sizes)
         self.token_idx_A = token_idx_A.cpu()
         self.pending = set(asked)
@@ -181,7 +205,13 @@ class Round:
         need_N = self.in_play_N.clamp(max=self.policy.k_min)
         if bool((self.answered_N >= need_N).all()):
             self.k_min_met_at = now
-            self.deadline = min(self.deadline, now + self.policy.straggler_cutoff)
+            self.deadline = min(self.deadline, self.straggler_deadline(now))
+
+    def straggler_deadline(self, now: float) -> float:
+        """When stragglers are cut, k_min having been met at `now`."""
+        if self.expected_s is None:
+            return now + self.policy.straggler_cutoff
+        return max(now, self.start + self.expected_s)
 
     def answer(self, expert: int, now: float) -> None:
         self.pending.discard(expert)
@@ -247,32 +277,49 @@ class VirtualNetwork:
     ):
         """`seed` is the run's; each link draws from `link_stream(seed, cfg, layer, expert)`."""
         self.policy = policy
-        self.links = [Link(link_for(cfg, e), link_stream(seed, cfg, layer, e)) for e in range(num_experts)]
+        self.streams = [link_stream(seed, cfg, layer, e) for e in range(num_experts)]
+        self.links = [Link(link_for(cfg, e), self.streams[e]) for e in range(num_experts)]
         self.memory = FailureMemory(num_experts, policy.backoff_base, policy.backoff_max)
         self.round_no = 0
         self.clock_s = 0.0
+        self.last_waits_s: dict[int, float] = {}
+
+    def move_expert(self, expert: int, spec: LinkSpec, host: str | None) -> None:
+        """Expert `expert` now answers over `spec` (a market move): a fresh stream named by its host."""
+        self.links[expert] = Link(spec, placed_stream(self.streams[expert], host))
+        self.memory.succeeded(expert)
 
     def deliver(
-        self, token_idx_A: torch.Tensor, sizes: list[int], num_tokens: int, row_bytes: int
+        self,
+        token_idx_A: torch.Tensor,
+        sizes: list[int],
+        num_tokens: int,
+        row_bytes: int,
+        reply_time_E: torch.Tensor | None = None,
     ) -> dict[int, str]:
-        """Experts whose answer does not count this round, with the reason; advances the clock."""
+        """Experts whose answer does not count this round, with the reason; advances the clock and
+        leaves in `last_waits_s` how long the round waited for each asked expert (its arrival, or the
+        deadline for a reply that did not come). `reply_time_E` drives an adaptive straggler cut-off."""
         self.round_no += 1
         failures = {
             e: "backoff" for e, size in enumerate(sizes) if size and self.memory.skipping(e, self.round_no)
         }
         asked = [e for e, size in enumerate(sizes) if size and e not in failures]
         arrivals = {e: self.links[e].sample(sizes[e] * row_bytes, sizes[e] * row_bytes) for e in asked}
-        round_ = Round(token_idx_A, sizes, asked, num_tokens, self.policy, start=0.0)
+        round_ = Round(
+            token_idx_A, sizes, asked, num_tokens, self.policy, start=0.0, reply_time_E=reply_time_E
+        )
         now = 0.0
         for e, arrival in sorted(
             ((e, t) for e, t in arrivals.items() if t is not None), key=lambda et: et[1]
         ):
-            if arrival >= round_.deadline:
+            if arrival > round_.deadline:  # a reply at the deadline still counts
                 break
             now = arrival
             round_.answer(e, now)
         expired = round_.expire()
         self.clock_s += round_.deadline if expired else now
+        self.last_waits_s = {e: round_.deadline if e in expired else arrivals[e] for e in asked}
         failures |= expired
         for e in asked:
             if e in failures:

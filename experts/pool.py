@@ -22,7 +22,8 @@ from torch import nn
 
 from experts.behaviours import HONEST, Behaviour, ExpertFailure, answer_call
 from experts.commitments import AuditAnswer, CallRecord, answer_audit, record_call
-from experts.network import FaultPolicy, VirtualNetwork
+from experts.latency import ReplyTimes
+from experts.network import FaultPolicy, LinkSpec, VirtualNetwork
 from experts.owner import ExpertOwner, OptimizerSettings, step_owners
 from experts.rows import ComputeSettings
 from router.plan import DispatchPlan
@@ -63,6 +64,20 @@ class ExpertPool(ABC):
     audit_window: int = 0
     last_call: CallRecord | None = None
     _evaluating: bool = False  # inside `evaluation_calls()`
+    reply_times: ReplyTimes  # each expert's expected reply time, measured by training calls
+
+    @property
+    def reply_time_E(self) -> torch.Tensor:
+        """Each expert's expected reply time in seconds (float64 [E]): an EMA with factor
+        `policy.latency_ema` over training calls, NaN until an expert's first measured call (always NaN in
+        a `LocalPool` without a simulated network, whose replies take no virtual time). See experts/latency.py."""
+        return self.reply_times.reply_time_E
+
+    def observe_reply_times(self, waited_s: dict[int, float], unanswered, training: bool) -> None:
+        """Fold one round's reply times into `reply_time_E`; only training calls count (not a scorer's
+        evaluation passes, not validation), so the estimate measures the work the run pays for."""
+        if training and not self._evaluating:
+            self.reply_times.observe(waited_s, unanswered)
 
     @contextmanager
     def evaluation_calls(self) -> Iterator[None]:
@@ -140,6 +155,12 @@ class ExpertPool(ABC):
         audit of that version, or of the step to it, then fails: it must not switch the check off)."""
         return False
 
+    def load_reply_times(self, state: dict) -> None:
+        """The reply-time estimates of a pool state (a checkpoint from before they existed has none:
+        the estimates start unmeasured)."""
+        if "reply_time_E" in state:
+            self.reply_times.load_state_dict(state)
+
     def keep_call(self, step: int, sizes: list[int], versions: list[int], x_AD, y_AD) -> None:
         """Record a training call for audits (the caller knows it is one: not an evaluation)."""
         if self.records_calls:
@@ -149,6 +170,11 @@ class ExpertPool(ABC):
         """The gradient the latest call's outputs got in the training backward (not PoI's extra ones)."""
         if self.last_call is not None and not self._input_gradients_only:
             self.last_call.grad_y_AD = grad_y_AD.detach()
+
+    def move_expert(self, expert: int, link: LinkSpec, host: str | None) -> None:
+        """Re-host expert `expert` on `host` (a market move) behind the simulated `link`, keeping its
+        parameters and optimizer state."""
+        raise NotImplementedError(f"{type(self).__name__} cannot move experts")
 
     def set_behaviours(self, behaviours: dict[int, Behaviour], *, seed: int, layer: str) -> None:
         """Expert e answers as `behaviours[e]` (honest where absent), with draws from (seed, layer, step, e)."""
@@ -228,11 +254,20 @@ class LocalPool(ExpertPool):
         self.owners = [ExpertOwner(expert, optimizer, compute) for expert in self.experts]
         self.policy = policy or FaultPolicy()
         self.network = network
+        self.reply_times = ReplyTimes(self.num_experts, self.policy.latency_ema)
         self.last_failures: dict[int, str] = {}
         self.failure_counts: Counter = Counter()
         self.behaviours: dict[int, Behaviour] = {}
         self.behaviour_seed, self.layer_name = 0, ""
         self.simulated_latency_ms = 0.0
+        self.hosts: list[str | None] = [None] * self.num_experts  # market placement (simulated hosts)
+
+    def move_expert(self, expert: int, link: LinkSpec, host: str | None) -> None:
+        """A market move: the expert keeps its parameters and optimizer and answers over `link` now."""
+        if self.network is None:
+            raise ValueError("move_expert needs a simulated network: build the pool with a placement")
+        self.network.move_expert(expert, link, host)
+        self.hosts[expert] = host
 
     def forward(self, x_AD: torch.Tensor, plan: DispatchPlan, step: int = 0) -> PoolOutput:
         sizes = plan.split_sizes()
@@ -240,7 +275,10 @@ class LocalPool(ExpertPool):
         failures = {}
         if self.network is not None:
             row_bytes = x_AD.shape[-1] * x_AD.element_size()
-            failures = self.network.deliver(plan.token_idx, sizes, plan.num_tokens, row_bytes)
+            failures = self.network.deliver(
+                plan.token_idx, sizes, plan.num_tokens, row_bytes, self.reply_time_E
+            )
+            self.observe_reply_times(self.network.last_waits_s, failures, torch.is_grad_enabled())
         dtype = answer_dtype(x_AD)
         y_slices = [
             x_aD.new_zeros(x_aD.shape, dtype=dtype) if e in failures else self.answer(e, x_aD, step, failures)
@@ -319,10 +357,15 @@ class LocalPool(ExpertPool):
     def state_dict(self) -> dict:
         """Parameters and optimizer state per expert, in the layout `RemotePool` shares."""
         states = [owner.state_dict() for owner in self.owners]
-        return {"experts": [s["module"] for s in states], "optimizers": [s["optimizer"] for s in states]}
+        return {
+            "experts": [s["module"] for s in states],
+            "optimizers": [s["optimizer"] for s in states],
+            **self.reply_times.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Every expert's state; one missing from an incomplete checkpoint (None) keeps its initial weights."""
+        self.load_reply_times(state)
         pairs = zip(self.owners, state["experts"], state["optimizers"], strict=True)
         for e, (owner, module_state, optimizer_state) in enumerate(pairs):
             if module_state is None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from experts.errors import ConfigError
 from experts.modules import ExpertsConfig
-from experts.network import FaultPolicy, NetworkConfig, VirtualNetwork, network_is_ideal
+from experts.network import FaultPolicy, LinkSpec, NetworkConfig, VirtualNetwork, network_is_ideal
 from experts.pool import ExpertPool, LocalPool
 from router.typed_config import typed_config
 
@@ -35,34 +35,61 @@ class LocalTransportConfig(FaultPolicy, TransportConfig):
     network: NetworkConfig = field(default_factory=NetworkConfig)  # simulated links per expert
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a layer's experts live under a market: per expert, its provider's link and host (worker name)."""
+
+    links: list[LinkSpec]
+    hosts: list[str]
+
+
 class Transport:
     """Makes pools for MoE layers; `close()` releases whatever the transport started."""
 
-    def make_pool(self, layer: str, experts: list[nn.Module], experts_cfg: ExpertsConfig) -> ExpertPool:
+    def make_pool(self, layer: str, experts: list[nn.Module], experts_cfg: ExpertsConfig,
+                  placement: Placement | None = None) -> ExpertPool:  # fmt: skip
+        """The layer's pool; with a `placement` (a market's leases) each expert sits behind its
+        provider's link, on its provider's worker."""
         raise NotImplementedError
+
+    def host_alive(self, host: str) -> bool:
+        """Whether the worker named `host` is alive (simulated hosts always are)."""
+        return True
 
     def close(self) -> None:
         pass
 
 
 class LocalTransport(Transport):
-    def __init__(self, cfg: LocalTransportConfig, *, device: torch.device, run_dir: Path | None, seed: int):
+    def __init__(self, cfg: LocalTransportConfig, *, device: torch.device, run_dir: Path | None, seed: int,
+                 hosts: list[str] | None = None):  # fmt: skip
+        """`hosts` (a market's provider workers) need no processes here: they are simulated links."""
         self.cfg, self.device, self.seed = cfg, device, seed
 
-    def make_pool(self, layer: str, experts: list[nn.Module], experts_cfg: ExpertsConfig) -> ExpertPool:
-        return LocalPool(
+    def make_pool(self, layer: str, experts: list[nn.Module], experts_cfg: ExpertsConfig,
+                  placement: Placement | None = None) -> ExpertPool:  # fmt: skip
+        pool = LocalPool(
             experts,
             experts_cfg,  # the experts config is its own `OptimizerSettings`
             policy=self.cfg,  # and the transport config its own `FaultPolicy`
-            network=self.virtual_network(layer, len(experts)),
+            network=self.virtual_network(layer, len(experts), placement),
             device=self.device,
             compute=experts_cfg,  # and its own `ComputeSettings`
         )
+        if placement is not None:
+            pool.hosts = list(placement.hosts)
+        return pool
 
-    def virtual_network(self, layer: str, num_experts: int) -> VirtualNetwork | None:
-        if network_is_ideal(self.cfg.network):
+    def virtual_network(
+        self, layer: str, num_experts: int, placement: Placement | None = None
+    ) -> VirtualNetwork | None:
+        if placement is None and network_is_ideal(self.cfg.network):
             return None
-        return VirtualNetwork(self.cfg.network, self.cfg, num_experts, layer=layer, seed=self.seed)
+        network = VirtualNetwork(self.cfg.network, self.cfg, num_experts, layer=layer, seed=self.seed)
+        if placement is not None:
+            for e, (link, host) in enumerate(zip(placement.links, placement.hosts, strict=True)):
+                network.move_expert(e, link, host)
+        return network
 
 
 TransportFactory = Callable[..., Transport]
@@ -88,12 +115,16 @@ def transport_configs() -> dict[str, type[TransportConfig]]:
     return {name: config_cls for name, (config_cls, _) in _TRANSPORTS.items()}
 
 
-def open_transport(cfg, *, device: torch.device, run_dir: Path | None, seed: int) -> Transport:
-    """The transport `cfg.name` names, given its config as its typed dataclass."""
+def open_transport(
+    cfg, *, device: torch.device, run_dir: Path | None, seed: int, hosts: list[str] | None = None
+) -> Transport:
+    """The transport `cfg.name` names, given its config as its typed dataclass; `hosts`: the workers a
+    market's providers serve from (transport=process starts one per name)."""
     _import_builtin_transports()
     if cfg.name not in _TRANSPORTS:
         raise ConfigError(
             f"unknown transport '{cfg.name}'; valid transports: {', '.join(sorted(_TRANSPORTS))}"
         )
     config_cls, factory = _TRANSPORTS[cfg.name]
-    return factory(typed_config(config_cls, cfg, "transport"), device=device, run_dir=run_dir, seed=seed)
+    typed = typed_config(config_cls, cfg, "transport")
+    return factory(typed, device=device, run_dir=run_dir, seed=seed, hosts=hosts)

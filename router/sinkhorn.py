@@ -71,7 +71,8 @@ class SinkhornRouter(LearnedRouter):
         )
         check_config(config.temperature > 0, f"router.temperature={config.temperature} must be > 0")
         check_config(
-            0 <= config.offset_momentum < 1, f"router.offset_momentum={config.offset_momentum} must be in [0, 1)"
+            0 <= config.offset_momentum < 1,
+            f"router.offset_momentum={config.offset_momentum} must be in [0, 1)",
         )
         super().__init__(d_model, num_experts, config)
         self.register_buffer("eval_offset_E", torch.zeros(num_experts))
@@ -81,7 +82,9 @@ class SinkhornRouter(LearnedRouter):
             offset_E = self._balancing_offsets(logits_NE.detach())
             self._track(offset_E)
         else:
-            offset_E = self.eval_offset_E if self.config.eval_with_offsets else torch.zeros_like(self.eval_offset_E)
+            offset_E = (
+                self.eval_offset_E if self.config.eval_with_offsets else torch.zeros_like(self.eval_offset_E)
+            )
         key_NE = selection_key(logits_NE + offset_E, selection_bias_E)
         expert_NK = key_NE.topk(self.config.top_k, dim=-1).indices
         gate_NK = logits_NE.gather(-1, expert_NK).sigmoid()

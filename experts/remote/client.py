@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -23,14 +22,16 @@ import torch
 from torch import nn
 
 from experts.behaviours import HONEST
-from experts.commitments import AuditAnswer, AuditRefused, OwnerState, param_sketch_P
+from experts.commitments import AuditAnswer, AuditRefused, OwnerState, param_sketch_P, well_formed_sketch
 from experts.errors import CheckpointError, WireError
+from experts.latency import ReplyClock, ReplyTimes
 from experts.modules import build_expert, expert_spec
-from experts.network import FailureMemory, FaultPolicy, NetworkConfig, Round, link_for, link_stream
+from experts.network import FailureMemory, FaultPolicy, LinkSpec, NetworkConfig, Round
 from experts.owner import OptimizerSettings
 from experts.pool import ExpertPool, PoolOutput, all_finite, answer_dtype, expected_dtypes, invalid_outputs
 from experts.remote.checkpoint import CHECKPOINT_FILE, load_messages
 from experts.remote.coordinator import Coordinator, Key
+from experts.remote.moves import move_remote_expert, placed_links
 from experts.remote.settings import autocast_meta, settings_meta
 from experts.remote.wire import Kind, Message, expert_state_from, expert_state_message, named_message
 from experts.rows import ComputeSettings, RowBuckets
@@ -68,15 +69,6 @@ class RemoteExpertsCall(torch.autograd.Function):
         return None, None, grad_x_AD, None, None
 
 
-def well_formed_sketch(values, size: int) -> bool:
-    """A parameter commitment off the wire: `size` finite floats."""
-    return (
-        isinstance(values, list)
-        and len(values) == size
-        and all(isinstance(v, float) and math.isfinite(v) for v in values)
-    )
-
-
 class RemotePool(ExpertPool):
     """Experts hosted by workers; one request per expert per call, all in flight at once.
 
@@ -99,10 +91,11 @@ class RemotePool(ExpertPool):
         seed: int = 0,
         checkpoint_every: int = 0,
         compute: ComputeSettings | None = None,
+        links: list[LinkSpec] | None = None,
     ):
         """Each expert's owner trains it with `optimizer` and computes its rows as `compute` says (an
         `ExpertsConfig` is both). `seed` is the run's: the links of the simulated `network` draw from
-        it (`link_stream`)."""
+        it (`link_stream`); `links` (a market placement) replace the network's, one per expert."""
         self.coordinator = coordinator
         self.layer_name = layer_name
         self.num_experts = len(experts)
@@ -113,10 +106,12 @@ class RemotePool(ExpertPool):
         RowBuckets.parse(self.compute.row_buckets)  # a bad spec fails here, not in every worker
         self.specs = [expert_spec(module, e) for e, module in enumerate(experts)]
         self.initial = [{k: v.detach().cpu().clone() for k, v in m.state_dict().items()} for m in experts]
-        self.links = [link_for(network, e) for e in range(self.num_experts)]
-        self.link_streams = [link_stream(seed, network, layer_name, e) for e in range(self.num_experts)]
+        self.links, self.link_streams, self.base_streams = placed_links(
+            network, seed, layer_name, hosts, links
+        )
         self.checkpoint_every = checkpoint_every
         self.memory = FailureMemory(self.num_experts, policy.backoff_base, policy.backoff_max)
+        self.reply_times = ReplyTimes(self.num_experts, policy.latency_ema)
         self.calls = itertools.count(1)
         self.rounds = 0
         self.steps = 0
@@ -125,8 +120,7 @@ class RemotePool(ExpertPool):
         self.touched: set[int] = set()  # called with no tokens in a backward since the last step
         self.behaviours, self.behaviour_seed = {}, 0
         self.anchor = torch.zeros((), requires_grad=True)  # keeps the call in the graph for param grads
-        self.published: list[dict[int, torch.Tensor]] = [{} for _ in experts]  # per expert: version -> sketch
-        self.uncommitted: list[set[int]] = [set() for _ in experts]  # versions acked without a commitment
+        self.published: list[dict] = [{} for _ in experts]  # version -> sketch (None: acked without one)
         self.sketch_sizes = [  # what a well-formed commitment of each expert holds
             len(param_sketch_P({name: p.detach() for name, p in module.named_parameters()}))
             for module in experts
@@ -136,7 +130,8 @@ class RemotePool(ExpertPool):
         self.layer = coordinator.attach(self)
         self.host_all()
 
-    def host_message(self, expert: int, restore: bool) -> Message:
+    def host_message(self, expert: int, restore: bool, params: dict | None = None) -> Message:
+        """HOST for `expert` with its initial parameters (or `params`)."""
         meta = {
             "layer_name": self.layer_name,
             "spec": self.specs[expert],
@@ -148,7 +143,8 @@ class RemotePool(ExpertPool):
             "audit_window": self.audit_window,
         }
         key = {"step": next(self.coordinator.request_ids), "layer": self.layer, "expert": expert}
-        return named_message(Kind.HOST, self.initial[expert], meta=meta, **key)
+        tensors = self.initial[expert] if params is None else params
+        return named_message(Kind.HOST, tensors, meta=meta, **key)
 
     def host_all(self) -> None:
         requests = {}
@@ -161,6 +157,11 @@ class RemotePool(ExpertPool):
                 log.warning(
                     "expert %s/%d could not be hosted on %s: %s", self.layer_name, e, self.hosts[e], result
                 )
+
+    def move_expert(self, expert: int, link: LinkSpec, host: str | None) -> None:
+        """Re-host `expert` on worker `host` behind `link`, carrying its parameters and optimizer state
+        (see `experts.remote.moves`)."""
+        move_remote_expert(self, expert, link, host)
 
     def rehost_on(self, worker: str) -> None:
         """A worker rejoined: send it its experts again; it restores them from its own checkpoint."""
@@ -207,13 +208,17 @@ class RemotePool(ExpertPool):
         dtype, dtypes = answer_dtype(x_AD), expected_dtypes(x_AD)
         # the owners compute in the precision the trainer's own experts would (autocast or not)
         call_meta = {"keep": keep, "grad_input": grad_input, "step": step, **autocast_meta(x_AD.device)}
-        round_ = Round(plan.token_idx, call.sizes, asked, plan.num_tokens, self.policy, time.monotonic())
+        start, clock = time.monotonic(), ReplyClock()
+        round_ = Round(
+            plan.token_idx, call.sizes, asked, plan.num_tokens, self.policy, start, self.reply_time_E
+        )
         pending, outputs = {}, {}
         versions = [-1 if e in failures else v for e, v in enumerate(self.known_versions)]
         for e in asked:
             meta = {**call_meta, **self.behaviour_meta(e)}
             message = Message(Kind.FORWARD, call.id, self.layer, e, meta=meta, tensors=[x_slices[e]])
             if self.coordinator.send(self.hosts[e], message):
+                clock.sent(e)
                 pending[(call.id, self.layer, e)] = self.hosts[e]
             else:
                 failures[e] = "unreachable"
@@ -221,6 +226,7 @@ class RemotePool(ExpertPool):
 
         def on_reply(key: Key, message: Message) -> None:
             e = key[2]
+            clock.replied(e)
             y_aD = message.tensors[0] if len(message.tensors) == 1 else torch.empty(0)
             reason = invalid_outputs([y_aD], [x_slices[e]], self.policy.max_output_norm, dtypes).get(0)
             if reason is None:
@@ -234,10 +240,13 @@ class RemotePool(ExpertPool):
 
         def on_fail(key: Key, reason: str) -> None:
             failures[key[2]] = reason
+            clock.failed(key[2], reason)
             round_.fail(key[2], time.monotonic())
 
         self.coordinator.collect(pending, Kind.OUTPUT, lambda: round_.deadline, on_reply, on_fail)
         failures |= round_.expire()
+        clock.gave_up(failures, at=round_.deadline)
+        self.observe_reply_times(clock.waited_s, clock.unanswered, training=keep)
         self.remember(asked, failures)
         self.record_failures(failures)
         call.answered = sorted(outputs)
@@ -359,8 +368,7 @@ class RemotePool(ExpertPool):
             self.coordinator.send(host, Message(Kind.KEEP_STATES, 0, self.layer, e, meta={"window": window}))
 
     def publish(self, expert: int, meta: dict) -> None:
-        """Remember the parameter commitment a STEPPED ack published (the last `audit_window` + 1), or,
-        with audits on, that the ack named a version without one (audits of that version then fail)."""
+        """Keep a STEPPED ack's commitment (the last `audit_window` + 1), or that it named none (audited: fails)."""
         version, commitment = meta.get("version"), meta.get("commitment")
         if not isinstance(version, int) or isinstance(version, bool):
             return
@@ -368,10 +376,9 @@ class RemotePool(ExpertPool):
         if well_formed_sketch(commitment, self.sketch_sizes[expert]):
             self.published[expert][version] = torch.tensor(commitment)
         elif self.audit_window:
-            self.uncommitted[expert].add(version)
-        oldest = version - self.audit_window
-        self.published[expert] = {v: c for v, c in self.published[expert].items() if v >= oldest}
-        self.uncommitted[expert] = {v for v in self.uncommitted[expert] if v >= oldest}
+            self.published[expert][version] = None  # announced without a commitment
+        oldest, published = version - self.audit_window, self.published[expert]
+        self.published[expert] = {v: published[v] for v in published if v >= oldest}
 
     def published_commitment(self, expert: int, version: int) -> torch.Tensor | None:
         self.coordinator.drain()  # STEPPED acks that arrived since the last call
@@ -379,14 +386,13 @@ class RemotePool(ExpertPool):
 
     def missing_commitment(self, expert: int, version: int) -> bool:
         self.coordinator.drain()
-        return version in self.uncommitted[expert]
+        return version in self.published[expert] and self.published[expert][version] is None
 
     def audit(self, expert: int, version: int, timeout: float) -> AuditAnswer:
         key = (next(self.coordinator.request_ids), self.layer, expert)
         message = Message(Kind.AUDIT, *key, meta={"version": version})
-        result = self.coordinator.request({key: (self.hosts[expert], message)}, Kind.AUDIT_STATE, timeout)[
-            key
-        ]
+        requests = {key: (self.hosts[expert], message)}
+        result = self.coordinator.request(requests, Kind.AUDIT_STATE, timeout)[key]
         if isinstance(result, str):
             raise AuditRefused(result)
         state = self.checked_state(expert, result)
@@ -427,7 +433,12 @@ class RemotePool(ExpertPool):
         experts = [states[e][0] if e in states else None for e in range(self.num_experts)]
         optimizers = [states[e][1] if e in states else None for e in range(self.num_experts)]
         missing = [e for e in range(self.num_experts) if e not in states]
-        return {"experts": experts, "optimizers": optimizers, "missing": missing}
+        return {
+            "experts": experts,
+            "optimizers": optimizers,
+            "missing": missing,
+            **self.reply_times.state_dict(),
+        }
 
     def checked_state(self, expert: int, message: Message) -> tuple[dict, dict] | None:
         """(parameters, optimizer state) from a STATE message, or None when its parameters are not
@@ -465,6 +476,7 @@ class RemotePool(ExpertPool):
     def load_state_dict(self, state: dict) -> None:
         """Send every expert its state; a missing one (None, from an incomplete checkpoint) keeps the
         parameters it was hosted with. Owners then checkpoint themselves, so their own files match."""
+        self.load_reply_times(state)
         requests = {}
         pairs = zip(state["experts"], state["optimizers"], strict=True)
         for e, (params, optimizer_state) in enumerate(pairs):

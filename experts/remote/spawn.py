@@ -13,6 +13,7 @@ from whoever starts it, never over the wire.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -34,7 +35,7 @@ from experts.remote.client import RemotePool
 from experts.remote.coordinator import Coordinator
 from experts.remote.ray_launch import RayLaunchConfig, RayWorkers, check_ray_config
 from experts.remote.settings import DEFAULT_FRAME_MB, DEFAULT_MESSAGE_MB, WorkerSettings, launched_limits
-from experts.transport import LocalTransportConfig, Transport, register_transport
+from experts.transport import LocalTransportConfig, Placement, Transport, register_transport
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,15 @@ def check_launch(cfg: ProcessTransportConfig) -> None:
             f"transport.devices={list(cfg.devices)} is for launch=local; a Ray actor's device is cuda:0 "
             "when it has transport.ray.num_gpus, else the CPU"
         )
+
+
+def market_workers(cfg: ProcessTransportConfig, hosts: list[str]) -> ProcessTransportConfig:
+    """The config with one launched worker per market provider; only `launch=local` places them."""
+    if cfg.launch != "local":
+        raise ConfigError(
+            f"transport.launch={cfg.launch!r} with a market: providers' workers need launch=local"
+        )
+    return dataclasses.replace(cfg, workers=len(hosts))
 
 
 def hand_started(cfg: ProcessTransportConfig) -> int:
@@ -158,8 +168,13 @@ def stop_processes(processes: list[subprocess.Popen], grace_s: float = 2.0) -> N
 class ProcessTransport(Transport):
     """Launches the workers, makes a `RemotePool` per MoE layer on them, and tears everything down."""
 
-    def __init__(self, cfg: ProcessTransportConfig, *, device: torch.device, run_dir: Path | None, seed: int):
+    def __init__(self, cfg: ProcessTransportConfig, *, device: torch.device, run_dir: Path | None, seed: int,
+                 hosts: list[str] | None = None):  # fmt: skip
+        """`hosts`: a market's provider workers; one is launched per name (instead of `workers`)."""
         check_launch(cfg)
+        if hosts is not None:
+            cfg = market_workers(cfg, hosts)
+        self.worker_names = list(hosts) if hosts is not None else [f"w{i}" for i in range(cfg.workers)]
         external = hand_started(cfg)
         if cfg.workers + cfg.external_workers < 1:
             raise ConfigError("transport.workers + transport.external_workers must be at least 1")
@@ -205,8 +220,7 @@ class ProcessTransport(Transport):
     def spawn_workers(self) -> list[str]:
         names = []
         coordinator = self.coordinator
-        for i, device in enumerate(worker_devices(self.cfg)):
-            name = f"w{i}"
+        for name, device in zip(self.worker_names, worker_devices(self.cfg), strict=True):
             state_dir = self.run_dir / "workers" / name if self.run_dir is not None else None
             key_path, key = coordinator.private.key(name) if coordinator.curve else (None, None)
             process = spawn_worker(name, coordinator, device, self.cfg, state_dir, key_path)
@@ -215,11 +229,14 @@ class ProcessTransport(Transport):
             names.append(name)
         return names
 
-    def make_pool(self, layer: str, experts: list[nn.Module], experts_cfg: ExpertsConfig) -> RemotePool:
-        """Experts go to workers round-robin, continuing across layers."""
+    def make_pool(self, layer: str, experts: list[nn.Module], experts_cfg: ExpertsConfig,
+                  placement: Placement | None = None) -> RemotePool:  # fmt: skip
+        """Experts go where `placement` says, else to workers round-robin, continuing across layers."""
         workers = self.coordinator.registered_names()
         hosts = [workers[(self.next_slot + e) % len(workers)] for e in range(len(experts))]
         self.next_slot += len(experts)
+        if placement is not None:
+            hosts = list(placement.hosts)
         return RemotePool(
             self.coordinator,
             layer,
@@ -231,7 +248,12 @@ class ProcessTransport(Transport):
             seed=self.seed,
             checkpoint_every=self.cfg.checkpoint_every,
             compute=experts_cfg,  # and its own `ComputeSettings`
+            links=placement.links if placement is not None else None,
         )
+
+    def host_alive(self, host: str) -> bool:
+        self.coordinator.drain()
+        return self.coordinator.is_alive(host)
 
     def close(self) -> None:
         if self.closed:

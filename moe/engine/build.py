@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,9 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 import router
 from experts.behaviours import parse_behaviours
+from experts.market import LeaseBook, build_lease_book
 from experts.modules import build_experts
-from experts.transport import Transport, open_transport
+from experts.transport import Placement, Transport, open_transport
 from moe.data import build_data
+from moe.engine.market_routing import MarketRouting, market_routing, with_market_policy
 from moe.engine.metrics import MetricsLogger
 from moe.errors import ConfigError
 from moe.incentives.audits import Auditor, as_audit_config, build_auditor
@@ -47,6 +49,10 @@ class Run:
     scorer: PoIScorer | None = None  # per-expert PoI and its routing feedback (poi=null: none)
     ledger: RewardLedger | None = None  # rewards by Yuma consensus (ledger=null: none)
     auditor: Auditor | None = None  # validators' audits of expert calls (audit.rate=0: none)
+    sim_seconds: float = 0.0  # wall + virtual network seconds of the training steps so far (checkpointed)
+    market: LeaseBook | None = None  # leases of experts to providers (market=null: none)
+    market_routing: MarketRouting | None = None  # routing by expected latency and price (market=null: none)
+    charges: list = field(default_factory=list)  # the latest step's compute charges (market)
 
     @property
     def layers(self) -> list[MoELayer]:
@@ -69,9 +75,18 @@ def build_run(cfg: DictConfig, run_dir: Path, data=None) -> Run:
     if cfg.trainer.precision not in ("fp32", "bf16"):
         raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}; valid: fp32, bf16")
     data = build_data(cfg.data, seed=cfg.seed) if data is None else data
-    transport = open_transport(cfg.transport, device=accelerator.device, run_dir=run_dir, seed=cfg.seed)
+    routing = market_routing(cfg.get("market"))
+    market = build_lease_book(cfg.get("market"), [], cfg.experts.num, cfg.seed)
+    hosts = market.worker_names if market is not None else None
+    transport = open_transport(
+        with_market_policy(cfg.transport, routing),
+        device=accelerator.device,
+        run_dir=run_dir,
+        seed=cfg.seed,
+        hosts=hosts,
+    )
     try:
-        model = build_model(cfg.model, data, moe_factory(cfg, transport))
+        model = build_model(cfg.model, data, moe_factory(cfg, transport, market))
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, betas=(0.9, 0.95)
         )
@@ -96,18 +111,22 @@ def build_run(cfg: DictConfig, run_dir: Path, data=None) -> Run:
         scheduler,
         scorer=scorer,
         auditor=auditor,
+        market=market,
+        market_routing=routing,
     )
 
 
-def moe_factory(cfg: DictConfig, transport: Transport):
-    """Builds each MoE layer: its router from the registry and its pool from the transport."""
+def moe_factory(cfg: DictConfig, transport: Transport, market: LeaseBook | None = None):
+    """Builds each MoE layer: its router from the registry and its pool from the transport, with its
+    experts placed on the providers the market's initial auction chose."""
 
     def make(layer_name: str, d_model: int) -> MoELayer:
         layer_router = router.build(
             **router_options(cfg.router, layer_name), d_model=d_model, num_experts=cfg.experts.num
         )
         experts = build_experts(cfg.experts, d_model)
-        pool = transport.make_pool(layer_name, experts, cfg.experts)
+        placement = Placement(*market.placement(layer_name)) if market is not None else None
+        pool = transport.make_pool(layer_name, experts, cfg.experts, placement)
         pool.set_behaviours(
             parse_behaviours(cfg.experts.behaviours, cfg.experts.num), seed=cfg.seed, layer=layer_name
         )

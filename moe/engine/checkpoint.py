@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from omegaconf import OmegaConf
 
+from moe.engine.market import restore_market
 from moe.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ def checkpoint_state(run: Run) -> dict:
         "poi": run.scorer.state_dict() if run.scorer is not None else None,
         "audits": run.auditor.state_dict() if run.auditor is not None else None,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "sim_seconds": run.sim_seconds,
+        "market": run.market.state_dict() if run.market is not None else None,
         "config": OmegaConf.to_container(run.cfg, resolve=True),
         # the ledger's signed head (an anchor `python -m moe.ledger verify` checks) and unrevealed weights
         "ledger": run.ledger.checkpoint_state() if run.ledger is not None else None,
@@ -130,6 +133,8 @@ def restore(run: Run, state: dict) -> None:
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(_as_random_state(state["rng"]["python"]))
     run.step = int(state["step"])
+    run.sim_seconds = float(state.get("sim_seconds", 0.0))
+    restore_market(run, state)
 
 
 def _as_random_state(saved) -> tuple:

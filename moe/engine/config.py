@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 import router
+from experts.market import MarketConfig
 from experts.modules import ExpertsConfig
 from experts.transport import transport_configs
 from moe.data import data_configs
@@ -59,6 +60,7 @@ class TrainConfig:
     poi: Any = None
     ledger: Any = None
     audit: AuditConfig = field(default_factory=AuditConfig)  # validators' audits (off: rate 0)
+    market: Any = None  # compute marketplace (experts.market.MarketConfig); null: no market
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
@@ -102,6 +104,7 @@ def register_configs() -> None:
     store.store(group="logger", name="logger_schema", node=LoggerConfig)
     store.store(group="ledger", name="ledger_schema", node=LedgerConfig)
     store.store(group="audit", name="audit_schema", node=AuditConfig)
+    store.store(group="market", name="market_schema", node=MarketConfig)
     for name, strategy in router.strategies().items():
         store.store(group="router", name=f"{name}_schema", node=strategy.config_cls)
     for name, config_cls in transport_configs().items():

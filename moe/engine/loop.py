@@ -27,11 +27,20 @@ from moe.engine.checkpoint import (
     save_checkpoint,
 )
 from moe.engine.cores import trainer_threads
+from moe.engine.market import market_step
+from moe.engine.market_routing import apply_market_bias
 from moe.engine.metrics import MetricsLogger, read_metrics, truncate_after
 from moe.engine.run_info import SUMMARY_FILE, resolved, write_run_info
 from moe.engine.validation import evaluate, specialisation_metrics, write_routing_tables
 from moe.errors import ConfigError
-from moe.incentives.rewards import ledger_summary, open_run_ledger, reward_metrics, score_view, step_failures
+from moe.incentives.rewards import (
+    cost_per_bpb,
+    ledger_summary,
+    open_run_ledger,
+    reward_metrics,
+    score_view,
+    step_failures,
+)
 from moe.nn.layer import MoELayer
 
 log = logging.getLogger(__name__)
@@ -102,21 +111,34 @@ def loop(run: Run) -> dict:
     while run.step < cfg.max_steps:
         run.step += 1
         step_metrics = train_step(run)
-        audit_start = time.perf_counter()
+        after_start = time.perf_counter()
         failed_audits = run.auditor.after_step(run.step) if run.auditor is not None else []
-        step_metrics["seconds"] += time.perf_counter() - audit_start
+        run.charges = market_step(run) if run.market is not None else []  # charges, then lease moves
+        if run.market_routing is not None:  # the next step's routing sees this step's reply times and prices
+            prices = run.market.price_E if run.market is not None else None
+            apply_market_bias(run.layers, run.market_routing, prices)
+        step_metrics["seconds"] += time.perf_counter() - after_start
         tokens, seconds = step_metrics.pop("tokens"), step_metrics.pop("seconds")
         window.add(tokens, seconds)
-        simulated.add(tokens, seconds + step_metrics.pop("virtual_seconds"))
+        step_sim_seconds = seconds + step_metrics.pop("virtual_seconds")
+        simulated.add(tokens, step_sim_seconds)
+        run.sim_seconds += step_sim_seconds
         if run.ledger is not None:  # before any checkpoint of this step, so resume finds the block
-            run.ledger.after_step(run.step, score_view(run), step_failures(run), audits=failed_audits)
+            run.ledger.after_step(
+                run.step, score_view(run), step_failures(run), audits=failed_audits, charges=run.charges
+            )
         bar.update(1)
         bar.set_postfix(loss=f"{step_metrics['train/loss']:.3f}", tok_s=f"{window.rate():.0f}")
         if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
             poi_metrics = run.scorer.metrics() if run.scorer is not None else {}
             rewards = reward_metrics(run.ledger.summary()) if run.ledger is not None else {}
             rewards |= run.auditor.metrics() if run.auditor is not None else {}
-            perf = {"perf/tokens_per_s": window.rate(), "perf/sim_tokens_per_s": simulated.rate()}
+            rewards |= run.market.metrics() if run.market is not None else {}
+            perf = {
+                "perf/tokens_per_s": window.rate(),
+                "perf/sim_tokens_per_s": simulated.rate(),
+                "perf/sim_seconds": run.sim_seconds,
+            }
             run.logger.log(run.step, {**step_metrics, **poi_metrics, **rewards, **perf})
             window, simulated = Throughput(), Throughput()
         if run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
@@ -223,7 +245,8 @@ def validate(run: Run, final: bool = False) -> dict:
 
 
 def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
-    events = [e for e in read_metrics(run.run_dir) if "perf/tokens_per_s" in e]
+    logged = read_metrics(run.run_dir)
+    events = [e for e in logged if "perf/tokens_per_s" in e]
     summary = {
         "step": run.step,
         "run_dir": str(run.run_dir),
@@ -232,9 +255,16 @@ def finish(run: Run, last_val: dict, wall_seconds: float) -> dict:
         "perf/sim_tokens_per_s": sum(e.get("perf/sim_tokens_per_s", 0.0) for e in events)
         / max(len(events), 1),
         "perf/wall_s": wall_seconds,
+        "perf/sim_seconds": run.sim_seconds,
         **(run.scorer.summary() if run.scorer is not None else {}),
         **(ledger_summary(run.ledger) if run.ledger is not None else {}),
         **(run.auditor.metrics() if run.auditor is not None else {}),
+        **(run.market.metrics() if run.market is not None else {}),
     }
+    if "market/compute_cost" in summary:  # compute tokens per bit/byte of val improvement since step 0
+        start_bpb = next((e["val/bpb"] for e in logged if e.get("step") == 0 and "val/bpb" in e), None)
+        summary["market/cost_per_bpb"] = cost_per_bpb(
+            summary["market/compute_cost"], start_bpb, last_val.get("val/bpb")
+        )
     (run.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary

@@ -3,7 +3,9 @@
 Each `configs/experiment/<name>.yaml` carries a `report:` block (typed by `ReportSpec`): which of the
 standard columns to keep, extra columns (metric keys with a label, a format and how a run's value is
 read), and optional special sections — a `gap_grid` (a metric over a grid of two config keys against
-the baseline of one, with a claim to check) and `routing_heatmaps` (domain × expert tables per row).
+the baseline of one, with a claim to check), `routing_heatmaps` (domain × expert tables per row),
+`detection` (audits), `fidelity_table` (PoI against exact Shapley values) and `tradeoff` (quality
+against simulated time and compute cost, with the Pareto front).
 The page reads the block from the experiment file when it renders, so a report can be refined without
 re-running the sweep, and the library names no experiment.
 
@@ -37,6 +39,7 @@ from moe.experiments.columns import (
     summed,
 )
 from moe.experiments.detection import DetectionSpec
+from moe.experiments.tradeoffs import TradeoffSpec
 from router.typed_config import typed_config
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,9 @@ class ReportSpec:
         None  # audits: caught per behaviour and audit rate (moe/experiments/detection.py)
     )
     fidelity_table: bool = False  # PoI scorers against exact Shapley values (`poi.fidelity_every` runs)
+    tradeoff: TradeoffSpec | None = (
+        None  # quality against simulated time and cost (moe/experiments/tradeoffs.py)
+    )
 
 
 MI_COLUMN = ColumnSpec("MI {layer} (bits)", key="routing/{layer}/domain_mi")  # domain ↔ expert, per layer

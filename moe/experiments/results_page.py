@@ -41,6 +41,7 @@ from moe.experiments.sweeps import (
     sweep_command,
     wall_time_line,
 )
+from moe.experiments.tradeoffs import tradeoff_section
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,8 @@ def special_sections(sweep: Sweep, spec: ReportSpec, slug: str, figures: Path) -
         lines += detection_section(sweep, spec.detection, slug, figures)
     if spec.fidelity_table:
         lines += fidelity_section(sweep)
+    if spec.tradeoff is not None:
+        lines += tradeoff_section(sweep, spec.tradeoff, slug, figures)
     return lines
 
 

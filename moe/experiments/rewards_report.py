@@ -1,5 +1,6 @@
 """Reward reporting: the summary train.py prints at the end of a run, and the run report's rewards
-section (balances, emission per block, the last epoch's consensus and incentive per miner)."""
+section (balances, emission per block, the last epoch's consensus and incentive per miner, failed
+audits, compute payments per provider)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ def format_rewards(rewards: dict) -> list[str]:
     for title, table in (("by role", rewards["by_role"]), ("by behaviour", rewards["by_behaviour"])):
         cells = "   ".join(f"{name} {amount['tokens']:.3f}" for name, amount in sorted(table.items()))
         lines.append(f"  {title:13s} {cells}")
+    payments = rewards.get("payments", {})
+    if payments.get("by_provider"):
+        lines.append(
+            f"  compute      paid {payments['paid'] / TOKEN:.3f}, unpaid {payments['unpaid'] / TOKEN:.3f}, "
+            f"treasury {payments['treasury'] / TOKEN:.3f} of {payments['funded'] / TOKEN:.3f}"
+        )
     return lines
 
 
@@ -54,6 +61,7 @@ def rewards_section(run_dir: Path, out_dir: Path) -> list[str]:
             [[str(m), f"{c:.4f}", f"{i:.4f}"] for m, (c, i) in enumerate(per_miner)],
         )
     lines += audits_lines(rewards.get("audits", []))
+    lines += payments_lines(rewards.get("payments", {}))
     figure = plot_emission(list(iter_blocks(path)), Path(out_dir) / EMISSION_PLOT)
     return [*lines, "", figure_link("emission per block", figure)]
 
@@ -70,6 +78,23 @@ def audits_lines(audits: list[dict]) -> list[str]:
         for a in audits
     ]  # fmt: skip
     return lines + markdown_table(["block", "step", "miner", "check", "slashed", "evidence"], rows)
+
+
+def payments_lines(payments: dict) -> list[str]:
+    """Compute paid from the treasury per provider: tokens processed, tokens paid and unpaid."""
+    if not payments.get("by_provider"):
+        return []
+    lines = [
+        "",
+        f"Compute payments: {payments['paid'] / TOKEN:.6f} tokens paid, {payments['unpaid'] / TOKEN:.6f} "
+        f"unpaid (treasury funded {payments['funded'] / TOKEN:.6f}, holds {payments['treasury'] / TOKEN:.6f}).",
+        "",
+    ]
+    rows = [
+        [f"provider/{name}", str(p["tokens"]), f"{p['paid'] / TOKEN:.6f}", f"{p['unpaid'] / TOKEN:.6f}"]
+        for name, p in payments["by_provider"].items()
+    ]
+    return lines + markdown_table(["provider", "tokens processed", "paid", "unpaid"], rows)
 
 
 def plot_emission(blocks: list[tuple[int, int, int, int, int]], path: Path) -> Path:

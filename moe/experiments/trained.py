@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe.engine.build import Run, build_run
 from moe.engine.checkpoint import load_checkpoint, run_dir_of
 from moe.engine.cores import trainer_threads
+from moe.engine.market import restore_market
 
 
 def checkpoint_config(
@@ -43,6 +44,7 @@ def open_trained(path: Path, state: dict, cfg: DictConfig, data=None) -> Run:
         model.load_state_dict(state["model"])
         for layer in model.moe_layers():
             layer.pool.load_state_dict(state["pools"][layer.name])
+        restore_market(run, state)  # experts where the run's leases left them
     except BaseException:
         run.transport.close()
         raise

@@ -7,14 +7,26 @@ evaluation batch. Without a PoI scorer (`poi=null`) validators see each expert's
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
 from pathlib import Path
 
 import torch
 
 from experts.behaviours import parse_behaviours
 from moe.incentives.audits import as_audit_config
-from moe.incentives.ledger import LEDGER_FILE, RewardLedger, ScoreView, as_ledger_config
+from moe.incentives.ledger import (
+    LEDGER_FILE,
+    TOKEN,
+    LedgerConfig,
+    RewardLedger,
+    ScoreView,
+    as_ledger_config,
+)
 from moe.incentives.ledger.audits import AuditPolicy
+
+logger = logging.getLogger(__name__)
 
 
 def open_run_ledger(
@@ -28,13 +40,27 @@ def open_run_ledger(
         layer.record_evidence()  # the ledger needs each step's failures, with or without a PoI scorer
     return RewardLedger(
         Path(run.run_dir) / LEDGER_FILE,
-        as_ledger_config(run.cfg.ledger),
+        run_ledger_config(run.cfg),
         subnets=miner_labels(run),
         seed=run.cfg.seed,
         resume_step=resume_step,
         checkpoint_state=checkpoint_state,
         audit_policy=audit_policy(run.cfg.get("audit")),
     )
+
+
+def run_ledger_config(cfg) -> LedgerConfig:
+    """The run's ledger config; with a market (`market` group, issue 16) its `treasury` (tokens) funds
+    the ledger's treasury, which pays for compute, in place of `ledger.treasury`."""
+    ledger = as_ledger_config(cfg.ledger)
+    market = cfg.get("market")
+    if market is None or market.get("treasury") is None:
+        return ledger
+    if ledger.treasury and ledger.treasury != market.get("treasury"):
+        logger.warning(
+            "ledger.treasury=%s is replaced by market.treasury=%s", ledger.treasury, market.get("treasury")
+        )
+    return as_ledger_config({**dataclasses.asdict(ledger), "treasury": market.get("treasury")})
 
 
 def audit_policy(cfg) -> AuditPolicy:
@@ -101,8 +127,10 @@ def step_failures(run) -> dict[str, torch.Tensor]:
 
 def reward_metrics(rewards: dict) -> dict[str, float]:
     """`rewards/...` metrics from a ledger summary: issuance, balances by role and behaviour (tokens),
-    the last epoch's consensus and incentive per miner and dividends per validator of every subnet."""
+    the last epoch's consensus and incentive per miner and dividends per validator of every subnet, and
+    the compute paid so far (`compute_metrics`: logged with the others, a cumulative cost series)."""
     metrics = {"rewards/issuance": rewards["issuance_tokens"], "rewards/blocks": rewards["blocks"]}
+    metrics |= compute_metrics(rewards)
     for group in ("by_role", "by_behaviour"):
         for name, amount in rewards[group].items():
             metrics[f"rewards/balance/{name}"] = amount["tokens"]
@@ -115,6 +143,39 @@ def reward_metrics(rewards: dict) -> dict[str, float]:
 
 def ledger_summary(ledger: RewardLedger) -> dict:
     """What summary.json keeps of the ledger: the reward summary (with the signed head, an anchor that
-    `verify` checks) and the final `rewards/...` metrics, which sweep reports read like any other."""
+    `verify` checks) and the final `rewards/...` (and `market/...`) metrics, which sweep reports read
+    like any other."""
     rewards = ledger.summary()
     return {"rewards": rewards, **reward_metrics(rewards)}
+
+
+def compute_metrics(rewards: dict) -> dict[str, float]:
+    """`market/compute_cost` (tokens charged for compute: paid + unpaid), `market/compute_paid`,
+    `market/compute_unpaid`, the treasury's balance and per provider `market/compute_cost/<provider>`;
+    empty when the ledger has neither a funded treasury nor a payment (no market)."""
+    payments = rewards.get("payments") or {}
+    if not payments.get("by_provider") and not payments.get("funded"):
+        return {}
+    metrics = {
+        "market/compute_cost": (payments["paid"] + payments["unpaid"]) / TOKEN,
+        "market/compute_paid": payments["paid"] / TOKEN,
+        "market/compute_unpaid": payments["unpaid"] / TOKEN,
+        "market/treasury": payments["treasury"] / TOKEN,
+    }
+    for provider, totals in payments["by_provider"].items():
+        metrics[f"market/compute_cost/{provider}"] = (totals["paid"] + totals["unpaid"]) / TOKEN
+        metrics[f"market/compute_tokens/{provider}"] = float(totals["tokens"])
+    return metrics
+
+
+def cost_per_bpb(compute_cost: float, bpb_start: float | None, bpb_end: float | None) -> float:
+    """Compute tokens spent per bit/byte of val improvement: `compute_cost / (bpb_start − bpb_end)`.
+
+    NaN when it has no meaning: either bits/byte is missing or NaN, or val bits/byte did not improve
+    (the money bought no measurable improvement, so there is no price per unit of it)."""
+    if bpb_start is None or bpb_end is None:
+        return float("nan")
+    improvement = float(bpb_start) - float(bpb_end)
+    if not math.isfinite(improvement) or improvement <= 0:
+        return float("nan")
+    return float(compute_cost) / improvement

@@ -3,7 +3,8 @@
 What a scorer (PoI) may ask of a layer, by name (besides torch's public forward hooks, with which
 taylor's curvature term keeps each layer's output tensor):
 - `record_evidence()`: from then on every grad-enabled forward keeps its `LayerEvidence` in `evidence`.
-- `set_selection_bias(bias_E)`: the selection-only bias on router logits (feedback, bans).
+- `set_selection_bias(bias_E, term="poi")`: one term of the selection-only bias on router logits (PoI
+  feedback and bans: "poi"; expected latency and price: "market"); the router sees their sum.
 - `with layer.sequences_routed_alone():`: every sequence of a batch is routed as if it were the batch's
   only one (what one-sequence generation sees), so many prefixes are evaluated in one forward.
 - `with layer.side_pass() as side:`: evaluation passes that leave the training step's trace
@@ -161,8 +162,10 @@ class MoELayer(nn.Module):
         self.name = name
         self.router = router
         self.pool = pool
-        # Selection-only bias on router logits (PoI feedback, bans); checkpointed with the model.
+        # Selection-only bias on router logits: the sum of its terms (PoI feedback and bans, the market's
+        # latency and price); checkpointed with the model, the terms too (as the layer's extra state).
         self.register_buffer("selection_bias_E", torch.zeros(pool.num_experts))
+        self.selection_bias_terms: dict[str, torch.Tensor] = {}
         self.last_plan: DispatchPlan | None = None
         self.evidence: LayerEvidence | None = None
         self._recording_evidence = False
@@ -173,9 +176,29 @@ class MoELayer(nn.Module):
         """From now on every grad-enabled forward keeps its `LayerEvidence` in `evidence`."""
         self._recording_evidence = True
 
-    def set_selection_bias(self, bias_E: torch.Tensor) -> None:
-        """From the next forward on, add `bias_E` to the router's selection key (not to the gates)."""
-        self.selection_bias_E.copy_(bias_E)
+    def set_selection_bias(self, bias_E: torch.Tensor, term: str = "poi") -> None:
+        """From the next forward on, `bias_E` is the layer's `term` of the bias on the router's selection
+        key (not on the gates); the router sees the sum of all terms (in the terms' name order)."""
+        self.selection_bias_terms[term] = bias_E.detach().to(self.selection_bias_E).clone()
+        terms = [self.selection_bias_terms[name] for name in sorted(self.selection_bias_terms)]
+        total_E = terms[0].clone()
+        for bias_E in terms[1:]:
+            total_E += bias_E.to(total_E.device)
+        self.selection_bias_E.copy_(total_E)
+
+    def get_extra_state(self) -> dict:
+        return {"selection_bias_terms": {name: t.cpu() for name, t in self.selection_bias_terms.items()}}
+
+    def set_extra_state(self, state: dict) -> None:
+        terms = state["selection_bias_terms"]
+        self.selection_bias_terms = {name: t.to(self.selection_bias_E) for name, t in terms.items()}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint from before bias terms holds only the sum, which was PoI's bias alone
+        extra, total = prefix + "_extra_state", prefix + "selection_bias_E"
+        if extra not in state_dict and total in state_dict:
+            state_dict[extra] = {"selection_bias_terms": {"poi": state_dict[total]}}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @contextmanager
     def side_pass(self) -> Iterator[SidePass]:

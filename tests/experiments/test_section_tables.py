@@ -17,7 +17,9 @@ SPEC = DetectionSpec(
 )  # fmt: skip
 
 
-def audited_run(job: str, behaviour: str, rate: float, seed: int, caught_at: int | None) -> tuple[JobRun, dict]:
+def audited_run(
+    job: str, behaviour: str, rate: float, seed: int, caught_at: int | None
+) -> tuple[JobRun, dict]:
     events = [
         {"step": step, "audits/layer0/1/failed": float(caught_at is not None and step >= caught_at),
          "audits/layer0/0/run": float(step // 10), "audits/layer0/0/failed": 0.0}

@@ -352,7 +352,9 @@ def test_stale_expert_stops_changing_after_its_step_while_others_learn():
 
 
 def test_behaviours_reach_the_pools_of_a_training_run(run_tiny):
-    summary, run_dir = run_tiny("data=clusters", "poi=taylor", "++experts.behaviours={1: crash:0, 2: slow:40}")
+    summary, run_dir = run_tiny(
+        "data=clusters", "poi=taylor", "++experts.behaviours={1: crash:0, 2: slow:40}"
+    )
     events = (run_dir / "metrics.jsonl").read_text()
     assert '"behaviours/layer0/simulated_latency_ms": 40.0' in events
     assert summary["poi/score/layer0/1"] < 0  # failed every step: the penalty, and nothing earned

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +25,18 @@ from tests.helpers import REPO
 
 SUBNETS = {"layer0": ["honest", "honest", "lazy", "adversarial"], "layer1": ["honest", "noisy", "honest"]}
 PROCESS_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class Charge:
+    """A compute charge as the ledger takes it: a stand-in for `experts.market.ComputeCharge` (issue 16's
+    part M1), with the same fields."""
+
+    provider: str
+    hotkey: str
+    layer: str
+    tokens: int
+    price_per_1k_units: int
 
 
 def make_config(**overrides) -> LedgerConfig:

@@ -306,12 +306,12 @@ def test_the_client_remembers_acks_without_a_commitment():
 
     from experts.remote.client import RemotePool
 
-    pool = SimpleNamespace(known_versions=[0], sketch_sizes=[2], published=[{}], uncommitted=[set()],
+    pool = SimpleNamespace(known_versions=[0], sketch_sizes=[2], published=[{}],
                            audit_window=2, coordinator=SimpleNamespace(drain=lambda: None))  # fmt: skip
     for version, commitment in [(1, [0.5, 1.0]), (2, None), (3, [1.0]), (4, [0.5, 2.0]), (5, [1.0, 1.0])]:
         RemotePool.publish(pool, 0, {"version": version, "commitment": commitment})
     assert pool.known_versions == [5]
-    assert sorted(pool.published[0]) == [4, 5]  # the window's versions only
+    assert sorted(v for v, c in pool.published[0].items() if c is not None) == [4, 5]  # the window's only
     assert [v for v in range(6) if RemotePool.missing_commitment(pool, 0, v)] == [3]  # 2 left the window
     assert torch.equal(RemotePool.published_commitment(pool, 0, 4), torch.tensor([0.5, 2.0]))
 
@@ -320,7 +320,7 @@ def test_the_client_remembers_acks_without_a_commitment():
     "values", [[1.0, 2.0], [1.0] * 7, [1.0, float("nan"), 0.0], [1, 2, 3], "1,2,3", None]
 )
 def test_malformed_commitments_off_the_wire_are_refused(values):
-    from experts.remote.client import well_formed_sketch
+    from experts.commitments import well_formed_sketch
 
     assert well_formed_sketch([0.5, -1.0, 2.0], 3)
     assert not well_formed_sketch(values, 3)

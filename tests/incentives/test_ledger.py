@@ -62,7 +62,7 @@ def test_summary_reports_roles_behaviours_and_last_epoch(written_ledger):
         summary = ledger.summary()
     assert (summary["blocks"], summary["epochs"], summary["issuance"]) == (30, 6, 30 * TOKEN)
     assert summary["issuance_tokens"] == 30.0
-    assert set(summary["by_role"]) == {"owner", "miner", "validator", "pending"}
+    assert set(summary["by_role"]) == {"owner", "miner", "validator", "pending", "treasury"}
     assert {"miner/honest", "miner/lazy", "validator/cabal", "validator/weight_copier"} <= set(
         summary["by_behaviour"]
     )

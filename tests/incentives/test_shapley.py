@@ -137,7 +137,9 @@ def test_every_coalition_mask_is_visited_once_by_exact_shapley():
 def test_miners_earn_before_the_scorers_first_view(run_tiny):
     """token_shapley views every 50 steps; until its first view the run's own validator weighs miners by a
     fresh view, as the other validators do, so miners earn from the first epoch (not burned emission)."""
-    summary, _ = run_tiny("data=clusters", "poi=token_shapley", "trainer.max_steps=20", "trainer.ckpt_every=20")
+    summary, _ = run_tiny(
+        "data=clusters", "poi=token_shapley", "trainer.max_steps=20", "trainer.ckpt_every=20"
+    )
     assert all(summary[f"poi/score/layer0/{e}"] == 0 for e in range(4))  # no view yet: nothing to score
     rewards = summary["rewards"]
     assert rewards["by_behaviour"]["miner/honest"]["units"] > 0

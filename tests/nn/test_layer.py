@@ -215,3 +215,30 @@ def test_sequences_routed_alone_equal_one_forward_per_sequence(strategy):
     assert torch.allclose(routed_alone_BTD, alone_BTD, atol=1e-6)
     assert not torch.allclose(together_BTD, alone_BTD, atol=1e-3)
     assert layer.last_plan.num_tokens == 21
+
+
+def test_selection_bias_terms_sum_and_travel_with_the_layer_state():
+    layer = make_layer(top_k=1)
+    poi_E, market_E = torch.tensor([0.5, -1.0, 0.0, 2.0]), torch.tensor([-0.25, 0.5, 1.0, -3.0])
+    layer.set_selection_bias(poi_E)  # PoI's calls, as before: term "poi"
+    assert torch.equal(layer.selection_bias_E, poi_E)
+    layer.set_selection_bias(market_E, term="market")
+    torch.testing.assert_close(layer.selection_bias_E, poi_E + market_E)
+    layer.set_selection_bias(torch.zeros(E))
+    assert torch.equal(layer.selection_bias_E, market_E)  # a new PoI bias replaces only PoI's term
+    resumed = make_layer(top_k=1)
+    resumed.load_state_dict(layer.state_dict())
+    assert torch.equal(resumed.selection_bias_E, market_E)
+    resumed.set_selection_bias(poi_E)  # the market term came back with the state
+    torch.testing.assert_close(resumed.selection_bias_E, poi_E + market_E)
+
+
+def test_a_checkpoint_from_before_bias_terms_loads_its_bias_as_the_poi_term():
+    layer = make_layer(top_k=1)
+    layer.set_selection_bias(torch.tensor([0.5, -1.0, 0.0, 2.0]))
+    old_state = {k: v for k, v in layer.state_dict().items() if not k.endswith("_extra_state")}
+    resumed = make_layer(top_k=1)
+    resumed.load_state_dict(old_state)
+    assert torch.equal(resumed.selection_bias_E, layer.selection_bias_E)
+    resumed.set_selection_bias(torch.ones(E), term="market")
+    torch.testing.assert_close(resumed.selection_bias_E, layer.selection_bias_E + 1)

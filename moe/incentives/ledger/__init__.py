@@ -3,7 +3,8 @@
 Modules: ``config`` (LedgerConfig, ValidatorSpec), ``emission`` (units, schedule, exact splits),
 ``schema`` (tables, block hashing, the file), ``signing`` (keys and signed messages), ``validators``
 (weight rules per behaviour), ``submissions`` (signed rows, commit-reveal), ``epoch`` (a block's draft, a
-subnet's epoch and payouts), ``writer`` (RewardLedger), ``anchor`` (the head and its copies),
+subnet's epoch and payouts), ``audits`` (failed audits, slashes, bans), ``payments`` (the treasury and
+compute payments to providers), ``writer`` (RewardLedger), ``anchor`` (the head and its copies),
 ``replay`` (the writer's accounting re-run on a ledger), ``verify``, ``summary`` (summary, export) and
 ``cli`` (``python -m moe.ledger``).
 """

@@ -18,6 +18,8 @@ from moe.errors import LedgerError
 from moe.incentives.ledger.anchor import LEDGER_FILE
 from moe.incentives.ledger.audits import EVIDENCE_KEYS
 from moe.incentives.ledger.emission import TOKEN
+from moe.incentives.ledger.payments import recorded_payments
+from moe.incentives.ledger.schema import connect_read_only, has_tables
 from moe.incentives.ledger.summary import export_ledger, read_summary
 from moe.incentives.ledger.verify import verify_run
 
@@ -41,6 +43,38 @@ def _format_summary(path: Path, summary: Mapping[str, Any]) -> str:
         for a in audits
     ]
     return "\n".join(lines)
+
+
+def _format_payments(summary: Mapping[str, Any], payments: Sequence[Mapping[str, Any]]) -> str:
+    """The treasury, compute paid per provider, then every payment block by block."""
+    totals = summary["payments"]
+    lines = [
+        f"compute payments: {len(payments)} (paid {totals['paid'] / TOKEN:.9f} tokens, unpaid "
+        f"{totals['unpaid'] / TOKEN:.9f}; treasury funded {totals['funded'] / TOKEN:.9f}, holds "
+        f"{totals['treasury'] / TOKEN:.9f})",
+        "compute paid by provider (tokens processed, tokens paid, unpaid):",
+    ]
+    lines += [
+        f"  provider/{name:<19} {p['tokens']:>12} {p['paid'] / TOKEN:>20.9f} {p['unpaid'] / TOKEN:>16.9f}"
+        for name, p in totals["by_provider"].items()
+    ]
+    lines += [
+        f"  block {p['block']:>5} step {p['step']:>6} {p['subnet']:<8} provider/{p['provider']:<16} "
+        f"tokens {p['tokens']:>9} price/1k {p['price_per_1k_units'] / TOKEN:.9f} paid {p['amount'] / TOKEN:.9f} "
+        f"unpaid {p['unpaid'] / TOKEN:.9f}"
+        for p in payments
+    ]
+    return "\n".join(lines)
+
+
+def _show(path: Path) -> str:
+    summary = read_summary(path)
+    conn = connect_read_only(path)
+    try:
+        payments = recorded_payments(conn) if has_tables(conn) else []
+    finally:
+        conn.close()
+    return _format_summary(path, summary) + "\n" + _format_payments(summary, payments)
 
 
 def _evidence(evidence: Mapping[str, Any]) -> str:
@@ -71,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the public key that must have signed it (64 hex digits or a .pub file)",
     )
     commands.add_parser(
-        "show", help="print balances by role and behaviour, failed audits and slashes"
+        "show", help="print balances by role and behaviour, failed audits and slashes, compute payments"
     ).add_argument("path")
     export = commands.add_parser("export", help="write every table as CSV")
     export.add_argument("path")
@@ -81,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "verify":
             print(verify_run(args.path, writer=read_hotkey(args.writer) if args.writer else None))
         elif args.command == "show":
-            print(_format_summary(ledger_file(args.path), read_summary(ledger_file(args.path))))
+            print(_show(ledger_file(args.path)))
         else:
             for target in export_ledger(ledger_file(args.path), args.out):
                 print(target)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe.errors import ConfigError
+from moe.incentives.ledger.emission import TOKEN
 from router.typed_config import plain, typed_config
 
 BEHAVIOURS = ("honest", "weight_copier", "cabal", "random", "lazy")
@@ -77,6 +78,9 @@ class LedgerConfig:
     # Folder of the ledger writer's private key (ledger_writer.key, mode 0600), never inside the run
     # dir. None: $POIMOE_KEYS_DIR, else $XDG_CONFIG_HOME/poimoe/keys, else ~/.config/poimoe/keys.
     keys_dir: str | None = None
+    # Tokens funded to the owner's treasury at genesis, from which compute payments are made (issue 16's
+    # market; the engine fills it from market.treasury). A multiple of 1e-9 (one base unit), >= 0.
+    treasury: float = 0.0
 
 
 def as_ledger_config(cfg: Any) -> LedgerConfig:
@@ -106,6 +110,7 @@ def validate_config(cfg: LedgerConfig) -> None:
         raise ConfigError("ledger.validators must list at least one validator")
     for index, spec in enumerate(cfg.validators):
         _validate_validator(index, spec)
+    units_of(cfg.treasury, "ledger.treasury")
     if cfg.synchronous not in SYNCHRONOUS_MODES:
         raise ConfigError(
             f"ledger.synchronous must be one of {list(SYNCHRONOUS_MODES)}, got {cfg.synchronous!r}"
@@ -150,3 +155,18 @@ def _validate_validator(index: int, spec: ValidatorSpec) -> None:
 def _require_non_negative(key: str, value: float) -> None:
     if not (math.isfinite(value) and value >= 0):
         raise ConfigError(f"{key} must be a non-negative number, got {value}")
+
+
+def units_of(tokens: float, key: str) -> int:
+    """``tokens`` in base units (1e-9 token); ``ConfigError`` naming ``key`` unless it is a non-negative
+    whole number of units, so the ledger never rounds an amount it was given."""
+    _require_non_negative(key, tokens)
+    scaled = tokens * TOKEN
+    if not math.isclose(scaled, round(scaled), rel_tol=1e-12, abs_tol=1e-6):
+        raise ConfigError(f"{key} must be a multiple of 1e-9 (one base unit), got {tokens}")
+    return round(scaled)
+
+
+def treasury_units(cfg: LedgerConfig) -> int:
+    """The units funded to the treasury at genesis."""
+    return units_of(cfg.treasury, "ledger.treasury")

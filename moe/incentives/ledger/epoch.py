@@ -34,6 +34,7 @@ from moe.incentives.ledger.validators import WEIGHT_SETTERS, EpochInputs
 logger = logging.getLogger(__name__)
 
 POOLS = ("owner", "miners", "validators")
+TREASURY = "treasury"  # the owner's account that compute payments come from (ledger/payments.py)
 
 # Validator v's PoI scores per subnet (MoE layer): ``score_view(v) -> {layer: Tensor[M]}``.
 ScoreView = Callable[[int], Mapping[str, torch.Tensor]]
@@ -126,7 +127,8 @@ class SubnetState:
 class BlockDraft:
     """Everything one block writes, built before the transaction and applied to memory after it.
 
-    ``balances`` are the committed balances by account id; ``deltas`` what this block moves.
+    ``balances`` are the committed balances by account id; ``deltas`` what this block moves;
+    ``new_accounts`` the accounts this block registers (name → id; their rows are in ``rows["accounts"]``).
     """
 
     height: int
@@ -138,18 +140,31 @@ class BlockDraft:
     deltas: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     burned: int = 0
     subnet_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    new_accounts: dict[str, int] = field(default_factory=dict)
+
+    def account_id(self, account_name: str) -> int:
+        if account_name in self.new_accounts:
+            return self.new_accounts[account_name]
+        return self.account_ids[account_name]
+
+    def register(self, name: str, role: str, subnet: str, idx: int, behaviour: str, hotkey: str) -> int:
+        """Register an account in this block (an ``accounts`` row, balance 0); return its id."""
+        account = max([*self.account_ids.values(), *self.new_accounts.values()], default=-1) + 1
+        self.new_accounts[name] = account
+        self.rows["accounts"].append((account, name, role, subnet, idx, behaviour, hotkey, self.height))
+        return account
 
     def move(self, subnet: str, account_name: str, reason: str, amount: int) -> None:
         """Record a signed movement of ``amount`` units on an account (a ``payouts`` row)."""
         if amount:
-            account = self.account_ids[account_name]
+            account = self.account_id(account_name)
             self.rows["payouts"].append((self.height, subnet, account, reason, amount))
             self.deltas[account] += amount
 
     def balance(self, account_name: str) -> int:
         """The account's balance including what this block has moved so far."""
-        account = self.account_ids[account_name]
-        return self.balances[account] + self.deltas[account]
+        account = self.account_id(account_name)
+        return self.balances.get(account, 0) + self.deltas[account]
 
     def pay(
         self, subnet: str, pool: str, recipients: Sequence[str], shares: Sequence[int], reason: str
@@ -180,7 +195,8 @@ def account_rows(
     validator_hotkeys: Sequence[str] = (),
 ) -> list[tuple[Any, ...]]:
     """Genesis accounts: owner (the writer's key), validators (theirs), then per subnet its miners and
-    its three pending pools; as ``accounts`` rows with balance 0, registered at block 0."""
+    its three pending pools, and the owner's treasury (the writer's key; it pays for compute); as
+    ``accounts`` rows with balance 0, registered at block 0."""
     hotkeys = list(validator_hotkeys) or [""] * len(cfg.validators)
     rows: list[tuple[Any, ...]] = [("owner", "owner", "", 0, "owner", writer)]
     rows += [
@@ -192,6 +208,7 @@ def account_rows(
             (f"miner/{name}/{j}", "miner", name, j, label, "") for j, label in enumerate(state.miner_labels)
         ]
         rows += [(f"pending/{name}/{pool}", "pending", name, k, pool, "") for k, pool in enumerate(POOLS)]
+    rows.append((TREASURY, "treasury", "", 0, "treasury", writer))  # last, so other accounts keep their ids
     return [(account_id, *row, 0, 0) for account_id, row in enumerate(rows)]
 
 

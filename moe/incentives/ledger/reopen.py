@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 def rollback_after(
     conn: sqlite3.Connection, path: Path, resume_step: int | None, steps_per_block: int
 ) -> None:
-    """Drop blocks closed after ``resume_step`` and recompute balances from the remaining payouts."""
+    """Drop blocks closed after ``resume_step`` (and the accounts they registered) and recompute balances
+    from the remaining payouts (the treasury's funding is a payout of block 0)."""
     height, last_step = conn.execute(
         "SELECT height, step FROM blocks ORDER BY height DESC LIMIT 1"
     ).fetchone()
@@ -52,6 +53,7 @@ def rollback_after(
         for table in BLOCK_TABLES:
             conn.execute(f"DELETE FROM {table} WHERE block > ?", (keep_height,))
         conn.execute("DELETE FROM blocks WHERE height > ?", (keep_height,))
+        conn.execute("DELETE FROM accounts WHERE registered_block > ?", (keep_height,))  # providers
         replayed = dict(conn.execute("SELECT account, SUM(amount) FROM payouts GROUP BY account"))
         conn.executemany(
             "UPDATE accounts SET balance = ? WHERE id = ?",

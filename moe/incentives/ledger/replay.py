@@ -6,7 +6,9 @@ writer's own functions (``epoch.accrue_emission``, ``epoch.settle_epoch``): the 
 18/41/41 split (as configured), every epoch's Yuma outcome (consensus, incentive, dividends,
 validator trust, bonds) and every payout. Any recorded row that differs from the rebuilt one names
 its block. Failed audits (``audits``) are replayed too: their slashes, and the zero incentive of the
-miners that failed or are banned. It also checks each epoch's signed submissions (``submissions.check_submissions``).
+miners that failed or are banned. It also checks each epoch's signed submissions (``submissions.check_submissions``)
+and re-runs every block's compute payments from the recorded charges (tokens, price) and the
+treasury's replayed balance (``payments.replay_payments``), which starts at its genesis funding.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import torch
 
 from moe.errors import ConfigError, LedgerError
 from moe.incentives.ledger.audits import AuditPolicy, apply_audits
-from moe.incentives.ledger.config import as_ledger_config
+from moe.incentives.ledger.config import as_ledger_config, treasury_units
 from moe.incentives.ledger.emission import block_emission, fraction_weights
 from moe.incentives.ledger.epoch import BlockDraft, SubnetState, account_rows, accrue_emission, settle_epoch
+from moe.incentives.ledger.payments import funding_rows, replay_payments
 from moe.incentives.ledger.schema import SCHEMA_VERSION
 from moe.incentives.ledger.submissions import Commit, check_submissions
 
 # Tables a block's accounting writes (rebuilt by the replay); the others are its inputs.
-REBUILT_TABLES = ("payouts", "epochs", "epoch_values", "bonds", "weights")
+REBUILT_TABLES = ("payouts", "epochs", "epoch_values", "bonds", "weights", "payments", "accounts")
 
 
 class Replay:
@@ -58,7 +61,11 @@ class Replay:
             [self.cfg.owner_share, self.cfg.miner_share, self.cfg.validator_share]
         )
         self.stake_V = torch.tensor([spec.stake for spec in self.cfg.validators], dtype=torch.float64)
-        self.account_ids = dict(conn.execute("SELECT name, id FROM accounts"))
+        genesis_accounts = conn.execute(
+            "SELECT id, name FROM accounts WHERE registered_block = 0 ORDER BY id"
+        ).fetchall()
+        self.account_ids = {name: account for account, name in genesis_accounts}
+        self.names = {account: name for name, account in self.account_ids.items()}
         expected = {name for row in account_rows(self.cfg, self.states) for name in row[1:2]}
         if set(self.account_ids) != expected:
             raise LedgerError(
@@ -66,6 +73,12 @@ class Replay:
                 f"(unexpected {sorted(set(self.account_ids) - expected)}, missing {sorted(expected - set(self.account_ids))})"
             )
         self.balances = dict.fromkeys(self.account_ids.values(), 0)
+        self.funded = treasury_units(self.cfg)
+        self.funding = funding_rows(genesis_accounts, self.funded)
+        for _, _, account, _, amount in self.funding:
+            self.balances[account] += amount
+        self.provider_hotkeys: dict[str, str] = {}
+        self.compute_paid = 0
         hotkeys = dict(conn.execute("SELECT idx, hotkey FROM accounts WHERE role = 'validator'"))
         self.validator_hotkeys = [hotkeys.get(i, "") for i in range(len(self.cfg.validators))]
         self.commits: dict[str, dict[int, Commit]] = {name: {} for name in self.states}
@@ -85,6 +98,8 @@ class Replay:
         if emission != draft.emission:
             raise LedgerError(f"block {height}: emission {emission} breaks the schedule ({draft.emission})")
         accrue_emission(draft, self.subnet_weights, self.pool_weights)
+        names = self.names | {row[0]: row[1] for row in rows["accounts"]}
+        replay_payments(draft, rows, self.provider_hotkeys, names)
         apply_audits(draft, self.states, rows["audits"], self.audit_policy, self.cfg.tempo)
         if height % self.cfg.tempo == 0:
             self.epochs += 1
@@ -129,6 +144,12 @@ class Replay:
     def _apply(self, draft: BlockDraft) -> None:
         self.issuance += draft.emission
         self.burned += draft.burned
+        self.account_ids.update(draft.new_accounts)
+        self.names.update({account: name for name, account in draft.new_accounts.items()})
+        self.balances.update(dict.fromkeys(draft.new_accounts.values(), 0))
+        for payment in draft.rows.get("payments", ()):
+            self.provider_hotkeys[payment[2]] = payment[3]
+            self.compute_paid += payment[6]
         for account, delta in draft.deltas.items():
             self.balances[account] += delta
             if self.balances[account] < 0:

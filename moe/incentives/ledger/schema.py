@@ -4,12 +4,15 @@ Tables: ``meta`` (config, subnets, seed), ``accounts`` (with their balances and 
 ``blocks`` (with the writer's signature), ``payouts`` (every movement of units, signed amounts),
 ``epochs`` (pools, paid, carried, burned), ``epoch_values`` (consensus, incentive, dividends, validator
 trust in units of 1e-9), ``weights`` (the u16 rows Yuma used, as on chain), ``bonds`` (1e-9),
-``failures`` (per block and miner), ``audits`` (failed audits with their evidence) and ``submissions`` (each validator's signed weights, commit or reveal).
+``failures`` (per block and miner), ``audits`` (failed audits with their evidence), ``submissions`` (each
+validator's signed weights, commit or reveal) and ``payments`` (compute paid from the treasury to
+providers, per block, subnet, provider and price; ``payments.py``). Accounts are registered at genesis
+(``registered_block`` 0) or, for providers, in the block of their first payment.
 
 Each block's SHA-256 covers the block's fields, the previous block's hash and every row written in
-that block in every table (rows of the genesis block: ``meta`` and ``accounts``), so a change to any
-row breaks the chain; the writer signs (height, hash). Account balances are not hashed; they are
-checked by replaying ``payouts``.
+that block in every table (rows of the genesis block: ``meta``, its ``accounts`` and the treasury's
+funding in ``payouts``), so a change to any row breaks the chain; the writer signs (height, hash).
+Account balances are not hashed; they are checked by replaying ``payouts``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 from moe.errors import LedgerError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: the treasury and compute payments (issue 16)
 GENESIS_PREV_HASH = "0" * 64
 
 SCHEMA = """
@@ -75,6 +78,11 @@ CREATE TABLE submissions (
     digest TEXT NOT NULL, salt TEXT NOT NULL, signature TEXT NOT NULL,
     PRIMARY KEY (block, subnet, validator, kind)
 ) WITHOUT ROWID, STRICT;
+CREATE TABLE payments (
+    block INTEGER NOT NULL, subnet TEXT NOT NULL, provider TEXT NOT NULL, hotkey TEXT NOT NULL,
+    tokens INTEGER NOT NULL, price_per_1k_units INTEGER NOT NULL, amount INTEGER NOT NULL,
+    unpaid INTEGER NOT NULL, PRIMARY KEY (block, subnet, provider, price_per_1k_units)
+) WITHOUT ROWID, STRICT;
 """
 
 # Per table: the hashed columns, and the column that says which block wrote the row (None: block 0).
@@ -107,6 +115,10 @@ HASHED_TABLES: dict[str, tuple[tuple[str, ...], str | None]] = {
     "failures": (("block", "subnet", "miner", "failed", "failed_steps"), "block"),
     "audits": (("block", "subnet", "miner", "step", "kind", "evidence"), "block"),
     "submissions": (("block", "subnet", "validator", "kind", "digest", "salt", "signature"), "block"),
+    "payments": (
+        ("block", "subnet", "provider", "hotkey", "tokens", "price_per_1k_units", "amount", "unpaid"),
+        "block",
+    ),
 }
 ALL_TABLES = ("blocks", *HASHED_TABLES)
 BLOCK_TABLES = tuple(table for table, (_, column) in HASHED_TABLES.items() if column == "block")

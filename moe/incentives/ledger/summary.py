@@ -13,6 +13,7 @@ from moe.errors import LedgerError
 from moe.incentives.ledger.anchor import head_of
 from moe.incentives.ledger.audits import recorded_audits
 from moe.incentives.ledger.emission import FIXED_ONE, TOKEN
+from moe.incentives.ledger.payments import payments_summary
 from moe.incentives.ledger.schema import ALL_TABLES, connect_read_only, has_tables
 
 
@@ -29,6 +30,7 @@ def summarise(conn: sqlite3.Connection) -> dict[str, Any]:
             "last_epoch": {},
             "head": None,
             "audits": [],
+            "payments": {"funded": 0, "treasury": 0, "paid": 0, "unpaid": 0, "by_provider": {}},
         }
     height, step, issuance, burned = conn.execute(
         "SELECT height, step, issuance, burned FROM blocks ORDER BY height DESC LIMIT 1"
@@ -58,6 +60,7 @@ def summarise(conn: sqlite3.Connection) -> dict[str, Any]:
         "last_epoch": _last_epochs(conn),
         "head": head_of(conn),
         "audits": recorded_audits(conn),
+        "payments": payments_summary(conn),
     }
 
 

@@ -4,7 +4,9 @@
 stored hash equals the recomputed hash of the block's fields, its rows in every table and the previous
 block's hash; the writer's signature of (height, hash) holds under the public key recorded at genesis;
 and the replay (``replay.Replay``) rebuilds the block's emission, split, Yuma outcome, payouts and
-submissions from what it records. Then every balance must equal its replayed balance, and every anchor
+submissions from what it records, and its compute payments from their tokens, prices and the
+treasury's balance (``payments``). Then every balance must equal its replayed balance, the treasury's
+its funding less every payment, ``Σ balances + burned == issuance + funded`` must hold, and every anchor
 (``anchor``: checkpoints, summary.json) must name a block of this chain with the same hash, so a chain
 cut back to an earlier block fails too. ``verify_run`` does all this for a run dir.
 """
@@ -22,6 +24,7 @@ from typing import Any
 from moe.errors import LedgerError
 from moe.incentives.ledger.anchor import LEDGER_FILE, Anchor, check_anchors, read_run_anchors
 from moe.incentives.ledger.emission import TOKEN
+from moe.incentives.ledger.epoch import TREASURY
 from moe.incentives.ledger.replay import Replay
 from moe.incentives.ledger.schema import (
     GENESIS_PREV_HASH,
@@ -44,6 +47,8 @@ class VerifyReport:
     accounts: int
     writer: str = ""
     anchors: int = 0
+    funded: int = 0
+    compute_paid: int = 0
 
     def __str__(self) -> str:
         anchors = (
@@ -53,8 +58,10 @@ class VerifyReport:
         )
         return (
             f"ok: {self.blocks} blocks, {self.epochs} epochs, issuance {self.issuance / TOKEN:.9f} tokens, "
-            f"burned {self.burned / TOKEN:.9f}, {self.accounts} accounts; signed by {self.writer}; hashes, "
-            f"signatures, splits, payouts, Yuma and Σ balances + burned == issuance hold; {anchors}"
+            f"burned {self.burned / TOKEN:.9f}, {self.accounts} accounts, treasury funded "
+            f"{self.funded / TOKEN:.9f}, compute paid {self.compute_paid / TOKEN:.9f}; signed by {self.writer}; "
+            f"hashes, signatures, splits, payouts, payments, Yuma and Σ balances + burned == issuance + funded "
+            f"hold; {anchors}"
         )
 
 
@@ -150,8 +157,8 @@ def _verify_chain(conn: sqlite3.Connection, writer: str | None) -> tuple[VerifyR
         if not signed_by(signer, block_message(height, stored_hash), signature):
             raise LedgerError(f"block {height}: the writer's signature does not match the block")
         if replay is None:
-            _check_genesis(emission, issuance, burned, rows)
             replay = Replay(conn, stored_hash)
+            _check_genesis(emission, issuance, burned, rows, replay.funding)
         else:
             replay.check((height, step, emission, issuance, burned), rows)
         hashes.append(stored_hash)
@@ -170,6 +177,8 @@ def _verify_chain(conn: sqlite3.Connection, writer: str | None) -> tuple[VerifyR
         burned=replay.burned,
         accounts=num_accounts,
         writer=signer,
+        funded=replay.funded,
+        compute_paid=replay.compute_paid,
     )
     return report, replay, hashes
 
@@ -186,14 +195,26 @@ def _writer(conn: sqlite3.Connection, expected: str | None) -> str:
     return found[0]
 
 
-def _check_genesis(emission: int, issuance: int, burned: int, rows: dict[str, list]) -> None:
-    moved = [table for table, found in rows.items() if found and table not in ("meta", "accounts")]
-    if (emission, issuance, burned) != (0, 0, 0) or moved:
-        raise LedgerError("block 0: the genesis block must not mint, burn, pay or record an epoch")
+def _check_genesis(
+    emission: int, issuance: int, burned: int, rows: dict[str, list], funding: Sequence[tuple[Any, ...]]
+) -> None:
+    moved = [table for table, found in rows.items() if found and table not in ("meta", "accounts", "payouts")]
+    if (emission, issuance, burned) != (0, 0, 0) or moved or sorted(rows["payouts"]) != sorted(funding):
+        raise LedgerError(
+            "block 0: the genesis block must not mint, burn, pay or record an epoch; it only funds the "
+            "treasury with ledger.treasury"
+        )
 
 
 def _verify_balances(conn: sqlite3.Connection, replay: Replay, head: int) -> None:
-    """Every stored balance equals its replayed balance, and Σ balances + burned == issuance."""
+    """Every stored balance equals its replayed balance, the treasury's its funding less the payments,
+    and Σ balances + burned == issuance + funded."""
+    (treasury,) = conn.execute("SELECT balance FROM accounts WHERE name = ?", (TREASURY,)).fetchone()
+    if treasury != replay.funded - replay.compute_paid:
+        raise LedgerError(
+            f"block {head} (head): the treasury holds {treasury} units, but its funding {replay.funded} less "
+            f"the payments {replay.compute_paid} leaves {replay.funded - replay.compute_paid}"
+        )
     total = 0
     for account, name, balance in conn.execute("SELECT id, name, balance FROM accounts ORDER BY id"):
         expected = replay.balances.get(account, 0)
@@ -203,8 +224,8 @@ def _verify_balances(conn: sqlite3.Connection, replay: Replay, head: int) -> Non
                 f"{balance}, but its payouts sum to {expected}"
             )
         total += balance
-    if total + replay.burned != replay.issuance:
+    if total + replay.burned != replay.issuance + replay.funded:
         raise LedgerError(
             f"block {head} (head): invariant broken: Σ balances ({total}) + burned ({replay.burned}) "
-            f"!= issuance ({replay.issuance})"
+            f"!= issuance ({replay.issuance}) + funded ({replay.funded})"
         )

@@ -4,11 +4,14 @@ Every ``steps_per_block`` training steps it closes a block: it mints ``block_emi
 splits them over subnets (one per MoE layer) and, within a subnet, over the owner, miner and validator
 pools (exactly, by largest remainder), which accrue as pending balances. Every ``tempo`` blocks each
 subnet runs an epoch (``epoch.run_epoch``) that pays the pending pools. Each block is written in one
-transaction and signed by the writer's key (``signing``; kept outside the run dir); invariant at every
-block: ``Σ balances + burned == issuance`` (pending pools are accounts).
+transaction and signed by the writer's key (``signing``; kept outside the run dir). Each block also pays
+the compute its steps were charged from the owner's treasury (``payments``). Invariant at every block:
+``Σ balances + burned == issuance + funded`` (pending pools are accounts; ``funded``: the treasury's
+genesis funding, ``ledger.treasury``).
 
-Accounts: ``owner``, ``validator/<i>`` (shared by all subnets), ``miner/<subnet>/<j>`` and the pending
-pools ``pending/<subnet>/{owner,miners,validators}``.
+Accounts: ``owner``, ``validator/<i>`` (shared by all subnets), ``miner/<subnet>/<j>``, the pending
+pools ``pending/<subnet>/{owner,miners,validators}``, ``treasury`` and ``provider/<name>`` (registered
+at a provider's first payment).
 
 Shape legend: V = validators, M = miners of one subnet.
 """
@@ -29,9 +32,10 @@ import torch
 from moe.errors import ConfigError, LedgerError
 from moe.incentives.ledger.anchor import anchor_from, head_of
 from moe.incentives.ledger.audits import AuditPolicy, apply_audits, audit_rows, restore_audit_state
-from moe.incentives.ledger.config import RUNTIME_ONLY_FIELDS, LedgerConfig, as_ledger_config
+from moe.incentives.ledger.config import RUNTIME_ONLY_FIELDS, LedgerConfig, as_ledger_config, treasury_units
 from moe.incentives.ledger.emission import block_emission, fraction_weights
 from moe.incentives.ledger.epoch import (
+    TREASURY,
     BlockDraft,
     CachedViews,
     ScoreView,
@@ -40,6 +44,7 @@ from moe.incentives.ledger.epoch import (
     accrue_emission,
     run_epoch,
 )
+from moe.incentives.ledger.payments import OpenCharges, funding_rows, provider_hotkeys, settle_payments
 from moe.incentives.ledger.reopen import load_subnet_state, restore_unrevealed, rollback_after
 from moe.incentives.ledger.schema import (
     GENESIS_PREV_HASH,
@@ -67,8 +72,8 @@ class RewardLedger:
 
     Resume: blocks closed after ``resume_step`` are dropped and the run's later ``after_step`` calls
     rebuild them. Steps of a block that was still open at ``resume_step`` are not replayed by the trainer,
-    so their failure counts are lost; with checkpoints on block boundaries a resumed run is bit-identical
-    (same block hashes) to an uninterrupted one. Call ``after_step`` before saving the checkpoint of a
+    so their failure counts and compute charges are lost (nothing is paid for them); with checkpoints on
+    block boundaries a resumed run is bit-identical (same block hashes) to an uninterrupted one. Call ``after_step`` before saving the checkpoint of a
     step, so that a checkpoint never runs ahead of the ledger.
     """
 
@@ -95,6 +100,7 @@ class RewardLedger:
         self._cfg = as_ledger_config(cfg)
         self._audit_policy = audit_policy or AuditPolicy()
         self._open_audits: list[Any] = []
+        self._funded = treasury_units(self._cfg)
         self._path = Path(path)
         self._seed = int(seed)
         self._subnet_names = list(subnets)
@@ -103,6 +109,7 @@ class RewardLedger:
             raise ConfigError(
                 f"ledger.subnet_shares names unknown subnets {unknown}; subnets: {self._subnet_names}"
             )
+        self._open_charges = OpenCharges(self._subnet_names)
         self._subnets = {name: SubnetState(name, [str(label) for label in subnets[name]]) for name in subnets}
         self._stake_V = torch.tensor([spec.stake for spec in self._cfg.validators], dtype=torch.float64)
         self._subnet_weights = dict(
@@ -168,14 +175,17 @@ class RewardLedger:
         accounts = account_rows(
             self._cfg, self._subnets, self._writer.hotkey, [key.hotkey for key in self._validator_keys]
         )
+        funding = funding_rows(accounts, self._funded)
+        accounts = [(*row[:-1], self._funded) if row[1] == TREASURY else row for row in accounts]
         meta_rows = sorted(self._meta().items())
-        rows = {"meta": meta_rows, "accounts": [row[:-1] for row in accounts]}
+        rows = {"meta": meta_rows, "accounts": [row[:-1] for row in accounts], "payouts": funding}
         digest = block_hash(0, genesis_step, 0, 0, 0, GENESIS_PREV_HASH, rows)
         signature = sign(self._writer, block_message(0, digest))
         with transaction(self._conn) as conn:
             create_tables(conn)
             conn.executemany(insert_sql("meta"), meta_rows)
             conn.executemany(insert_sql("accounts"), accounts)
+            conn.executemany(insert_sql("payouts"), funding)
             conn.execute(
                 "INSERT INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (0, genesis_step, 0, 0, 0, GENESIS_PREV_HASH, digest, signature),
@@ -208,9 +218,10 @@ class RewardLedger:
         ).fetchone()
         self._account_ids = dict(conn.execute("SELECT name, id FROM accounts"))
         self._balances = dict(conn.execute("SELECT id, balance FROM accounts"))
-        if sum(self._balances.values()) + self._burned != self._issuance:
+        self._provider_hotkeys = provider_hotkeys(conn)
+        if sum(self._balances.values()) + self._burned != self._issuance + self._funded:
             raise LedgerError(
-                f"ledger {self._path}: invariant Σ balances + burned == issuance is broken; run verify"
+                f"ledger {self._path}: invariant Σ balances + burned == issuance + funded is broken; run verify"
             )
         (genesis_hash,) = conn.execute("SELECT hash FROM blocks WHERE height = 0").fetchone()
         self._validators = Validators(
@@ -275,13 +286,16 @@ class RewardLedger:
         score_view: ScoreView,
         failures: Mapping[str, torch.Tensor] | None = None,
         audits: Sequence[Any] = (),
+        charges: Sequence[Any] = (),
     ) -> None:
         """Record training step ``step`` (consecutive, from 1); close a block and maybe run an epoch.
 
         ``score_view(v)`` gives validator v's PoI scores ``{layer: Tensor[E]}``; it is called only at an
         epoch, only for validators whose behaviour needs it. ``failures[layer][e]`` counts expert e's
         failures during this step; ``audits`` are the audits that failed during it (objects with
-        ``layer``, ``expert``, ``step``, ``check`` and ``evidence``; ``moe.incentives.audits.FailedAudit``).
+        ``layer``, ``expert``, ``step``, ``check`` and ``evidence``; ``moe.incentives.audits.FailedAudit``);
+        ``charges`` the compute this step is charged (objects with ``provider``, ``hotkey``, ``layer``,
+        ``tokens`` and ``price_per_1k_units``; ``experts.market.ComputeCharge``), paid at the block's close.
         """
         if self._closed:
             raise LedgerError(f"ledger {self._path} is closed")
@@ -289,8 +303,10 @@ class RewardLedger:
             raise LedgerError(
                 f"ledger {self._path}: expected step {self._step + 1}, got {step} (steps must be consecutive)"
             )
+        checked_charges = self._open_charges.check(charges, self._provider_hotkeys)
         self._record_failures(failures or {})
         self._open_audits += audit_rows(0, audits, self._subnet_names)
+        self._open_charges.add(checked_charges)
         self._step = step
         if step % self._cfg.steps_per_block == 0:
             self._close_block(score_view)
@@ -316,6 +332,7 @@ class RewardLedger:
             balances=self._balances,
         )
         accrue_emission(draft, self._subnet_weights, self._pool_weights)
+        settle_payments(draft, self._open_charges.rows(), self._provider_hotkeys)
         draft.rows["audits"] += [(draft.height, *row[1:]) for row in self._open_audits]
         apply_audits(draft, self._subnets, draft.rows["audits"], self._audit_policy, self._cfg.tempo)
         for name in self._subnet_names:
@@ -340,11 +357,15 @@ class RewardLedger:
         )
         signature = sign(self._writer, block_message(draft.height, digest))
         updates = [
-            (self._balances[account] + delta, account) for account, delta in draft.deltas.items() if delta
+            (self._balances.get(account, 0) + delta, account)
+            for account, delta in draft.deltas.items()
+            if delta
         ]
         with transaction(self._conn) as conn:
+            conn.executemany(insert_sql("accounts"), [(*row, 0) for row in draft.rows.get("accounts", ())])
             for table, rows in draft.rows.items():
-                conn.executemany(insert_sql(table), rows)
+                if table != "accounts":
+                    conn.executemany(insert_sql(table), rows)
             conn.executemany("UPDATE accounts SET balance = ? WHERE id = ?", updates)
             conn.execute(
                 "INSERT INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -367,9 +388,13 @@ class RewardLedger:
         self._last_block_step = draft.step
         self._issuance += draft.emission
         self._burned += draft.burned
+        self._account_ids.update(draft.new_accounts)
+        self._balances.update(dict.fromkeys(draft.new_accounts.values(), 0))
         for account, delta in draft.deltas.items():
             self._balances[account] += delta
+        self._provider_hotkeys.update({row[2]: row[3] for row in draft.rows.get("payments", ())})
         self._open_audits = []
+        self._open_charges.clear()
         for state in self._subnets.values():
             state.close_block()
         for name, update in draft.subnet_updates.items():

@@ -1,6 +1,7 @@
 """What PoI writes back into routing: a selection-only bias per expert made of clipped quality feedback,
 minus a load price that keeps every expert's load under a bound, and a large negative bias for banned
-experts (consecutive failures, with exponential back-off).
+experts (consecutive failures, with exponential back-off). Also the market's terms (`market_bias`):
+expected latency and price, which the engine sets as the layer's "market" bias term beside PoI's.
 
 Legend: E experts.
 """
@@ -8,6 +9,8 @@ Legend: E experts.
 from __future__ import annotations
 
 import torch
+
+from moe.errors import ConfigError
 
 BAN_BIAS = -1.0e4  # selection bias of a banned expert: never in any token's top-k, yet finite (no NaN)
 
@@ -56,3 +59,43 @@ def selection_bias(
     if strength > 0:
         bias_E = quality_bias(score_E, load_E, strength, clip) - load_price_E
     return torch.where(banned_E, BAN_BIAS, bias_E)
+
+
+def relative_excess(value_E: torch.Tensor) -> torch.Tensor:
+    """value_e / mean − 1 over the experts with a known (finite) value, 0 for the others [E]; all 0 when
+    none is known or their mean is 0. Scale-free: seconds or milliseconds, cheap or dear tokens alike."""
+    value_E = value_E.double()
+    known_E = torch.isfinite(value_E)
+    mean = value_E[known_E].mean() if bool(known_E.any()) else value_E.new_zeros(())
+    if float(mean) == 0.0:
+        return torch.zeros_like(value_E)
+    return torch.where(known_E, value_E / mean - 1.0, 0.0)
+
+
+def market_bias(
+    reply_time_E: torch.Tensor,
+    price_E: torch.Tensor | None,
+    latency_weight: float,
+    price_weight: float,
+) -> torch.Tensor:
+    """The market's selection bias [E] (float32): −latency_weight · (t_e / mean t − 1) − price_weight ·
+    (p_e / mean p − 1), with t an expert's expected reply time (`pool.reply_time_E`; an expert not yet
+    measured, NaN, gets no latency term and is left out of the mean) and p its price (tokens per 1,000
+    tokens processed; None: no price term).
+
+    An expert twice as slow as the average loses `latency_weight` logits of selection key, one at half
+    the average price gains `price_weight / 2`; each term averages zero over the experts it knows, so
+    the market shifts traffic without moving every logit. Zero weights give exactly zero (routing as
+    without a market)."""
+    if latency_weight < 0 or price_weight < 0:
+        raise ConfigError(
+            f"market.latency_weight={latency_weight} and market.price_weight={price_weight} must be >= 0"
+        )
+    if price_E is not None and price_E.shape != reply_time_E.shape:
+        raise ConfigError(f"price_E of shape {tuple(price_E.shape)} for {reply_time_E.numel()} experts")
+    bias_E = torch.zeros(reply_time_E.shape, dtype=torch.float64)
+    if latency_weight > 0:
+        bias_E -= latency_weight * relative_excess(reply_time_E.cpu())
+    if price_weight > 0 and price_E is not None:
+        bias_E -= price_weight * relative_excess(price_E.cpu())
+    return bias_E.float()
