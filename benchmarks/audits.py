@@ -11,6 +11,7 @@ a warm-up block.
 
     python benchmarks/audits.py                          # both scenarios
     python benchmarks/audits.py --scenarios clusters --blocks 20
+    python benchmarks/audits.py --threads 1 --clock cpu  # on a loaded machine: this process's CPU time
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchtools import build_training_run, interleaved_step_times, run_scenarios  # noqa: E402  (sibling module)
+from benchtools import CLOCKS, build_training_run, interleaved_step_times, run_scenarios  # noqa: E402  (sibling module)
 
 TARGET_OVERHEAD = 0.07
 SCENARIOS = {
@@ -40,6 +41,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--blocks", type=int, default=8, help="timed blocks of steps per variant")
     parser.add_argument("--block", type=int, default=10, help="steps per block")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="cpu: this process's CPU seconds"
+    )
     return parser.parse_args()
 
 
@@ -52,12 +56,12 @@ def report(name: str, scenario: list[str], args: argparse.Namespace, root: Path)
             for variant, overrides in variants(args.rate).items()}  # fmt: skip
     try:
         layers = runs["off"].layers
-        medians = interleaved_step_times(runs, args.blocks, args.block)
+        medians = interleaved_step_times(runs, args.blocks, args.block, args.clock)
         base = medians["off"]
         audited = runs["audits"].auditor
         calls = sum(n for (_, _, what), n in audited.tally.items() if what == "run")
         print(f"[{name}] L={len(layers)} E={layers[0].pool.num_experts}, {args.blocks} interleaved blocks of "
-              f"{args.block} steps, threads={torch.get_num_threads()}, {calls} calls audited")  # fmt: skip
+              f"{args.block} steps, {args.clock} clock, threads={torch.get_num_threads()}, {calls} calls audited")  # fmt: skip
         print(f"  training step, audits off           {base * 1e3:8.2f} ms")
         for variant, label in (
             ("commitments", "commitments only (rate ~0)"),

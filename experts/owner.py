@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from experts.commitments import AuditTrail, OwnerState
+from experts.commitments import AuditTrail
 from experts.rows import ComputeSettings, RowBuckets
 
 
@@ -71,15 +71,16 @@ class ExpertOwner:
         self.trail = AuditTrail(window) if window > 0 else None
         self.commit()
 
-    def commit(self) -> OwnerState | None:
-        """Commit to the current version (after a step, a load), when keeping states for audits."""
+    def commit(self) -> torch.Tensor | None:
+        """Commit to the current version (after a step, a load), when keeping states for audits; returns
+        the parameter commitment."""
         if self.trail is None:
             return None
         return self.trail.record(self.version, self.module, self.optimizer)
 
-    def state_at(self, version: int) -> OwnerState | None:
-        """The committed state of `version`, if still kept: what an audit asks of this owner."""
-        return self.trail.at(version) if self.trail is not None else None
+    def commitment_at(self, version: int) -> torch.Tensor | None:
+        """The parameter commitment of `version`, if still kept (what its owner published)."""
+        return self.trail.commitment(version) if self.trail is not None else None
 
     def gradient_norm(self, *, zero_missing_grads: bool = False) -> torch.Tensor | None:
         """Total gradient norm before clipping (0-d, no host sync), clipping when configured; None when

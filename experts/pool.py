@@ -150,6 +150,11 @@ class ExpertPool(ABC):
         for the parameters it was hosted with)."""
         return None
 
+    def missing_commitment(self, expert: int, version: int) -> bool:
+        """Whether expert `expert`'s owner announced `version` without publishing its commitment (an
+        audit of that version, or of the step to it, then fails: it must not switch the check off)."""
+        return False
+
     def load_reply_times(self, state: dict) -> None:
         """The reply-time estimates of a pool state (a checkpoint from before they existed has none:
         the estimates start unmeasured)."""
@@ -328,8 +333,7 @@ class LocalPool(ExpertPool):
         return answer_audit(self.owners[expert].trail, version)
 
     def published_commitment(self, expert: int, version: int) -> torch.Tensor | None:
-        state = self.owners[expert].state_at(version)
-        return state.sketch_P if state is not None else None
+        return self.owners[expert].commitment_at(version)
 
     def expert_replica(self, expert: int) -> tuple[nn.Module, OptimizerSettings]:
         return copy.deepcopy(self.experts[expert]), self.owners[expert].settings

@@ -120,7 +120,7 @@ class RemotePool(ExpertPool):
         self.touched: set[int] = set()  # called with no tokens in a backward since the last step
         self.behaviours, self.behaviour_seed = {}, 0
         self.anchor = torch.zeros((), requires_grad=True)  # keeps the call in the graph for param grads
-        self.published: list[dict[int, torch.Tensor]] = [{} for _ in experts]  # per expert: version -> sketch
+        self.published: list[dict] = [{} for _ in experts]  # version -> sketch (None: acked without one)
         self.sketch_sizes = [  # what a well-formed commitment of each expert holds
             len(param_sketch_P({name: p.detach() for name, p in module.named_parameters()}))
             for module in experts
@@ -368,26 +368,31 @@ class RemotePool(ExpertPool):
             self.coordinator.send(host, Message(Kind.KEEP_STATES, 0, self.layer, e, meta={"window": window}))
 
     def publish(self, expert: int, meta: dict) -> None:
-        """Remember the parameter commitment a STEPPED ack published (the last `audit_window` + 1)."""
+        """Keep a STEPPED ack's commitment (the last `audit_window` + 1), or that it named none (audited: fails)."""
         version, commitment = meta.get("version"), meta.get("commitment")
-        if isinstance(version, int) and not isinstance(version, bool):
-            self.known_versions[expert] = version
-        if isinstance(version, int) and well_formed_sketch(commitment, self.sketch_sizes[expert]):
-            published = self.published[expert]
-            published[version] = torch.tensor(commitment)
-            while len(published) > self.audit_window + 1:
-                del published[min(published)]
+        if not isinstance(version, int) or isinstance(version, bool):
+            return
+        self.known_versions[expert] = version
+        if well_formed_sketch(commitment, self.sketch_sizes[expert]):
+            self.published[expert][version] = torch.tensor(commitment)
+        elif self.audit_window:
+            self.published[expert][version] = None  # announced without a commitment
+        oldest, published = version - self.audit_window, self.published[expert]
+        self.published[expert] = {v: published[v] for v in published if v >= oldest}
 
     def published_commitment(self, expert: int, version: int) -> torch.Tensor | None:
         self.coordinator.drain()  # STEPPED acks that arrived since the last call
         return self.published[expert].get(version)
 
+    def missing_commitment(self, expert: int, version: int) -> bool:
+        self.coordinator.drain()
+        return version in self.published[expert] and self.published[expert][version] is None
+
     def audit(self, expert: int, version: int, timeout: float) -> AuditAnswer:
         key = (next(self.coordinator.request_ids), self.layer, expert)
         message = Message(Kind.AUDIT, *key, meta={"version": version})
-        result = self.coordinator.request({key: (self.hosts[expert], message)}, Kind.AUDIT_STATE, timeout)[
-            key
-        ]
+        requests = {key: (self.hosts[expert], message)}
+        result = self.coordinator.request(requests, Kind.AUDIT_STATE, timeout)[key]
         if isinstance(result, str):
             raise AuditRefused(result)
         state = self.checked_state(expert, result)

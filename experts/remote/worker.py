@@ -389,9 +389,9 @@ class Worker:
             learns=bool(message.meta.get("learns", True)),  # a stale miner has stopped stepping
             zero_missing_grads=bool(message.meta.get("zero_missing_grads")),  # called with no tokens
         )
-        committed = owner.trail.latest if owner.trail is not None else None
+        committed = owner.commitment_at(owner.version)
         meta = {"skipped": report.skipped, "grad_norm": report.grad_norm, "steps": owner.steps,
-                "version": owner.version, "commitment": committed.sketch_P.tolist() if committed else None}  # fmt: skip
+                "version": owner.version, "commitment": None if committed is None else committed.tolist()}  # fmt: skip
         self.reply_to(message, Kind.STEPPED, meta=meta)
 
     # --- audits (experts/remote/audit_replies.py) ----------------------------------------------------

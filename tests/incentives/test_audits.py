@@ -70,24 +70,51 @@ def test_sketches_are_robust_to_float_noise_and_separate_other_answers():
     assert digest(sketch_AK) == digest(sketch_AK.clone()) != digest(noisy + 1)
 
 
-def test_trail_keeps_a_window_of_versions_and_refuses_older_ones():
+def _stepped_trail(window: int, steps: int):
+    """A trail recording `steps` AdamW steps of a small FFN, with copies of the live state of each version."""
     torch.manual_seed(0)
     module = FFN(8, 16)
-    optimizer = torch.optim.AdamW(module.parameters())
-    trail = AuditTrail(window=2)
-    for version in range(5):
-        trail.record(version, module, optimizer)
-        with torch.no_grad():
-            module.w_in.weight.add_(0.1)
-    assert list(trail.states) == [2, 3, 4]
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2, fused=True)
+    trail, live = AuditTrail(window=window), {}
+    for version in range(steps + 1):
+        if version:
+            module(torch.randn(5, 8)).square().sum().backward()
+            optimizer.step()
+        trail.record(version, module, optimizer)  # as an owner does: after its step, before zeroing
+        optimizer.zero_grad(set_to_none=True)
+        live[version] = ({n: p.detach().clone() for n, p in module.named_parameters()},
+                         {k: v.clone() for k, v in optimizer.state[module.w_in.weight].items()})  # fmt: skip
+    return trail, live, module
+
+
+def test_trail_keeps_a_window_of_versions_and_refuses_older_ones():
+    trail, _, module = _stepped_trail(window=2, steps=4)
+    assert list(trail.commitments) == [2, 3, 4]
     answer = answer_audit(trail, 3)
     assert answer.next_version == 4
-    assert torch.equal(answer.next_sketch_P, trail.at(4).sketch_P)
+    assert torch.equal(answer.next_sketch_P, trail.commitment(4))
     assert answer_audit(trail, 4).next_version is None
     with pytest.raises(AuditRefused, match="version 1 is not kept"):
         answer_audit(trail, 1)
+    with torch.no_grad():
+        module.w_in.weight.add_(0.1)
     params = {name: p.detach() for name, p in module.named_parameters()}
-    assert not torch.equal(param_sketch_P(params), trail.at(4).sketch_P)  # changed after the last record
+    assert not torch.equal(param_sketch_P(params), trail.commitment(4))  # changed after the last record
+
+
+@pytest.mark.parametrize("window", [1, 3, 10])
+def test_trail_rebuilds_every_kept_version_bit_for_bit_from_snapshots_and_gradients(window):
+    """The trail copies the state only every few versions; the versions between are rebuilt by
+    replaying the owner's steps on the gradients it kept, and must equal what the owner had."""
+    trail, live, _ = _stepped_trail(window=window, steps=19)
+    assert len(trail.snapshots) <= 2
+    for version in trail.commitments:
+        state = trail.at(version)
+        params, adam = live[version]
+        assert all(torch.equal(state.params[name], params[name]) for name in params), version
+        rebuilt = state.optimizer["state"][0]
+        assert all(torch.equal(rebuilt[key], adam[key]) for key in adam), version
+        assert torch.equal(state.sketch_P, trail.commitment(version))
 
 
 def test_audit_config_checks_its_values():
@@ -247,7 +274,7 @@ def test_an_answer_whose_next_commitment_differs_from_the_published_one_fails():
     def published(expert: int, version: int) -> torch.Tensor | None:
         if version <= answered_with[expert]:
             return None
-        return pool.owners[expert].state_at(version).sketch_P + 1.0  # not what the owner answers
+        return pool.owners[expert].commitment_at(version) + 1.0  # not what the owner answers
 
     pool.published_commitment = published
     _one_step(pool, auditor, 1, threads=1)
@@ -255,6 +282,38 @@ def test_an_answer_whose_next_commitment_differs_from_the_published_one_fails():
     assert {f.expert for f in failures} == {0, 1, 2, 3}
     assert {f.check for f in failures} == {"commitment"}
     assert all(f.evidence["next_version"] == answered_with[f.expert] + 1 for f in failures)
+
+
+def test_a_version_announced_without_its_commitment_fails_the_audit():
+    """A worker whose STEPPED ack names its new version but leaves the commitment out must not switch
+    the commitment checks off: audits of that version, and of the step to it, fail."""
+    torch.manual_seed(0)
+    pool = LocalPool([FFN(16, 64) for _ in range(4)], OptimizerSettings(lr=1e-2))
+    auditor = Auditor(AuditConfig(rate=1.0), [_Layer(pool)], seed=0)
+    uncommitted = {(0, pool.owners[0].version + 1), (1, pool.owners[1].version)}
+    pool.missing_commitment = lambda expert, version: (expert, version) in uncommitted
+    _one_step(pool, auditor, 1, threads=1)
+    failures = {f.expert: f for f in auditor.after_step(1)}
+    assert sorted(failures) == [0, 1]
+    assert {f.check for f in failures.values()} == {"commitment"}
+    assert failures[0].evidence["next_version"] == 1
+    assert failures[0].evidence["published"] is None
+    assert "next_version" not in failures[1].evidence
+
+
+def test_the_client_remembers_acks_without_a_commitment():
+    from types import SimpleNamespace
+
+    from experts.remote.client import RemotePool
+
+    pool = SimpleNamespace(known_versions=[0], sketch_sizes=[2], published=[{}],
+                           audit_window=2, coordinator=SimpleNamespace(drain=lambda: None))  # fmt: skip
+    for version, commitment in [(1, [0.5, 1.0]), (2, None), (3, [1.0]), (4, [0.5, 2.0]), (5, [1.0, 1.0])]:
+        RemotePool.publish(pool, 0, {"version": version, "commitment": commitment})
+    assert pool.known_versions == [5]
+    assert sorted(v for v, c in pool.published[0].items() if c is not None) == [4, 5]  # the window's only
+    assert [v for v in range(6) if RemotePool.missing_commitment(pool, 0, v)] == [3]  # 2 left the window
+    assert torch.equal(RemotePool.published_commitment(pool, 0, 4), torch.tensor([0.5, 2.0]))
 
 
 @pytest.mark.parametrize(

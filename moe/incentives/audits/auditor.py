@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moe.incentives.audits.checks import SampledCall, Verdict, audit_call
+from experts.commitments import row_sketch_AK
+from moe.incentives.audits.checks import EarlierCall, Replicas, SampledCall, Verdict, audit_call
 from moe.incentives.audits.config import AuditConfig, tolerances
 from router.seeds import torch_generator
 
@@ -39,16 +40,17 @@ class Auditor:
         self.cfg, self.layers, self.seed = cfg, list(layers), seed
         for layer in self.layers:
             layer.pool.enable_audits(cfg.window)
-        # per layer: (step, sizes, output sketches, input sketches) of the last `window` calls
+        # per layer: its last `window` calls (replay evidence)
         self.history = {layer.name: deque(maxlen=cfg.window) for layer in self.layers}
         self.tally: Counter = Counter()  # (layer, expert, "run" | "failed")
         self.seconds = 0.0
+        self.replicas = Replicas()
 
     def state_dict(self) -> dict:
         """The tallies and the recent calls' sketches (copy and replay evidence), for checkpoints."""
         return {
             "tally": [[layer, expert, what, n] for (layer, expert, what), n in self.tally.items()],
-            "history": {name: list(calls) for name, calls in self.history.items()},
+            "history": {name: [call.saved() for call in calls] for name, calls in self.history.items()},
             "seconds": self.seconds,
         }
 
@@ -57,7 +59,7 @@ class Auditor:
         for name, calls in saved["history"].items():
             if name in self.history:
                 self.history[name].clear()
-                self.history[name].extend(tuple(call) for call in calls)
+                self.history[name].extend(EarlierCall(*call, sketched=True) for call in calls)
         self.seconds = float(saved.get("seconds", 0.0))
 
     def after_step(self, step: int) -> list[FailedAudit]:
@@ -66,16 +68,15 @@ class Auditor:
         failures = []
         for layer in self.layers:
             for call in self.sample(layer, step):
-                verdict = audit_call(
-                    layer.pool, call, tolerances(call.dtype, self.cfg.tolerance), self.cfg.timeout
-                )
+                tolerance = tolerances(call.dtype, self.cfg.tolerance)
+                verdict = audit_call(layer.pool, call, tolerance, self.cfg.timeout, self.replicas)
                 failures += self.count(call, verdict)
         self.seconds += time.perf_counter() - start
         return failures
 
     def sample(self, layer, step: int) -> list[SampledCall]:
-        """The calls of `layer`'s latest training call (at `step`) drawn for audit, copied; the draw
-        comes from the validators' own stream, after the replies."""
+        """The calls of `layer`'s latest training call (at `step`) drawn for audit; the draw comes from
+        the validators' own stream, after the replies."""
         record, layer.pool.last_call = layer.pool.last_call, None  # drop the references to the inputs
         if record is None or record.step != step:
             return []
@@ -91,14 +92,11 @@ class Auditor:
             if record.versions[e] < 0 or not record.sizes[e] or draw >= self.cfg.rate:
                 continue
             rows = slice(offsets[e], offsets[e + 1])
-            earlier = [
-                (s, out_AK[_rows(sizes, e)], in_AK[_rows(sizes, e)]) for s, sizes, out_AK, in_AK in history
-            ]
-            grad = None if record.grad_y_AD is None else record.grad_y_AD[rows].clone()
+            grad = None if record.grad_y_AD is None else record.grad_y_AD[rows]  # views: none is written
             sampled.append(SampledCall(layer.name, e, step, record.versions[e], list(record.versions),
-                                       record.x_AD[rows].clone(), record.sketch_AK[rows].clone(), grad,
-                                       record.autocast_dtype, earlier))  # fmt: skip
-        history.append((step, record.sizes, record.sketch_AK, record.input_sketch_AK))
+                                       record.x_AD[rows], row_sketch_AK(record.y_AD[rows]), grad,
+                                       record.autocast_dtype, list(history)))  # fmt: skip
+        history.append(EarlierCall(step, record.sizes, record.y_AD, record.x_AD))
         return sampled
 
     def count(self, call: SampledCall, verdict: Verdict) -> list[FailedAudit]:
@@ -116,11 +114,6 @@ class Auditor:
             f"audits/{layer}/{expert}/{what}": float(n) for (layer, expert, what), n in self.tally.items()
         }
         return {**metrics, "audits/seconds": self.seconds}
-
-
-def _rows(sizes: list[int], expert: int) -> slice:
-    start = sum(sizes[:expert])
-    return slice(start, start + sizes[expert])
 
 
 def build_auditor(cfg: AuditConfig, layers, seed: int) -> Auditor | None:
