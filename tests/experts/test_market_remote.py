@@ -101,6 +101,7 @@ TWO_PROVIDERS = [
     "~market.providers.fast_dear",
     "~market.providers.slow_cheap",
     "~market.providers.flaky",
+    "market.providers.fast_cheap.capacity=4",  # fast_cheap/0 hosts every expert of the layer; /1 is spare
 ]
 
 
