@@ -233,7 +233,7 @@ def test_charges_of_the_block_open_at_resume_are_not_paid(tmp_path):
 
 
 def test_show_prints_the_treasury_and_the_payments(ledger_copy, capsys):
-    assert main(["show", str(ledger_copy)]) == 0
+    assert main(["show", str(ledger_copy), "--payments", "-1"]) == 0
     shown = capsys.readouterr().out
     assert "compute payments: " in shown
     assert "treasury funded 0.500000000" in shown
@@ -311,3 +311,14 @@ def test_cost_per_bpb():
     assert cost_per_bpb(0.0, 2.5, 1.0) == 0.0
     for start, end in [(1.0, 1.0), (1.0, 1.5), (None, 1.0), (2.0, None), (float("nan"), 1.0)]:
         assert math.isnan(cost_per_bpb(3.0, start, end))
+
+
+def test_show_lists_only_the_last_payments_unless_asked_for_all(ledger_copy, capsys):
+    def payment_rows(*args: str) -> list[str]:
+        assert main(["show", str(ledger_copy), *args]) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("  block ")]
+
+    every = payment_rows("--payments", "-1")
+    assert payment_rows("--payments", "2") == every[-2:]
+    assert payment_rows("--payments", "0") == []
+    assert len(every) > 2

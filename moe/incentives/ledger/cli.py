@@ -1,4 +1,4 @@
-"""The ledger's command line: ``python -m moe.ledger verify PATH [--writer KEY] | show PATH | export PATH [--out DIR]``.
+"""The ledger's command line: ``python -m moe.ledger verify PATH [--writer KEY] | show PATH [--payments N] | export PATH [--out DIR]``.
 
 PATH is a run dir (its ``ledger.sqlite``; ``verify`` then also checks the heads anchored in the run's
 checkpoints and summary.json) or a ledger file.
@@ -45,8 +45,8 @@ def _format_summary(path: Path, summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _format_payments(summary: Mapping[str, Any], payments: Sequence[Mapping[str, Any]]) -> str:
-    """The treasury, compute paid per provider, then every payment block by block."""
+def _format_payments(summary: Mapping[str, Any], payments: Sequence[Mapping[str, Any]], last: int) -> str:
+    """The treasury, compute paid per provider, then the `last` payments block by block (all: -1)."""
     totals = summary["payments"]
     lines = [
         f"compute payments: {len(payments)} (paid {totals['paid'] / TOKEN:.9f} tokens, unpaid "
@@ -58,23 +58,28 @@ def _format_payments(summary: Mapping[str, Any], payments: Sequence[Mapping[str,
         f"  provider/{name:<19} {p['tokens']:>12} {p['paid'] / TOKEN:>20.9f} {p['unpaid'] / TOKEN:>16.9f}"
         for name, p in totals["by_provider"].items()
     ]
+    shown = list(payments) if last < 0 else list(payments)[len(payments) - min(last, len(payments)) :]
+    if len(shown) < len(payments):
+        lines.append(
+            f"last {len(shown)} of {len(payments)} payments (--payments -1 lists all; export writes them as CSV):"
+        )
     lines += [
         f"  block {p['block']:>5} step {p['step']:>6} {p['subnet']:<8} provider/{p['provider']:<16} "
         f"tokens {p['tokens']:>9} price/1k {p['price_per_1k_units'] / TOKEN:.9f} paid {p['amount'] / TOKEN:.9f} "
         f"unpaid {p['unpaid'] / TOKEN:.9f}"
-        for p in payments
+        for p in shown
     ]
     return "\n".join(lines)
 
 
-def _show(path: Path) -> str:
+def _show(path: Path, last_payments: int = 20) -> str:
     summary = read_summary(path)
     conn = connect_read_only(path)
     try:
         payments = recorded_payments(conn) if has_tables(conn) else []
     finally:
         conn.close()
-    return _format_summary(path, summary) + "\n" + _format_payments(summary, payments)
+    return _format_summary(path, summary) + "\n" + _format_payments(summary, payments, last_payments)
 
 
 def _evidence(evidence: Mapping[str, Any]) -> str:
@@ -89,7 +94,7 @@ def ledger_file(path: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m moe.ledger verify PATH [--writer KEY] | show PATH | export PATH [--out DIR]``."""
+    """``python -m moe.ledger verify PATH [--writer KEY] | show PATH [--payments N] | export PATH [--out DIR]``."""
     parser = argparse.ArgumentParser(
         prog="python -m moe.ledger",
         description="Inspect a poimoe reward ledger (a run dir or a ledger file).",
@@ -104,9 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="the public key that must have signed it (64 hex digits or a .pub file)",
     )
-    commands.add_parser(
+    show = commands.add_parser(
         "show", help="print balances by role and behaviour, failed audits and slashes, compute payments"
-    ).add_argument("path")
+    )
+    show.add_argument("path")
+    show.add_argument(
+        "--payments", type=int, default=20, help="list the last N compute payments (default 20; -1: all)"
+    )
     export = commands.add_parser("export", help="write every table as CSV")
     export.add_argument("path")
     export.add_argument("--out", default=None, help="output folder (default: <ledger stem>_csv next to it)")
@@ -115,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "verify":
             print(verify_run(args.path, writer=read_hotkey(args.writer) if args.writer else None))
         elif args.command == "show":
-            print(_show(ledger_file(args.path)))
+            print(_show(ledger_file(args.path), args.payments))
         else:
             for target in export_ledger(ledger_file(args.path), args.out):
                 print(target)
