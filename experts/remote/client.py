@@ -29,6 +29,7 @@ from experts.modules import build_expert, expert_spec
 from experts.network import FailureMemory, FaultPolicy, NetworkConfig, Round, link_for, link_stream
 from experts.owner import OptimizerSettings
 from experts.pool import ExpertPool, PoolOutput, all_finite, answer_dtype, expected_dtypes, invalid_outputs
+from experts.remote import wire
 from experts.remote.checkpoint import CHECKPOINT_FILE, load_messages
 from experts.remote.coordinator import Coordinator, Key
 from experts.remote.settings import autocast_meta, settings_meta
@@ -66,6 +67,13 @@ class RemoteExpertsCall(torch.autograd.Function):
     def backward(ctx, grad_y_AD: torch.Tensor, _grad_answered):
         grad_x_AD = ctx.pool.backward_call(ctx.call, grad_y_AD, *ctx.x_meta)
         return None, None, grad_x_AD, None, None
+
+
+def answers_or_zeros(answers: dict[int, torch.Tensor], slices: list, dtype: torch.dtype) -> torch.Tensor:
+    """Every expert's answer in order, zeros shaped like its slice where it gave none (made only there)."""
+    return torch.cat(
+        [answers[e] if e in answers else s.new_zeros(s.shape, dtype=dtype) for e, s in enumerate(slices)]
+    )
 
 
 def well_formed_sketch(values, size: int) -> bool:
@@ -197,16 +205,17 @@ class RemotePool(ExpertPool):
         self, x_AD: torch.Tensor, plan: DispatchPlan, step: int, *, keep: bool, grad_input: bool
     ):
         """One round: every expert with tokens gets its slice; returns (y_AD, answered_E, PendingCall)."""
-        call = PendingCall(next(self.calls), plan.split_sizes(), [], grad_input)
+        counts_E, token_idx_A, x_host_AD = wire.host_copies(plan.counts, plan.token_idx, x_AD)
+        call = PendingCall(next(self.calls), counts_E.tolist(), [], grad_input)
         self.rounds += 1
         self.coordinator.drain()
         failures = self.unavailable(call.sizes)
         asked = [e for e, size in enumerate(call.sizes) if size and e not in failures]
-        x_slices = x_AD.detach().cpu().split(call.sizes)
+        x_slices = x_host_AD.split(call.sizes)
         dtype, dtypes = answer_dtype(x_AD), expected_dtypes(x_AD)
         # the owners compute in the precision the trainer's own experts would (autocast or not)
         call_meta = {"keep": keep, "grad_input": grad_input, "step": step, **autocast_meta(x_AD.device)}
-        round_ = Round(plan.token_idx, call.sizes, asked, plan.num_tokens, self.policy, time.monotonic())
+        round_ = Round(token_idx_A, call.sizes, asked, plan.num_tokens, self.policy, time.monotonic())
         pending, outputs = {}, {}
         versions = [-1 if e in failures else v for e, v in enumerate(self.known_versions)]
         for e in asked:
@@ -242,8 +251,7 @@ class RemotePool(ExpertPool):
         call.answered = sorted(outputs)
         for e in failures:
             versions[e] = -1
-        zeros = [x_aD.new_zeros(x_aD.shape, dtype=dtype) for x_aD in x_slices]
-        y_AD = torch.cat([outputs.get(e, zeros_aD) for e, zeros_aD in enumerate(zeros)])
+        y_AD = answers_or_zeros(outputs, x_slices, dtype)
         answered_E = torch.ones(self.num_experts, dtype=torch.bool)
         answered_E[list(failures)] = False
         y_AD = y_AD.to(x_AD.device)
@@ -293,7 +301,8 @@ class RemotePool(ExpertPool):
             self.touched.update(e for e, size in enumerate(call.sizes) if size == 0)
         if not input_only and call.id == self.last_call_id:
             self.keep_output_gradient(grad_y_AD)
-        grad_slices = grad_y_AD.detach().cpu().contiguous().split(call.sizes)
+        (grad_host_AD,) = wire.host_copies(grad_y_AD)
+        grad_slices = grad_host_AD.contiguous().split(call.sizes)
         pending, grads, failures = {}, {}, {}
         meta = {"input_only": True} if input_only else {}
         for e in call.answered:
@@ -328,7 +337,7 @@ class RemotePool(ExpertPool):
             self.record_failures(failures, replace=False)
         if not call.grad_input:
             return None
-        grad_x_AD = torch.cat([grads.get(e, g.new_zeros(g.shape)) for e, g in enumerate(grad_slices)])
+        grad_x_AD = answers_or_zeros(grads, grad_slices, grad_host_AD.dtype)
         return grad_x_AD.to(device, dtype)
 
     # --- owner steps, state, mode ------------------------------------------------------------------
