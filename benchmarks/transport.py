@@ -13,7 +13,14 @@ Prints, from one run on one machine:
 3. the same layer against hivemind's RemoteMixtureOfExperts (hidden 512, batch 128, 4 experts,
    k=2, forward+backward, samples/s) when hivemind is importable (`pip install .[compare]`),
    otherwise why it was skipped; next to both, the compute floor: a worker's share of the expert
-   arithmetic alone, the rate no transport can beat on this machine.
+   arithmetic alone, the rate no transport can beat on this machine. poimoe and the floor are timed
+   in turns, and the CPU each step costs the trainer and each worker is printed beside the floor's,
+   with the fraction of the floor those costs allow at best on this machine's cores: on a shared
+   machine wall times swing with the load, CPU times far less.
+
+Steps timed in turns share whatever load the machine has, but a setup of more processes (the trainer
+and its workers) gets more of a loaded machine's CPU than one process does, so on a busy machine
+process/local and the fraction of the floor come out better than on a quiet one.
 
 Legend: B batch, T tokens per sequence, D model width.
 """
