@@ -13,7 +13,14 @@ Prints, from one run on one machine:
 3. the same layer against hivemind's RemoteMixtureOfExperts (hidden 512, batch 128, 4 experts,
    k=2, forward+backward, samples/s) when hivemind is importable (`pip install .[compare]`),
    otherwise why it was skipped; next to both, the compute floor: a worker's share of the expert
-   arithmetic alone, the rate no transport can beat on this machine.
+   arithmetic alone, the rate no transport can beat on this machine. poimoe and the floor are timed
+   in turns, and the CPU each step costs the trainer and each worker is printed beside the floor's,
+   with the fraction of the floor those costs allow at best on this machine's cores: on a shared
+   machine wall times swing with the load, CPU times far less.
+
+Steps timed in turns share whatever load the machine has, but a setup of more processes (the trainer
+and its workers) gets more of a loaded machine's CPU than one process does, so on a busy machine
+process/local and the fraction of the floor come out better than on a quiet one.
 
 Legend: B batch, T tokens per sequence, D model width.
 """
@@ -36,7 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchtools import median_seconds  # sibling module: scripts run as python benchmarks/<name>.py
+# sibling module: scripts run as python benchmarks/<name>.py
+from benchtools import interleaved_medians, median_seconds
 
 import router
 from experts.modules import FFN, ExpertsConfig
@@ -112,7 +120,7 @@ def bench_layer(args, transport: ProcessTransport) -> float:
     compute_threads = args.workers * args.threads
     print(
         f"\n2. MoE layer step, T={args.tokens} d={args.d_model} f={args.d_ff} E={args.experts} k={args.top_k}"
-        f" (forward + backward + owner steps; median of {args.repeats})"
+        f" (forward + backward + owner steps; median of {args.repeats}, local and process in turns)"
     )
     torch.manual_seed(0)
     experts = [FFN(args.d_model, args.d_ff) for _ in range(args.experts)]
@@ -123,9 +131,14 @@ def bench_layer(args, transport: ProcessTransport) -> float:
     torch.set_num_threads(compute_threads)
     local_pool = LocalPool(copy.deepcopy(experts), experts_cfg, policy=transport.cfg, device=device)
     local = make_layer(args, local_pool).to(device)
-    local_s = median_seconds(lambda: layer_step(local, x_BTD.to(device)), repeats=args.repeats)
     remote = make_layer(args, transport.make_pool("bench", experts, experts_cfg))  # trainer side on the CPU
-    remote_s = median_seconds(lambda: layer_step(remote, x_BTD), repeats=args.repeats)
+    # in turns, so that load from elsewhere on a shared machine hits both alike
+    steps = {
+        "local": lambda: layer_step(local, x_BTD.to(device)),
+        "process": lambda: layer_step(remote, x_BTD),
+    }
+    seconds = interleaved_medians(steps, repeats=args.repeats)
+    local_s, remote_s = seconds["local"], seconds["process"]
     ratio = remote_s / local_s
     print(
         f"   local   (in the trainer on {args.device}, {compute_threads} torch threads)   {local_s * 1e3:8.1f} ms/step"
@@ -220,9 +233,11 @@ def bench_hivemind(args) -> float | None:
     return rate
 
 
-def bench_ours_at_hivemind_shape(args, transport: ProcessTransport) -> float:
+def bench_ours_against_floor(args, transport: ProcessTransport) -> tuple[float, float]:
+    """poimoe's step at hivemind's shape and the compute floor, timed in turns (the workers idle while
+    the floor runs), so that load from elsewhere hits both alike; returns both in samples/s."""
     # the trainer takes the cores the workers leave free, as `python train.py` does (moe.engine.cores.trainer_threads)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers * args.threads))
+    trainer_threads = max(1, (os.cpu_count() or 1) - args.workers * args.threads)
     torch.manual_seed(0)
     experts = [FFN(HIDDEN, 4 * HIDDEN) for _ in range(EXPERTS)]
     layer = MoELayer(
@@ -231,19 +246,76 @@ def bench_ours_at_hivemind_shape(args, transport: ProcessTransport) -> float:
         transport.make_pool("hivemind-shape", experts, ExpertsConfig(num=EXPERTS, d_ff=4 * HIDDEN)),
     )
     x_BTD = torch.randn(1, BATCH, HIDDEN)
-    seconds = median_seconds(lambda: layer_step(layer, x_BTD), repeats=max(args.repeats, 10))
-    rate = BATCH / seconds
+    floor_step, share, rows = compute_floor_step(args)
+    cpu_s = {"ours": 0.0, "floor": 0.0}  # this process's CPU seconds (all its threads), summed
+    calls = {"ours": 0, "floor": 0}
+
+    def timed_cpu(name: str, threads: int, step) -> None:
+        torch.set_num_threads(threads)
+        tick = time.process_time()
+        step()
+        cpu_s[name] += time.process_time() - tick
+        calls[name] += 1
+
+    steps = {
+        "ours": lambda: timed_cpu("ours", trainer_threads, lambda: layer_step(layer, x_BTD)),
+        "floor": lambda: timed_cpu("floor", args.threads, floor_step),
+    }
+    pids = [record.pid for record in transport.coordinator.workers.values() if record.pid]
+    workers_before = [process_cpu_s(pid) for pid in pids]
+    seconds = interleaved_medians(steps, repeats=max(args.repeats, 10))
+    workers_cpu = [
+        (after - before) / calls["ours"] if None not in (before, after) else None
+        for before, after in zip(workers_before, [process_cpu_s(pid) for pid in pids], strict=True)
+    ]
     print(
-        f"   poimoe process transport at that shape (trainer {torch.get_num_threads()} thread):"
-        f" {seconds * 1e3:.1f} ms → {rate:,.0f} samples/s"
+        f"   poimoe process transport at that shape (trainer {trainer_threads} thread):"
+        f" {seconds['ours'] * 1e3:.1f} ms → {BATCH / seconds['ours']:,.0f} samples/s"
     )
-    return rate
+    print(
+        f"   compute floor (a worker's share, {share} experts × {rows} rows fwd+bwd+clip+AdamW on"
+        f" {args.threads} thread(s); no messaging, trunk or router): {seconds['floor'] * 1e3:.1f} ms"
+        f" → {BATCH / seconds['floor']:,.0f} samples/s"
+    )
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    print(
+        f"   poimoe reaches {100 * seconds['floor'] / seconds['ours']:.0f} % of the compute floor"
+        f"  (timed in turns; load average {load})"
+    )
+    print_cpu_bound(cpu_s["ours"] / calls["ours"], workers_cpu, cpu_s["floor"] / calls["floor"])
+    return BATCH / seconds["ours"], BATCH / seconds["floor"]
 
 
-def bench_compute_floor(args) -> float:
-    """samples/s if messaging, the trunk and the router were free: one worker's share of the expert
-    arithmetic (forward, backward, clip and AdamW on ⌈E/workers⌉ experts, each with an even share of
-    the batch·k rows) on `threads` threads, the workers running side by side on their own cores."""
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) of process `pid`, from /proc; None where there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def print_cpu_bound(trainer_s: float, workers_s: list[float | None], floor_s: float) -> None:
+    """CPU per step, which load from elsewhere inflates far less than wall time, and the fraction of
+    the floor those CPU costs allow at best on this machine's cores (no waiting, perfect overlap)."""
+    if not workers_s or None in workers_s:
+        print("   CPU per step: the workers' CPU time is not readable here (/proc)")
+        return
+    cores = os.cpu_count() or 1
+    bound_s = max(*workers_s, (trainer_s + sum(workers_s)) / cores)
+    worker_ms = " / ".join(f"{w * 1e3:.1f}" for w in workers_s)
+    print(
+        f"   CPU per step: trainer {trainer_s * 1e3:.1f} ms, workers {worker_ms} ms, floor {floor_s * 1e3:.1f} ms"
+        f" → on {cores} cores a step needs ≥ {bound_s * 1e3:.1f} ms: at best {100 * floor_s / bound_s:.0f} %"
+        f" of the floor"
+    )
+
+
+def compute_floor_step(args):
+    """(step, experts, rows): one step of a worker's share of the expert arithmetic alone (forward,
+    backward, clip and AdamW on ⌈E/workers⌉ experts, each with an even share of the batch·k rows), the
+    rate no transport can beat if messaging, the trunk and the router were free and the workers ran
+    side by side on their own cores."""
     device = torch.device("cuda:0" if args.device == "cuda" else args.device)
     share = -(-EXPERTS // args.workers)
     rows = -(-BATCH * TOP_K // EXPERTS)
@@ -260,14 +332,7 @@ def bench_compute_floor(args) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    torch.set_num_threads(args.threads)
-    seconds = median_seconds(worker_share, repeats=max(args.repeats, 10))
-    rate = BATCH / seconds
-    print(
-        f"   compute floor (a worker's share, {share} experts × {rows} rows fwd+bwd+clip+AdamW on"
-        f" {args.threads} thread(s); no messaging, trunk or router): {seconds * 1e3:.1f} ms → {rate:,.0f} samples/s"
-    )
-    return rate
+    return worker_share, share, rows
 
 
 TRAINER_SIDE = {"device": torch.device("cpu"), "run_dir": None, "seed": 0}
@@ -304,11 +369,9 @@ def main() -> None:
             f"\n3. against hivemind RemoteMixtureOfExperts (hidden {HIDDEN}, batch {BATCH}, {EXPERTS} experts,"
             f" k={TOP_K}, forward + backward + owner steps, experts on {args.device})"
         )
-        ours = bench_ours_at_hivemind_shape(args, transport)
+        ours, floor = bench_ours_against_floor(args, transport)
     finally:
         transport.close()
-    floor = bench_compute_floor(args)
-    print(f"   poimoe reaches {100 * ours / floor:.0f} % of the compute floor")
     theirs = hivemind_in_fresh_process(args)
     if theirs:
         print(f"   poimoe / hivemind = {ours / theirs:.1f}×  (target ≥ 50×)")

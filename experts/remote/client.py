@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -29,6 +29,8 @@ from experts.modules import build_expert, expert_spec
 from experts.network import FailureMemory, FaultPolicy, LinkSpec, NetworkConfig, Round
 from experts.owner import OptimizerSettings
 from experts.pool import ExpertPool, PoolOutput, all_finite, answer_dtype, expected_dtypes, invalid_outputs
+from experts.remote import wire
+from experts.remote.call import PendingCall, RemoteExpertsCall, answers_or_zeros
 from experts.remote.checkpoint import CHECKPOINT_FILE, load_messages
 from experts.remote.coordinator import Coordinator, Key
 from experts.remote.moves import move_remote_expert, placed_links
@@ -38,35 +40,6 @@ from experts.rows import ComputeSettings, RowBuckets
 from router.plan import DispatchPlan
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PendingCall:
-    """One forward call, remembered for its backward."""
-
-    id: int
-    sizes: list[int]
-    answered: list[int]  # experts with tokens whose output was accepted
-    grad_input: bool
-
-
-class RemoteExpertsCall(torch.autograd.Function):
-    """Autograd through a remote call: forward sends x slices, backward sends grad_out slices."""
-
-    @staticmethod
-    def forward(
-        ctx, pool: RemotePool, plan: DispatchPlan, x_AD: torch.Tensor, anchor: torch.Tensor, step: int
-    ):
-        grad_input = ctx.needs_input_grad[2]
-        y_AD, answered_E, call = pool.forward_call(x_AD, plan, step, keep=True, grad_input=grad_input)
-        ctx.pool, ctx.call, ctx.x_meta = pool, call, (x_AD.device, x_AD.dtype)
-        ctx.mark_non_differentiable(answered_E)
-        return y_AD, answered_E
-
-    @staticmethod
-    def backward(ctx, grad_y_AD: torch.Tensor, _grad_answered):
-        grad_x_AD = ctx.pool.backward_call(ctx.call, grad_y_AD, *ctx.x_meta)
-        return None, None, grad_x_AD, None, None
 
 
 class RemotePool(ExpertPool):
@@ -199,19 +172,18 @@ class RemotePool(ExpertPool):
         self, x_AD: torch.Tensor, plan: DispatchPlan, step: int, *, keep: bool, grad_input: bool
     ):
         """One round: every expert with tokens gets its slice; returns (y_AD, answered_E, PendingCall)."""
-        call = PendingCall(next(self.calls), plan.split_sizes(), [], grad_input)
+        counts_E, token_idx_A, x_host_AD = wire.host_copies(plan.counts, plan.token_idx, x_AD)
+        call = PendingCall(next(self.calls), counts_E.tolist(), [], grad_input)
         self.rounds += 1
         self.coordinator.drain()
         failures = self.unavailable(call.sizes)
         asked = [e for e, size in enumerate(call.sizes) if size and e not in failures]
-        x_slices = x_AD.detach().cpu().split(call.sizes)
+        x_slices = x_host_AD.split(call.sizes)
         dtype, dtypes = answer_dtype(x_AD), expected_dtypes(x_AD)
         # the owners compute in the precision the trainer's own experts would (autocast or not)
         call_meta = {"keep": keep, "grad_input": grad_input, "step": step, **autocast_meta(x_AD.device)}
         start, clock = time.monotonic(), ReplyClock()
-        round_ = Round(
-            plan.token_idx, call.sizes, asked, plan.num_tokens, self.policy, start, self.reply_time_E
-        )
+        round_ = Round(token_idx_A, call.sizes, asked, plan.num_tokens, self.policy, start, self.reply_time_E)
         pending, outputs = {}, {}
         versions = [-1 if e in failures else v for e, v in enumerate(self.known_versions)]
         for e in asked:
@@ -252,8 +224,7 @@ class RemotePool(ExpertPool):
         call.answered = sorted(outputs)
         for e in failures:
             versions[e] = -1
-        zeros = [x_aD.new_zeros(x_aD.shape, dtype=dtype) for x_aD in x_slices]
-        y_AD = torch.cat([outputs.get(e, zeros_aD) for e, zeros_aD in enumerate(zeros)])
+        y_AD = answers_or_zeros(outputs, x_slices, dtype)
         answered_E = torch.ones(self.num_experts, dtype=torch.bool)
         answered_E[list(failures)] = False
         y_AD = y_AD.to(x_AD.device)
@@ -303,7 +274,8 @@ class RemotePool(ExpertPool):
             self.touched.update(e for e, size in enumerate(call.sizes) if size == 0)
         if not input_only and call.id == self.last_call_id:
             self.keep_output_gradient(grad_y_AD)
-        grad_slices = grad_y_AD.detach().cpu().contiguous().split(call.sizes)
+        (grad_host_AD,) = wire.host_copies(grad_y_AD)
+        grad_slices = grad_host_AD.contiguous().split(call.sizes)
         pending, grads, failures = {}, {}, {}
         meta = {"input_only": True} if input_only else {}
         for e in call.answered:
@@ -338,7 +310,7 @@ class RemotePool(ExpertPool):
             self.record_failures(failures, replace=False)
         if not call.grad_input:
             return None
-        grad_x_AD = torch.cat([grads.get(e, g.new_zeros(g.shape)) for e, g in enumerate(grad_slices)])
+        grad_x_AD = answers_or_zeros(grads, grad_slices, grad_host_AD.dtype)
         return grad_x_AD.to(device, dtype)
 
     # --- owner steps, state, mode ------------------------------------------------------------------

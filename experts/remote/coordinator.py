@@ -234,10 +234,10 @@ class Coordinator:
                 else:
                     on_reply(key, message)
             # judged only after reading: heartbeats queued while the trainer was busy count as heard
-            for key, name in list(pending.items()):
-                if not self.is_alive(name):
-                    del pending[key]
-                    on_fail(key, "dead")
+            dead = {name for name in set(pending.values()) if not self.is_alive(name)}
+            for key in [key for key, name in pending.items() if name in dead]:
+                del pending[key]
+                on_fail(key, "dead")
 
     def request(
         self, requests: dict[Key, tuple[str, Message]], reply_kind: Kind, timeout: float | None = None

@@ -24,6 +24,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import NamedTuple
 
 import torch
 
@@ -44,6 +45,9 @@ RECEIVE_HWM = 1000  # messages a socket queues per peer before ZeroMQ stops read
 # magic, version, kind, dtype, ndim, checksum kind, step, layer, expert, payload bytes, payload checksum,
 # shape (MAX_NDIM dims, unused ones zero), then the crc32 of all the bytes before it.
 HEADER = struct.Struct(f"<4sBBBBB3xQIIQQ{MAX_NDIM}QI")
+_HEADER_BODY = struct.Struct(HEADER.format[:-1])  # all but the trailing crc32, which covers it
+_HEADER_CRC = struct.Struct("<I")
+_NO_DIMS = (0,) * MAX_NDIM
 
 
 class Kind(IntEnum):
@@ -104,6 +108,7 @@ CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 JSON_CODE = 0  # the payload is UTF-8 JSON, not a tensor
 
 CRC32, XXH3 = 1, 2
+_JSON = json.JSONEncoder(separators=(",", ":"))  # what json.dumps builds anew for every call
 
 
 @dataclass(frozen=True)
@@ -161,53 +166,59 @@ def checksum(data, kind: int) -> int:
 
 
 DEFAULT_CHECKSUM = XXH3 if xxhash is not None else CRC32
+_default_checksum = xxhash.xxh3_64_intdigest if xxhash is not None else zlib.crc32
 
 
 def _pack_header(message: Message, dtype_code: int, shape: tuple[int, ...], payload) -> bytes:
-    if len(shape) > MAX_NDIM:
-        raise WireError(f"tensor of {len(shape)} dims; the wire carries at most {MAX_NDIM}")
-    dims = list(shape) + [0] * (MAX_NDIM - len(shape))
-    nbytes = len(payload)
-    head = HEADER.pack(
-        MAGIC,
-        VERSION,
-        int(message.kind),
-        dtype_code,
-        len(shape),
-        DEFAULT_CHECKSUM,
-        message.step,
-        message.layer,
-        message.expert,
-        nbytes,
-        checksum(payload, DEFAULT_CHECKSUM),
-        *dims,
-        0,
-    )
-    return head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
+    ndim = len(shape)
+    if ndim > MAX_NDIM:
+        raise WireError(f"tensor of {ndim} dims; the wire carries at most {MAX_NDIM}")
+    body = _HEADER_BODY.pack(
+        MAGIC, VERSION, message.kind, dtype_code, ndim, DEFAULT_CHECKSUM,
+        message.step, message.layer, message.expert, len(payload), _default_checksum(payload),
+        *shape, *_NO_DIMS[ndim:],
+    )  # fmt: skip
+    return body + _HEADER_CRC.pack(zlib.crc32(body))
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's raw bytes in C order, without a copy when it is already contiguous on the CPU."""
-    flat = tensor.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
-    if flat.numel() == 0:
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.is_conj() or tensor.is_neg():
+        tensor = tensor.resolve_conj().resolve_neg().cpu().contiguous()
+    if tensor.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
+
+
+def host_copies(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors, detached, on the host for the wire. CPU tensors are returned as they are; from a GPU
+    all are copied in one go (non-blocking, into pinned memory) and waited for once, instead of one
+    blocking copy (one host synchronisation) each."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return [t.detach() for t in tensors]
+    if tensors[0].device.type != "cuda":
+        return [t.detach().cpu() for t in tensors]
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for host_t, t in zip(host, tensors, strict=True):
+        host_t.copy_(t.detach(), non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return host
 
 
 def encode(message: Message) -> list:
     """The frames of `message`: (header, payload) pairs; payloads are zero-copy views of tensors."""
-    meta = json.dumps(message.meta, separators=(",", ":")).encode()
+    meta = _JSON.encode(message.meta).encode()
     frames = [_pack_header(message, JSON_CODE, (), meta), meta]
     for tensor in message.tensors:
-        if tensor.dtype not in DTYPE_CODES:
+        code = DTYPE_CODES.get(tensor.dtype)
+        if code is None:
             raise WireError(f"dtype {tensor.dtype} cannot cross the wire")
         payload = tensor_bytes(tensor)
-        frames += [_pack_header(message, DTYPE_CODES[tensor.dtype], tuple(tensor.shape), payload), payload]
+        frames += (_pack_header(message, code, tensor.shape, payload), payload)
     return frames
 
 
-@dataclass(frozen=True)
-class FrameHeader:
+class FrameHeader(NamedTuple):
     kind: int
     dtype_code: int
     shape: tuple[int, ...]
@@ -227,7 +238,10 @@ def _buffer(part) -> memoryview:
 
 def unpack_header(part) -> FrameHeader:
     """The fields of a header frame, or WireError; every dimension it declares is at most `MAX_DIM`."""
-    raw = _buffer(part)
+    return _unpack_header(_buffer(part))
+
+
+def _unpack_header(raw: memoryview) -> FrameHeader:
     if len(raw) != HEADER.size:
         raise WireError(f"header of {len(raw)} bytes, expected {HEADER.size}")
     (
@@ -274,8 +288,10 @@ def _check_payload(header: FrameHeader, payload: memoryview, limit: int) -> None
 
 
 def _tensor_from(header: FrameHeader, payload: memoryview, limits: WireLimits) -> torch.Tensor:
+    """The tensor a checked payload holds: a view of the received bytes (no copy) when they are writable
+    and aligned for its dtype, as zmq's receive buffers are."""
     dtype = CODE_DTYPES[header.dtype_code]
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     numel, span = 1, itemsize
     for dim in header.shape:
         numel *= dim
@@ -293,7 +309,7 @@ def _tensor_from(header: FrameHeader, payload: memoryview, limits: WireLimits) -
     flat = torch.frombuffer(payload, dtype=torch.uint8)
     if flat.data_ptr() % itemsize:  # zmq may hand out unaligned views into its receive buffer
         flat = flat.clone()
-    return flat.view(dtype).reshape(header.shape)
+    return flat.view(dtype).view(header.shape)
 
 
 def decode(parts: list, limits: WireLimits = WireLimits()) -> Message:
@@ -302,27 +318,22 @@ def decode(parts: list, limits: WireLimits = WireLimits()) -> Message:
         raise WireError(f"{len(parts)} frames; a message is (header, payload) pairs")
     if len(parts) // 2 - 1 > limits.max_tensors:
         raise WireError(f"{len(parts) // 2 - 1} tensors exceed the limit of {limits.max_tensors}")
-    total = sum(len(_buffer(part)) for part in parts)
+    buffers = [_buffer(part) for part in parts]
+    total = sum(map(len, buffers))
     if total > limits.max_message_bytes:
         raise WireError(f"message of {total} bytes exceeds the limit of {limits.max_message_bytes}")
-    head = unpack_header(parts[0])
+    head = _unpack_header(buffers[0])
     if head.dtype_code != JSON_CODE:
         raise WireError("the first frame pair must carry JSON meta")
-    meta_bytes = _buffer(parts[1])
-    _check_payload(head, meta_bytes, limits.max_meta_bytes)
-    message = Message(Kind(head.kind), head.step, head.layer, head.expert, parse_meta(meta_bytes, limits))
-    for header_part, payload_part in zip(parts[2::2], parts[3::2], strict=True):
-        header = unpack_header(header_part)
-        if (header.kind, header.step, header.layer, header.expert) != (
-            head.kind,
-            head.step,
-            head.layer,
-            head.expert,
-        ):
+    _check_payload(head, buffers[1], limits.max_meta_bytes)
+    message = Message(Kind(head.kind), head.step, head.layer, head.expert, parse_meta(buffers[1], limits))
+    address = head[:1] + head[3:6]  # kind, step, layer, expert
+    for raw_header, payload in zip(buffers[2::2], buffers[3::2], strict=True):
+        header = _unpack_header(raw_header)
+        if header[:1] + header[3:6] != address:
             raise WireError("tensor frame belongs to a different message")
         if header.dtype_code == JSON_CODE:
             raise WireError("a tensor frame pair carries JSON")
-        payload = _buffer(payload_part)
         _check_payload(header, payload, limits.max_tensor_bytes)
         message.tensors.append(_tensor_from(header, payload, limits))
     return message
@@ -332,10 +343,10 @@ def parse_meta(raw: memoryview | bytes, limits: WireLimits = WireLimits()) -> di
     """A JSON object with integers of at most `MAX_INT_DIGITS` digits and at most `max_json_depth`
     levels of nesting, or WireError."""
     try:
-        meta = json.loads(bytes(raw), parse_int=_bounded_int)
+        meta = _JSON_DECODER.decode(str(raw, "utf-8"))
     except RecursionError:
         raise WireError(f"meta nests deeper than {limits.max_json_depth} levels") from None
-    except ValueError as err:  # not UTF-8, not JSON
+    except ValueError as err:  # not UTF-8 (UnicodeDecodeError), not JSON
         raise WireError(f"meta is not JSON: {str(err)[:200]}") from None
     if not isinstance(meta, dict):
         raise WireError("meta must be a JSON object")
@@ -349,6 +360,9 @@ def _bounded_int(digits: str) -> int:
             f"meta holds an integer of {len(digits)} digits; at most {MAX_INT_DIGITS} are accepted"
         )
     return int(digits)
+
+
+_JSON_DECODER = json.JSONDecoder(parse_int=_bounded_int)  # what json.loads builds anew for every call
 
 
 def _check_depth(meta: dict, max_depth: int) -> None:

@@ -50,6 +50,7 @@ from experts.pool import answer_dtype
 from experts.remote.audit_replies import audit_reply, audit_window
 from experts.remote.auth import connect_curve
 from experts.remote.checkpoint import CHECKPOINT_FILE, load_messages, save_messages
+from experts.remote.heap import keep_freed_memory
 from experts.remote.settings import RequestError, WorkerLimits, WorkerSettings, autocast_from, typed_meta
 from experts.remote.wire import (
     RECEIVE_HWM,
@@ -126,6 +127,7 @@ class Worker:
 
     def run(self) -> None:
         log.info("worker %s (pid %d) on %s, %d threads", self.name, os.getpid(), self.device, self.threads)
+        keep_freed_memory()
         warm_up(self.device)
         try:
             while self.running and self.parent_alive():
