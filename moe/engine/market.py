@@ -7,7 +7,6 @@ Legend: E experts.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import TYPE_CHECKING
 
@@ -90,8 +89,3 @@ def restore_market(run: Run, state: dict) -> None:
     if run.market is not None and state.get("market"):
         run.market.load_state_dict(state["market"])
         place_experts(run.layers, run.market)
-
-
-def ledger_takes_charges(ledger) -> bool:
-    """Whether this ledger's `after_step` accepts `charges=` (compute payments)."""
-    return "charges" in inspect.signature(ledger.after_step).parameters
