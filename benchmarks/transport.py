@@ -77,13 +77,22 @@ def parse_args() -> argparse.Namespace:
 # --- 1. round trips ----------------------------------------------------------------------------------
 
 
-def echo_once(transport: ProcessTransport, payload: torch.Tensor) -> None:
+def echo_once(transport: ProcessTransport, payload: torch.Tensor, workers: tuple[str, ...] = ("w0",)) -> None:
+    """`payload` to each of `workers` and back."""
     coordinator = transport.coordinator
-    key = (next(coordinator.request_ids), 0, 0)
-    message = Message(Kind.ECHO, key[0], tensors=[payload])
-    reply = coordinator.request({key: ("w0", message)}, Kind.ECHOED, timeout=30)[key]
-    if isinstance(reply, str) or reply.tensors[0].numel() != payload.numel():
-        raise RuntimeError(f"echo failed: {reply}")
+    requests = {}
+    for worker in workers:
+        key = (next(coordinator.request_ids), 0, 0)
+        requests[key] = (worker, Message(Kind.ECHO, key[0], tensors=[payload]))
+    for reply in coordinator.request(requests, Kind.ECHOED, timeout=30).values():
+        if isinstance(reply, str) or reply.tensors[0].numel() != payload.numel():
+            raise RuntimeError(f"echo failed: {reply}")
+
+
+def settled(transport: ProcessTransport) -> None:
+    """Wait until every worker has done what it was sent (its owner steps, which it acks
+    asynchronously): a worker answers messages in order, so its echo comes back after them."""
+    echo_once(transport, torch.zeros(1), tuple(sorted(transport.coordinator.registered_names())))
 
 
 def bench_round_trips(transport: ProcessTransport) -> None:
@@ -135,7 +144,7 @@ def bench_layer(args, transport: ProcessTransport) -> float:
     # in turns, so that load from elsewhere on a shared machine hits both alike
     steps = {
         "local": lambda: layer_step(local, x_BTD.to(device)),
-        "process": lambda: layer_step(remote, x_BTD),
+        "process": lambda: (layer_step(remote, x_BTD), settled(transport)),  # owner steps included
     }
     seconds = interleaved_medians(steps, repeats=args.repeats)
     local_s, remote_s = seconds["local"], seconds["process"]
@@ -171,7 +180,8 @@ def bench_curve(args, local_s: float) -> None:
         seconds = {auth: [] for auth in layers}
         for _ in range(args.repeats + 1):  # the first round warms up
             for auth, layer in layers.items():
-                seconds[auth].append(timed(lambda layer=layer: layer_step(layer, x_BTD)))
+                step = lambda layer=layer, auth=auth: (layer_step(layer, x_BTD), settled(transports[auth]))
+                seconds[auth].append(timed(step))
     finally:
         for transport in transports.values():
             transport.close()
@@ -258,7 +268,10 @@ def bench_ours_against_floor(args, transport: ProcessTransport) -> tuple[float, 
         calls[name] += 1
 
     steps = {
-        "ours": lambda: timed_cpu("ours", trainer_threads, lambda: layer_step(layer, x_BTD)),
+        # the workers finish their owner steps inside "ours": left running, they would slow the floor
+        "ours": lambda: timed_cpu(
+            "ours", trainer_threads, lambda: (layer_step(layer, x_BTD), settled(transport))
+        ),
         "floor": lambda: timed_cpu("floor", args.threads, floor_step),
     }
     pids = [record.pid for record in transport.coordinator.workers.values() if record.pid]
