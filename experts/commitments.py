@@ -74,6 +74,18 @@ def sketch_of(tensors: list[torch.Tensor], directions: list | None = None) -> to
         return torch.stack(parts).reshape(-1).cpu()
 
 
+def stacked_sketch_GP(buffers: list[torch.Tensor]) -> torch.Tensor:
+    """`sketch_of` every row of `buffers` (per parameter in name order, [G, *shape]: G experts'
+    parameters stacked, experts/stacking.py), in two batched matmuls per parameter: [G, P]."""
+    with torch.no_grad():
+        parts = []
+        for buffer in buffers:
+            w_GOI = _as_matrices(buffer)
+            u_KO, v_IK = _bilinear_directions(tuple(w_GOI.shape[1:]), str(buffer.device))
+            parts.append(torch.matmul(torch.matmul(u_KO, w_GOI), v_IK))
+        return torch.stack(parts, dim=1).reshape(buffers[0].shape[0], -1).cpu()
+
+
 def sketch_directions(tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The (U, V) pair `sketch_of` projects each of `tensors` with."""
     return [_bilinear_directions(tuple(_as_matrix(t).shape), str(t.device)) for t in tensors]
@@ -90,6 +102,14 @@ def _as_matrix(t: torch.Tensor) -> torch.Tensor:
     if t.ndim == 2 and t.dtype == torch.float32:
         return t
     return t.detach().float().reshape(t.shape[0] if t.ndim else 1, -1)
+
+
+def _as_matrices(t_G: torch.Tensor) -> torch.Tensor:
+    """`_as_matrix` of each row of `t_G`, as one [G, O, I] tensor."""
+    if t_G.ndim == 3 and t_G.dtype == torch.float32:
+        return t_G
+    rows = t_G.shape[1] if t_G.ndim > 1 else 1
+    return t_G.detach().float().reshape(t_G.shape[0], rows, -1)
 
 
 def digest(t: torch.Tensor) -> str:
@@ -195,15 +215,24 @@ class AuditTrail:
         self._scratch: tuple[nn.Module, torch.optim.Optimizer] | None = None  # for replays, built once
         self._spare: list[torch.Tensor] = []  # a dropped snapshot's tensors, reused by the next one
 
-    def record(self, version: int, module: nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        """Commit to the owner's state at `version` (after its step); returns the commitment. A version
-        that does not follow the last one recorded (the first, a load) starts a new history."""
+    def record(
+        self,
+        version: int,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        sketch_P: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Commit to the owner's state at `version` (after its step); returns the commitment, `sketch_P`
+        when the caller computed it already (`param_sketch_P` of these parameters, batched over a
+        pool's owners). A version that does not follow the last one recorded (the first, a load)
+        starts a new history."""
         latest = next(reversed(self.commitments), None)
         follows = latest is not None and latest == version - 1 and self._owner == (module, optimizer)
         if not follows:
             self._start(module, optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        sketch_P = sketch_of([params[i] for i in self._by_name], self._directions)
+        if sketch_P is None:
+            sketch_P = sketch_of([params[i] for i in self._by_name], self._directions)
         if follows:
             groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             self.steps[latest] = _Step([p.grad for p in params], groups)

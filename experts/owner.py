@@ -9,14 +9,16 @@ and applies the step).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from experts.commitments import AuditTrail
 from experts.rows import ComputeSettings, RowBuckets
+from experts.stacking import ParameterStack
 
 
 @dataclass
@@ -27,6 +29,11 @@ class OptimizerSettings:
     lr: float = 3e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # gradient norm clip the owner applies before its step; 0 disables it
+
+
+def plain_settings(source: object) -> OptimizerSettings:
+    """The `OptimizerSettings` fields of `source` (these settings, or a config that inherits them)."""
+    return OptimizerSettings(**{f.name: getattr(source, f.name) for f in fields(OptimizerSettings)})
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,8 @@ class ExpertOwner:
     ):
         self.module = module
         self.row_buckets = RowBuckets.parse((compute or ComputeSettings()).row_buckets)
-        self.settings = settings = settings or OptimizerSettings()
+        # a plain copy: a config's attribute reads (omegaconf) cost more than a small expert's clip
+        self.settings = settings = plain_settings(settings or OptimizerSettings())
         # fused: one kernel for every parameter instead of a dozen passes each; 3.7x faster on CPU for a
         # 512x2048 expert (benchmarks/transport.py), where the owner's step is a third of its work
         self.optimizer = torch.optim.AdamW(
@@ -55,6 +63,7 @@ class ExpertOwner:
         )
         self.steps = 0  # optimizer steps taken: the version of the parameters
         self.trail: AuditTrail | None = None  # what audits of recent versions need (`keep_states`)
+        self.stacked: tuple[ParameterStack, int] | None = None  # (stack, row) where a pool stacked it
 
     def forward(self, x_aD: torch.Tensor) -> torch.Tensor:
         """The expert's output on its rows `x_aD`, computed in their row bucket when one applies."""
@@ -71,12 +80,12 @@ class ExpertOwner:
         self.trail = AuditTrail(window) if window > 0 else None
         self.commit()
 
-    def commit(self) -> torch.Tensor | None:
+    def commit(self, sketch_P: torch.Tensor | None = None) -> torch.Tensor | None:
         """Commit to the current version (after a step, a load), when keeping states for audits; returns
-        the parameter commitment."""
+        the parameter commitment (`sketch_P`: computed already, see `commit_owners`)."""
         if self.trail is None:
             return None
-        return self.trail.record(self.version, self.module, self.optimizer)
+        return self.trail.record(self.version, self.module, self.optimizer, sketch_P)
 
     def commitment_at(self, version: int) -> torch.Tensor | None:
         """The parameter commitment of `version`, if still kept (what its owner published)."""
@@ -98,15 +107,12 @@ class ExpertOwner:
         return nn.utils.get_total_norm(grads)
 
     def apply_step(self, grad_norm: float | None) -> StepReport:
-        """Step unless `grad_norm` (from `gradient_norm`) is non-finite; then zero the gradients."""
-        finite = grad_norm is None or math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-            self.steps += 1
-            self.commit()
-        self.zero_grad()
-        if not finite:
+        """Step unless `grad_norm` (from `gradient_norm`) is non-finite; committing to the new version
+        and zeroing the gradients are the caller's (`step_owners`, which batches the commitments)."""
+        if grad_norm is not None and not math.isfinite(grad_norm):
             return StepReport(skipped="non-finite gradient")
+        self.optimizer.step()
+        self.steps += 1
         return StepReport(grad_norm=grad_norm or 0.0)
 
     def step(self, *, learns: bool = True, zero_missing_grads: bool = False) -> StepReport:
@@ -141,12 +147,35 @@ def step_owners(
         for owner, learning, zero in zip(owners, learns, zero_missing_grads, strict=True)
     ]
     measured = [norm for norm in norms if norm is not None]
-    values = iter(torch.stack([n.float() for n in measured]).tolist() if measured else [])
-    reports = []
-    for owner, learning, norm in zip(owners, learns, norms, strict=True):
-        if not learning:  # a stale owner has stopped learning
-            owner.zero_grad()
-            reports.append(StepReport())
-        else:
-            reports.append(owner.apply_step(None if norm is None else next(values)))
+    values = torch.stack([n.float() for n in measured]).tolist() if measured else []
+    values = iter(values)
+    reports = [
+        owner.apply_step(None if norm is None else next(values)) if learning else StepReport()
+        for owner, learning, norm in zip(owners, learns, norms, strict=True)
+    ]  # a stale owner (not learning) has stopped: it only drops its gradients
+    stepped = [
+        owner
+        for owner, learning, report in zip(owners, learns, reports, strict=True)
+        if learning and not report.skipped
+    ]
+    commit_owners(stepped)
+    for owner in owners:
+        owner.zero_grad()
     return reports
+
+
+def commit_owners(owners: Sequence[ExpertOwner]) -> None:
+    """Each owner commits to its new version (those keeping states for audits). Where two or more
+    owners' parameters are still rows of one `ParameterStack`, their sketches come from one batched
+    pass over the stack."""
+    keeping = [owner for owner in owners if owner.trail is not None]
+    rows = {
+        id(owner): owner.stacked
+        for owner in keeping
+        if owner.stacked and owner.stacked[0].holds(owner.stacked[1])
+    }
+    stacks = Counter(stack for stack, _ in rows.values())
+    batches_GP = {stack: stack.sketches_GP() for stack, count in stacks.items() if count >= 2}
+    for owner in keeping:
+        stack, row = rows.get(id(owner), (None, 0))
+        owner.commit(batches_GP[stack][row] if stack in batches_GP else None)

@@ -26,6 +26,7 @@ from experts.latency import ReplyTimes
 from experts.network import FaultPolicy, LinkSpec, VirtualNetwork
 from experts.owner import ExpertOwner, OptimizerSettings, step_owners
 from experts.rows import ComputeSettings
+from experts.stacking import stack_parameters
 from router.plan import DispatchPlan
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,8 @@ class LocalPool(ExpertPool):
         self.experts = nn.ModuleList(experts).to(device)
         self.num_experts = len(experts)
         self.owners = [ExpertOwner(expert, optimizer, compute) for expert in self.experts]
+        for owner, stacked in zip(self.owners, stack_parameters(list(self.experts)), strict=True):
+            owner.stacked = stacked
         self.policy = policy or FaultPolicy()
         self.network = network
         self.reply_times = ReplyTimes(self.num_experts, self.policy.latency_ema)

@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from experts.commitments import AuditAnswer, AuditRefused, digest, param_sketch_P, relative_gap, row_sketch_AK
+from experts.commitments import (
+    AuditAnswer,
+    AuditRefused,
+    digest,
+    load_optimizer_snapshot,
+    param_sketch_P,
+    relative_gap,
+    row_sketch_AK,
+)
 from experts.owner import ExpertOwner
 from experts.pool import ExpertPool
 
@@ -175,8 +183,10 @@ def _rerun(module: torch.nn.Module, call: SampledCall) -> torch.Tensor:
     autocast = (
         torch.autocast(device, dtype=call.autocast_dtype) if call.autocast_dtype else contextlib.nullcontext()
     )
+    if any(param.device != call.x_aD.device for param in module.parameters()):
+        module.to(call.x_aD.device)
     with torch.enable_grad(), autocast:
-        return module.to(call.x_aD.device)(call.x_aD)
+        return module(call.x_aD)
 
 
 def _step_gap(module, owner: ExpertOwner, y_aD, call: SampledCall, answer: AuditAnswer) -> float | None:
@@ -185,7 +195,7 @@ def _step_gap(module, owner: ExpertOwner, y_aD, call: SampledCall, answer: Audit
     steps but the owner committed to no later version (it stopped learning)."""
     if call.grad_y_aD is None:  # the outputs got no gradient (no backward reached them): nothing to replay
         return 0.0
-    owner.optimizer.load_state_dict(answer.state.optimizer)
+    load_optimizer_snapshot(owner.optimizer, answer.state.optimizer)  # torch's own deep-copies the state
     owner.zero_grad()
     y_aD.backward(call.grad_y_aD.to(y_aD.dtype))
     report = owner.step()
