@@ -25,7 +25,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchtools import CLOCKS, build_training_run, interleaved_step_times, run_scenarios  # noqa: E402  (sibling module)
+from benchtools import (  # noqa: E402  (sibling module)
+    CLOCKS,
+    build_training_run,
+    interleaved_step_times,
+    run_scenarios,
+    timed_train_step,
+)
 
 TARGET_OVERHEAD = 0.07
 SCENARIOS = {
@@ -71,9 +77,38 @@ def report(name: str, scenario: list[str], args: argparse.Namespace, root: Path)
             verdict = "ok" if overhead <= TARGET_OVERHEAD else "ABOVE TARGET"
             print(f"  {label:34s}  {medians[variant] * 1e3:8.2f} ms   overhead {overhead:+7.1%}   "
                   f"(target <= {TARGET_OVERHEAD:.0%}: {verdict})")  # fmt: skip
+        print_breakdown(runs["audits"], base, args)
     finally:
         for run in runs.values():
             run.transport.close()
+
+
+def print_breakdown(run, base_s: float, args: argparse.Namespace) -> None:
+    """Where the audited run's extra time goes, from `args.blocks` more blocks of it alone: the owners'
+    commitments (sketches, snapshots, the trail's bookkeeping) and the auditor's end-of-step work; the
+    rest of the overhead is what keeping gradients for replays costs the backward and the owners'
+    steps (each step's gradients are fresh memory, not the previous step's freed buffers)."""
+    import experts.owner
+
+    clock, spent = CLOCKS[args.clock], {"commitments": 0.0}
+    commit_owners = experts.owner.commit_owners
+
+    def timed_commits(owners) -> None:
+        start = clock()
+        commit_owners(owners)
+        spent["commitments"] += clock() - start
+
+    experts.owner.commit_owners = timed_commits
+    audited_before = run.auditor.seconds
+    try:
+        steps = args.blocks * args.block
+        total = sum(timed_train_step(run, args.clock) for _ in range(steps))
+    finally:
+        experts.owner.commit_owners = commit_owners
+    audits = (run.auditor.seconds - audited_before) / steps  # wall seconds: the auditor's own clock
+    commits = spent["commitments"] / steps
+    print(f"  of the audited step's {total / steps * 1e3:.2f} ms: commitments {commits * 1e3:.2f} ms"
+          f" ({commits / base_s:.1%} of a step), audits {audits * 1e3:.2f} ms ({audits / base_s:.1%}; wall)")  # fmt: skip
 
 
 def main() -> None:
