@@ -356,9 +356,12 @@ def test_outputs_of_the_wrong_shape_or_dtype_or_size_are_rejected():
         torch.ones(2, D, dtype=torch.float64),
         torch.full((2, D), float("inf")),
         torch.full((2, D), 1e6),
+        torch.ones(2, D).index_fill_(1, torch.tensor([3]), float("nan")),
+        torch.ones(2, D).index_fill_(1, torch.tensor([0]), -float("inf")),
     ]
-    assert sorted(invalid_outputs(y_slices, x_slices, max_norm=1e4)) == [1, 2, 3, 4]
-    assert sorted(invalid_outputs(y_slices, x_slices, max_norm=0)) == [1, 2, 3]
+    x_slices = [torch.ones(2, D)] * len(y_slices)
+    assert sorted(invalid_outputs(y_slices, x_slices, max_norm=1e4)) == [1, 2, 3, 4, 5, 6]
+    assert sorted(invalid_outputs(y_slices, x_slices, max_norm=0)) == [1, 2, 3, 5, 6]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
