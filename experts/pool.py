@@ -218,16 +218,20 @@ def invalid_outputs(
         if y_aD.shape != x_aD.shape or y_aD.dtype not in (dtypes or expected_dtypes(x_aD)):
             reasons[e] = f"invalid: {y_aD.dtype}{tuple(y_aD.shape)} for input {x_aD.dtype}{tuple(x_aD.shape)}"
         elif y_aD.numel():
-            y_aD = y_aD.detach()
-            bad = ~all_finite(y_aD)
-            if max_norm > 0:
-                bad = bad | (y_aD.float().norm(dim=-1).max() > max_norm)
-            checks.append((e, bad))
+            checks.append((e, _out_of_bounds(y_aD.detach(), max_norm)))
     flags = torch.stack([bad for _, bad in checks]).tolist() if checks else []
     for (e, _), bad in zip(checks, flags, strict=True):
         if bad:
             reasons[e] = "invalid: non-finite or norm above max_output_norm"
     return reasons
+
+
+def _out_of_bounds(y_aD: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """0-d bool: `y_aD` holds NaN or ±inf, or a row norm above `max_norm` (0: no bound). With a bound, one
+    pass: a NaN or ±inf anywhere makes its row's norm, and so the largest, NaN or inf, which fails `<=`."""
+    if max_norm > 0:
+        return ~(y_aD.float().norm(dim=-1).max() <= max_norm)
+    return ~all_finite(y_aD)
 
 
 class LocalPool(ExpertPool):

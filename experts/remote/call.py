@@ -1,12 +1,13 @@
 """One remote call as autograd sees it: `RemoteExpertsCall` sends each expert its input slice forward and
-its gradient slice backward (through `RemotePool.forward_call` / `backward_call`), and `PendingCall`
-remembers a forward for its backward.
+its gradient slice backward (through `RemotePool.forward_call` / `backward_call`), `PendingCall`
+remembers a forward for its backward, and `Answers` gathers the replies of one round.
 
 Legend: A assignments sorted by expert, D model width.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,8 +48,25 @@ class RemoteExpertsCall(torch.autograd.Function):
         return None, None, grad_x_AD, None, None
 
 
-def answers_or_zeros(answers: dict[int, torch.Tensor], slices: list, dtype: torch.dtype) -> torch.Tensor:
-    """Every expert's answer in order, zeros shaped like its slice where it gave none (made only there)."""
-    return torch.cat(
-        [answers[e] if e in answers else s.new_zeros(s.shape, dtype=dtype) for e, s in enumerate(slices)]
-    )
+class Answers:
+    """Every expert's answer in one tensor, rows in slice order. Each answer is copied in as it arrives,
+    while other experts are still computing, rather than all concatenated after the last one; a slice
+    with no answer is zeros (written only there)."""
+
+    def __init__(self, slices: list[torch.Tensor], dtype: torch.dtype):
+        self.bounds = list(itertools.pairwise(itertools.accumulate((len(s) for s in slices), initial=0)))
+        self.rows_AD = torch.empty((self.bounds[-1][1], *slices[0].shape[1:]), dtype=dtype)
+        self.given: set[int] = set()
+
+    def put(self, expert: int, answer: torch.Tensor) -> None:
+        """`expert`'s answer, cast to the dtype of the whole."""
+        start, end = self.bounds[expert]
+        self.rows_AD[start:end].copy_(answer)
+        self.given.add(expert)
+
+    def gathered(self) -> torch.Tensor:
+        """All answers, zeros where none was put."""
+        for expert, (start, end) in enumerate(self.bounds):
+            if expert not in self.given:
+                self.rows_AD[start:end].zero_()
+        return self.rows_AD

@@ -30,7 +30,7 @@ from experts.network import FailureMemory, FaultPolicy, LinkSpec, NetworkConfig,
 from experts.owner import OptimizerSettings
 from experts.pool import ExpertPool, PoolOutput, all_finite, answer_dtype, expected_dtypes, invalid_outputs
 from experts.remote import wire
-from experts.remote.call import PendingCall, RemoteExpertsCall, answers_or_zeros
+from experts.remote.call import Answers, PendingCall, RemoteExpertsCall
 from experts.remote.checkpoint import CHECKPOINT_FILE, load_messages
 from experts.remote.coordinator import Coordinator, Key
 from experts.remote.moves import move_remote_expert, placed_links
@@ -184,7 +184,7 @@ class RemotePool(ExpertPool):
         call_meta = {"keep": keep, "grad_input": grad_input, "step": step, **autocast_meta(x_AD.device)}
         start, clock = time.monotonic(), ReplyClock()
         round_ = Round(token_idx_A, call.sizes, asked, plan.num_tokens, self.policy, start, self.reply_time_E)
-        pending, outputs = {}, {}
+        pending, answers = {}, Answers(x_slices, dtype)
         versions = [-1 if e in failures else v for e, v in enumerate(self.known_versions)]
         for e in asked:
             meta = {**call_meta, **self.behaviour_meta(e)}
@@ -202,7 +202,7 @@ class RemotePool(ExpertPool):
             y_aD = message.tensors[0] if len(message.tensors) == 1 else torch.empty(0)
             reason = invalid_outputs([y_aD], [x_slices[e]], self.policy.max_output_norm, dtypes).get(0)
             if reason is None:
-                outputs[e] = y_aD.to(dtype)
+                answers.put(e, y_aD)
                 version = message.meta.get("version", -1)
                 versions[e] = version if isinstance(version, int) and not isinstance(version, bool) else -1
                 self.known_versions[e] = versions[e]
@@ -221,10 +221,10 @@ class RemotePool(ExpertPool):
         self.observe_reply_times(clock.waited_s, clock.unanswered, training=keep)
         self.remember(asked, failures)
         self.record_failures(failures)
-        call.answered = sorted(outputs)
+        call.answered = sorted(answers.given)
         for e in failures:
             versions[e] = -1
-        y_AD = answers_or_zeros(outputs, x_slices, dtype)
+        y_AD = answers.gathered()
         answered_E = torch.ones(self.num_experts, dtype=torch.bool)
         answered_E[list(failures)] = False
         y_AD = y_AD.to(x_AD.device)
@@ -276,7 +276,8 @@ class RemotePool(ExpertPool):
             self.keep_output_gradient(grad_y_AD)
         (grad_host_AD,) = wire.host_copies(grad_y_AD)
         grad_slices = grad_host_AD.contiguous().split(call.sizes)
-        pending, grads, failures = {}, {}, {}
+        pending, failures = {}, {}
+        grads = Answers(grad_slices, grad_host_AD.dtype) if call.grad_input else None
         meta = {"input_only": True} if input_only else {}
         for e in call.answered:
             message = Message(Kind.BACKWARD, call.id, self.layer, e, meta=meta, tensors=[grad_slices[e]])
@@ -293,7 +294,7 @@ class RemotePool(ExpertPool):
             if grad is None or grad.shape != grad_slices[e].shape or not bool(all_finite(grad)):
                 failures[e] = "backward: invalid input gradient"
             else:
-                grads[e] = grad
+                grads.put(e, grad)
 
         def on_fail(key: Key, reason: str) -> None:
             failures[key[2]] = f"backward: {reason}"
@@ -310,7 +311,7 @@ class RemotePool(ExpertPool):
             self.record_failures(failures, replace=False)
         if not call.grad_input:
             return None
-        grad_x_AD = answers_or_zeros(grads, grad_slices, grad_host_AD.dtype)
+        grad_x_AD = grads.gathered()
         return grad_x_AD.to(device, dtype)
 
     # --- owner steps, state, mode ------------------------------------------------------------------

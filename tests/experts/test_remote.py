@@ -27,6 +27,7 @@ from experts.modules import FFN, ExpertsConfig
 from experts.network import FailureMemory, FaultPolicy, LinkSpec, NetworkConfig, Round, VirtualNetwork
 from experts.pool import LocalPool, all_finite, invalid_outputs
 from experts.remote import ProcessTransport, ProcessTransportConfig
+from experts.remote.call import Answers
 from experts.remote.wire import HEADER, Kind, Message, encode
 from moe.errors import ConfigError
 from moe.nn.layer import combine
@@ -356,9 +357,23 @@ def test_outputs_of_the_wrong_shape_or_dtype_or_size_are_rejected():
         torch.ones(2, D, dtype=torch.float64),
         torch.full((2, D), float("inf")),
         torch.full((2, D), 1e6),
+        torch.ones(2, D).index_fill_(1, torch.tensor([3]), float("nan")),
+        torch.ones(2, D).index_fill_(1, torch.tensor([0]), -float("inf")),
     ]
-    assert sorted(invalid_outputs(y_slices, x_slices, max_norm=1e4)) == [1, 2, 3, 4]
-    assert sorted(invalid_outputs(y_slices, x_slices, max_norm=0)) == [1, 2, 3]
+    x_slices = [torch.ones(2, D)] * len(y_slices)
+    assert sorted(invalid_outputs(y_slices, x_slices, max_norm=1e4)) == [1, 2, 3, 4, 5, 6]
+    assert sorted(invalid_outputs(y_slices, x_slices, max_norm=0)) == [1, 2, 3, 5, 6]
+
+
+def test_answers_gather_in_slice_order_whatever_the_arrival_cast_with_zeros_where_none_came():
+    slices = [torch.ones(2, D), torch.ones(0, D), torch.ones(3, D), torch.ones(1, D)]
+    answers = {3: torch.randn(1, D, dtype=torch.float64), 0: torch.randn(2, D)}  # in arrival order
+    gathered = Answers(slices, torch.float32)
+    for e, answer in answers.items():
+        gathered.put(e, answer)
+    expected = torch.cat([answers[0], torch.zeros(0, D), torch.zeros(3, D), answers[3].float()])
+    assert gathered.given == {0, 3}
+    assert torch.equal(gathered.gathered(), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
