@@ -7,7 +7,8 @@ Prints, from one run on one machine:
    ZeroMQ) at 16 KB, 1 MB and 16 MB, next to the cost of framing alone;
 2. one MoE layer training step (router → pool → combine → backward → owner steps) at T=4096,
    d=512, f=2048, E=4, k=2, in-process with `workers × threads` torch threads vs in `workers`
-   worker processes of `threads` threads each (thread counts matched), with the overhead ratio;
+   worker processes of `threads` threads each (compute thread counts matched; the trainer beside them
+   on the cores they leave, as `python train.py` runs it), with the overhead ratio;
    then the cost of CURVE: the same step over tcp without and with CURVE (encryption and key
    authentication, `transport.auth`), steps alternating between the two, each as process / local;
 3. the same layer against hivemind's RemoteMixtureOfExperts (hidden 512, batch 128, 4 experts,
@@ -142,9 +143,13 @@ def bench_layer(args, transport: ProcessTransport) -> float:
     local = make_layer(args, local_pool).to(device)
     remote = make_layer(args, transport.make_pool("bench", experts, experts_cfg))  # trainer side on the CPU
     # in turns, so that load from elsewhere on a shared machine hits both alike
+    trainer_threads = trainer_side_threads(args)
     steps = {
-        "local": lambda: layer_step(local, x_BTD.to(device)),
-        "process": lambda: (layer_step(remote, x_BTD), settled(transport)),  # owner steps included
+        "local": lambda: on_threads(compute_threads, lambda: layer_step(local, x_BTD.to(device))),
+        # owner steps included; the trainer on the cores its workers leave, as `python train.py` runs it
+        "process": lambda: on_threads(
+            trainer_threads, lambda: (layer_step(remote, x_BTD), settled(transport))
+        ),
     }
     seconds = interleaved_medians(steps, repeats=args.repeats)
     local_s, remote_s = seconds["local"], seconds["process"]
@@ -153,7 +158,7 @@ def bench_layer(args, transport: ProcessTransport) -> float:
         f"   local   (in the trainer on {args.device}, {compute_threads} torch threads)   {local_s * 1e3:8.1f} ms/step"
     )
     print(
-        f"   process ({args.workers} workers on {args.device} × {args.threads} thread, trainer {compute_threads} threads)"
+        f"   process ({args.workers} workers on {args.device} × {args.threads} thread, trainer {trainer_threads} thread(s))"
         f" {remote_s * 1e3:8.1f} ms/step"
     )
     print(f"   process / local = {ratio:.3f}  (overhead {100 * (ratio - 1):+.1f} %, target ≤ +15 %)")
@@ -161,6 +166,17 @@ def bench_layer(args, transport: ProcessTransport) -> float:
     if failures:
         print(f"   note: the process pool reported failures: {dict(failures)}")
     return local_s
+
+
+def trainer_side_threads(args) -> int:
+    """The trainer's torch threads beside its workers: the cores they leave free, at least one (what
+    `moe.engine.cores.trainer_threads` gives a run with local worker processes)."""
+    return max(1, (os.cpu_count() or 1) - args.workers * args.threads)
+
+
+def on_threads(threads: int, step) -> None:
+    torch.set_num_threads(threads)
+    step()
 
 
 def bench_curve(args, local_s: float) -> None:
@@ -180,7 +196,9 @@ def bench_curve(args, local_s: float) -> None:
         seconds = {auth: [] for auth in layers}
         for _ in range(args.repeats + 1):  # the first round warms up
             for auth, layer in layers.items():
-                step = lambda layer=layer, auth=auth: (layer_step(layer, x_BTD), settled(transports[auth]))
+                step = lambda layer=layer, auth=auth: on_threads(
+                    trainer_side_threads(args), lambda: (layer_step(layer, x_BTD), settled(transports[auth]))
+                )
                 seconds[auth].append(timed(step))
     finally:
         for transport in transports.values():
@@ -246,8 +264,7 @@ def bench_hivemind(args) -> float | None:
 def bench_ours_against_floor(args, transport: ProcessTransport) -> tuple[float, float]:
     """poimoe's step at hivemind's shape and the compute floor, timed in turns (the workers idle while
     the floor runs), so that load from elsewhere hits both alike; returns both in samples/s."""
-    # the trainer takes the cores the workers leave free, as `python train.py` does (moe.engine.cores.trainer_threads)
-    trainer_threads = max(1, (os.cpu_count() or 1) - args.workers * args.threads)
+    trainer_threads = trainer_side_threads(args)
     torch.manual_seed(0)
     experts = [FFN(HIDDEN, 4 * HIDDEN) for _ in range(EXPERTS)]
     layer = MoELayer(
