@@ -4,12 +4,13 @@ only drops its gradients; a non-finite gradient skips the step instead of poison
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 
 from experts.modules import FFN
-from experts.owner import ExpertOwner, OptimizerSettings, step_owners
+from experts.owner import ExpertOwner, OptimizerSettings, StepReport, step_owners
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,6 +89,49 @@ def test_stepping_owners_together_equals_stepping_each():
     for a, b in zip(together, alone, strict=True):
         for name, value in a.module.state_dict().items():
             torch.testing.assert_close(value, b.module.state_dict()[name], atol=0, rtol=0)
+
+
+def test_batched_steps_are_torchs_own_clip_and_step_bit_for_bit():
+    """Owners stepped together (norms in one sync, clipping only where the factor is below 1, one
+    functional AdamW call per set of hyperparameters) end exactly where torch's `clip_grad_norm_` and
+    each owner's own `optimizer.step()` leave them: small gradients, clipped ones, a non-finite one
+    (skipped), a stale owner, and two learning rates (two batches)."""
+    scales = [0.01, 1.0, 10.0, float("nan"), 1.0]
+    learns = [True, True, True, True, False]
+    torch.manual_seed(0)
+    modules = [FFN(4, 8) for _ in scales]
+    settings = [OptimizerSettings(lr=lr, weight_decay=0.1, grad_clip=0.5) for lr in (1e-2, 3e-3) * 3][
+        : len(scales)
+    ]
+    owners = [ExpertOwner(copy.deepcopy(m), s) for m, s in zip(modules, settings, strict=True)]
+    optimizers = [
+        torch.optim.AdamW(m.parameters(), lr=s.lr, weight_decay=s.weight_decay, fused=True)
+        for m, s in zip(modules, settings, strict=True)
+    ]
+    for step in range(3):
+        expected = []
+        for owner, module, optimizer, scale, learning in zip(
+            owners, modules, optimizers, scales, learns, strict=True
+        ):
+            for target in (owner.module, module):
+                (
+                    target(torch.randn(5, 4, generator=torch.Generator().manual_seed(step))) * scale
+                ).square().sum().backward()
+            norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), 0.5)) if learning else None
+            if learning and math.isfinite(norm):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            expected.append(norm)
+        reports = step_owners(owners, learns)
+        assert [r.grad_norm for r in reports[:3]] == expected[:3]
+        assert reports[3].skipped == "non-finite gradient"
+        assert reports[4] == StepReport()
+        for owner, module, optimizer in zip(owners, modules, optimizers, strict=True):
+            for mine, theirs in zip(owner.module.parameters(), module.parameters(), strict=True):
+                assert torch.equal(mine, theirs)
+            for mine, theirs in zip(owner.optimizer.state.values(), optimizer.state.values(), strict=True):
+                assert all(torch.equal(mine[key], theirs[key]) for key in theirs)
+    assert [owner.steps for owner in owners] == [3, 3, 3, 0, 0]
 
 
 def test_state_round_trips_into_a_fresh_owner():
