@@ -353,9 +353,9 @@ def optimizer_snapshot(
 def load_optimizer_snapshot(optimizer: torch.optim.Optimizer, snapshot: dict) -> None:
     """`snapshot` (`optimizer_snapshot`'s layout) into `optimizer`, copied (into its own state tensors
     where they match) so that stepping leaves the snapshot as it was."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    placed = [(p, group) for group in optimizer.param_groups for p in group["params"]]
     targets, sources = [], []
-    for index, param in enumerate(params):
+    for index, (param, group) in enumerate(placed):
         entry, live = snapshot["state"].get(index), optimizer.state.get(param)
         if entry is None:
             optimizer.state.pop(param, None)
@@ -363,11 +363,24 @@ def load_optimizer_snapshot(optimizer: torch.optim.Optimizer, snapshot: dict) ->
             targets += [live[k] for k, v in entry.items() if torch.is_tensor(v)]
             sources += [v for v in entry.values() if torch.is_tensor(v)]
         else:
-            optimizer.state[param] = {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items()}
+            optimizer.state[param] = {k: _placed_like(v, k, param, group) for k, v in entry.items()}
     if targets:
         torch._foreach_copy_(targets, sources)
     for group, saved in zip(optimizer.param_groups, snapshot["param_groups"], strict=True):
         group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def _placed_like(value: object, key: str, param: torch.Tensor, group: dict) -> object:
+    """A saved state value copied where torch's `Optimizer.load_state_dict` puts it: on the parameter's
+    device (state off the wire is on the host), floats in its dtype; `step` in float32 on that device
+    for fused or capturable optimizers, else as saved."""
+    if not torch.is_tensor(value):
+        return value
+    if key == "step":
+        on_device = group.get("fused") or group.get("capturable")
+        return value.to(dtype=torch.float32, device=param.device, copy=True) if on_device else value.clone()
+    dtype = param.dtype if param.is_floating_point() else value.dtype
+    return value.to(dtype=dtype, device=param.device, copy=True)
 
 
 def _same_tensors(live: dict, entry: dict) -> bool:

@@ -113,8 +113,10 @@ class ExpertOwner:
             param.grad = None
 
     def state_dict(self) -> dict:
-        optimizer_state = self.optimizer.state_dict()
-        return {"module": self.module.state_dict(), "optimizer": optimizer_state, "steps": self.steps}
+        module_state = self.module.state_dict()
+        if self.stacked is not None:  # views of a pool's stack: saved alone, each would carry the whole stack
+            module_state = {name: value.clone() for name, value in module_state.items()}
+        return {"module": module_state, "optimizer": self.optimizer.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         """Parameters and optimizer state; the step count too where `state` has one (a state in a
@@ -175,22 +177,22 @@ def total_norms(grads: list[list[torch.Tensor]]) -> list[torch.Tensor | None]:
     ]
 
 
+CLIP_MARGIN = 1e-2  # wider than bf16's rounding of a norm: closer to the clip than this, clip anyway
+
+
 def clip_gradients(measured: list[tuple[ExpertOwner, torch.Tensor]]) -> list[float]:
     """Clip each owner's gradients to its `grad_clip` as `clip_grad_norm_` would, given their total
     norm; returns the norms as floats (one host sync). `clip_grad_norm_` multiplies every gradient by
     min(1, clip / (norm + 1e-6)) even when that is exactly 1 (it avoids the sync); after the sync only
-    the owners whose factor is below 1 pay that pass over their gradients."""
+    owners whose norm comes near their clip pay that pass over their gradients, and torch computes
+    their factor itself (the ×1 it applies when the norm was just below changes nothing)."""
     if not measured:
         return []
-    norms_O = torch.stack([norm.float() for _, norm in measured])
-    clips = [owner.settings.grad_clip for owner, _ in measured]
-    factor_O = torch.clamp(
-        torch.tensor(clips, dtype=torch.float32).to(norms_O.device) / (norms_O + 1e-6), max=1.0
-    )
-    values, factors = torch.stack([norms_O, factor_O]).tolist()
-    for (owner, norm), clip, value, factor in zip(measured, clips, values, factors, strict=True):
-        if clip > 0 and math.isfinite(value) and factor < 1.0:
-            nn.utils.clip_grads_with_norm_(owner.module.parameters(), clip, norm)
+    values = torch.stack([norm.float() for _, norm in measured]).tolist()
+    for (owner, norm), value in zip(measured, values, strict=True):
+        clip = owner.settings.grad_clip
+        if clip > 0 and math.isfinite(value) and value + 1e-6 >= clip * (1 - CLIP_MARGIN):
+            nn.utils.clip_grads_with_norm_(owner.params, clip, norm)
     return values
 
 

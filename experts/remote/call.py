@@ -55,7 +55,7 @@ class Answers:
 
     def __init__(self, slices: list[torch.Tensor], dtype: torch.dtype):
         self.bounds = list(itertools.pairwise(itertools.accumulate((len(s) for s in slices), initial=0)))
-        self.rows_AD = torch.empty((self.bounds[-1][1], *slices[0].shape[1:]), dtype=dtype)
+        self.rows_AD = slices[0].new_empty((self.bounds[-1][1], *slices[0].shape[1:]), dtype=dtype)
         self.given: set[int] = set()
 
     def put(self, expert: int, answer: torch.Tensor) -> None:

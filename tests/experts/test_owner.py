@@ -134,6 +134,26 @@ def test_batched_steps_are_torchs_own_clip_and_step_bit_for_bit():
     assert [owner.steps for owner in owners] == [3, 3, 3, 0, 0]
 
 
+def test_a_norm_just_below_the_clip_is_clipped_as_torch_clips_it():
+    """At clip − 1e-6 torch's factor clip / (norm + 1e-6), computed in float32, can round to just
+    below 1 while the same quotient computed otherwise gives exactly 1: the owner must scale as torch
+    does (the review's case: clip 6.112760864703578, a norm of 6.112760066986084)."""
+    clip, norm = 6.112760864703578, 6.112760066986084
+    module = torch.nn.Linear(1, 1, bias=False)
+    owner = ExpertOwner(copy.deepcopy(module), OptimizerSettings(lr=1e-2, grad_clip=clip))
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2, weight_decay=0.0, fused=True)
+    for target in (owner.module, module):
+        target.weight.grad = torch.full((1, 1), norm)
+    torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+    assert float(module.weight.grad) < norm  # torch scales this one
+    optimizer.step()
+    step_owners([owner], [True])
+    assert torch.equal(owner.module.weight, module.weight)
+    assert torch.equal(
+        owner.optimizer.state[owner.module.weight]["exp_avg"], optimizer.state[module.weight]["exp_avg"]
+    )
+
+
 def test_state_round_trips_into_a_fresh_owner():
     owner = owner_with_gradients()
     owner.step()
@@ -172,3 +192,26 @@ def test_an_audit_snapshot_is_the_optimizer_state_dict_copied():
             assert snapshot["state"][index][key].data_ptr() != value.data_ptr()
     fresh = torch.optim.AdamW(module.parameters(), lr=1e-2, fused=True)
     fresh.load_state_dict(snapshot)  # what an audit's step replay does with it
+
+
+def test_a_loaded_snapshot_is_placed_as_torchs_load_state_dict_places_it():
+    """State off the wire (host tensors, any float dtype) lands in a fresh optimizer as torch's own
+    `load_state_dict` would put it: on the parameter's device, in its dtype; `step` in float32."""
+    from experts.commitments import load_optimizer_snapshot, optimizer_snapshot
+
+    module = torch.nn.Linear(4, 3)
+    trained = torch.optim.AdamW(module.parameters(), lr=1e-2, fused=True)
+    module(torch.randn(5, 4)).square().sum().backward()
+    trained.step()
+    snapshot = optimizer_snapshot(trained)
+    for entry in snapshot["state"].values():
+        entry["exp_avg"] = entry["exp_avg"].double()  # a peer that sent float64
+    fresh, reference = (torch.optim.AdamW(module.parameters(), lr=1.0, fused=True) for _ in range(2))
+    load_optimizer_snapshot(fresh, snapshot)
+    reference.load_state_dict(snapshot)
+    for param in module.parameters():
+        for key, value in reference.state[param].items():
+            mine = fresh.state[param][key]
+            assert (mine.dtype, mine.device) == (value.dtype, value.device), key
+            assert torch.equal(mine, value), key
+    assert fresh.param_groups[0]["lr"] == 1e-2

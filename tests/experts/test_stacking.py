@@ -89,3 +89,14 @@ def test_loading_a_pool_state_keeps_the_stack():
         assert mine.stacked[0].holds(mine.stacked[1])
         for p, q in zip(mine.module.parameters(), theirs.module.parameters(), strict=True):
             assert torch.equal(p, q)
+
+
+def test_one_stacked_experts_state_saves_its_own_parameters_only():
+    """A view saved alone would carry its whole stack (torch.save writes whole storages)."""
+    import io
+
+    pool = LocalPool(experts([512] * 8))  # 32 KB per expert; the stack holds 256 KB
+    buffer = io.BytesIO()
+    torch.save(pool.owners[3].state_dict()["module"], buffer)
+    own_bytes = sum(p.numel() * p.element_size() for p in pool.owners[3].module.parameters())
+    assert own_bytes < len(buffer.getvalue()) < own_bytes + 8192  # the file's own framing: a few KB
