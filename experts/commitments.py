@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from experts.optim import step_optimizers
 from router.seeds import torch_generator
 
 SNAPSHOT_EVERY = 8  # versions between an owner's state copies, at least (see `AuditTrail`)
@@ -294,7 +295,7 @@ class AuditTrail:
                 param.grad = grad
             for group, saved in zip(optimizer.param_groups, step.groups, strict=True):
                 group.update(saved)
-            optimizer.step()
+            step_optimizers([optimizer])  # as the owner stepped: the same arithmetic as optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         named = dict(zip(self.names, [p.detach() for p in params], strict=True))
         return OwnerState(version, named, optimizer_snapshot(optimizer, share=True), param_sketch_P(named))
