@@ -11,7 +11,7 @@
   bf16; a different answer moves it by the size of the difference. `digest` hashes a coarsely
   quantised sketch (blake2b) for the ledger's evidence.
 - **Parameters.** After each optimizer step an owner commits to its new parameters: `param_sketch_P`,
-  K² bilinear projections u_iᵀ W v_j of every parameter (a vector is a 1-row matrix), and its
+  K² bilinear projections u_iᵀ W v_j of every parameter (a vector is a one-column matrix), and its
   `AuditTrail` keeps what an audit of its last `window` versions needs to rebuild the parameters
   and optimizer state of each version (a snapshot every few steps and the gradients of the steps
   since), so an auditor can re-run a call at the version it was answered with and replay the step
@@ -100,13 +100,12 @@ def _bilinear_directions(shape: tuple[int, int], device: str) -> tuple[torch.Ten
 
 
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
-    if t.ndim == 2 and t.dtype == torch.float32:
-        return t
-    return t.detach().float().reshape(t.shape[0] if t.ndim else 1, -1)
+    """`t` as the float32 matrix a sketch projects: [first dim, the rest] (a vector is a column)."""
+    return _as_matrices(t.unsqueeze(0))[0]
 
 
 def _as_matrices(t_G: torch.Tensor) -> torch.Tensor:
-    """`_as_matrix` of each row of `t_G`, as one [G, O, I] tensor."""
+    """`_as_matrix` of each row of `t_G` (G tensors of one shape, stacked), as one [G, O, I] tensor."""
     if t_G.ndim == 3 and t_G.dtype == torch.float32:
         return t_G
     rows = t_G.shape[1] if t_G.ndim > 1 else 1
