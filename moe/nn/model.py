@@ -131,8 +131,9 @@ class MoEModel(nn.Module):
         """Loss of every token [N], in the order the MoE layers see them (b t): next-byte cross-entropy
         (nats) or, for a regression example (one token), its mean squared error."""
         if self.task == "lm":
-            loss_BT = F.cross_entropy(rearrange(pred.float(), "b t v -> b v t"), targets, reduction="none")
-            return rearrange(loss_BT, "b t -> (b t)")
+            # a row per token: cross_entropy would copy a (b v t) view of the logits, transposed
+            logits_Nv = rearrange(pred.float(), "b t v -> (b t) v")
+            return F.cross_entropy(logits_Nv, rearrange(targets, "b t -> (b t)"), reduction="none")
         return (pred.float() - targets).square().mean(-1)
 
 

@@ -81,3 +81,27 @@ def test_the_rule_follows_the_measured_crossover_and_only_under_cpu_autocast(hea
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert attention_in_fp32(x_BHTk) == fp32
     assert not attention_in_fp32(x_BHTk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_lm_loss_of_every_token_is_its_next_byte_cross_entropy(dtype):
+    from moe.nn.model import DenseFFN, ModelConfig, TransformerLM
+
+    cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, moe_layers=[], dense_d_ff=32, max_seq_len=8)
+    model = TransformerLM(cfg, vocab_size=11, make_moe=lambda name, d: DenseFFN(d, 32))
+    generator = torch.Generator().manual_seed(0)
+    pred_BTV = torch.randn(3, 5, 11, generator=generator).to(dtype)
+    targets_BT = torch.randint(0, 11, (3, 5), generator=generator)
+    # the reference: -log softmax of each token's logits at its target, in (b t) order, in float64
+    log_probs_BTV = torch.log_softmax(pred_BTV.double(), dim=-1)
+    expected_N = -log_probs_BTV.gather(-1, targets_BT.unsqueeze(-1)).reshape(-1)
+    losses_N = model.loss_per_token(pred_BTV, targets_BT)
+    assert losses_N.dtype == torch.float32
+    assert losses_N.shape == (15,)
+    torch.testing.assert_close(losses_N.double(), expected_N, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        model.loss_per_example(pred_BTV, targets_BT).double(),
+        expected_N.view(3, 5).mean(-1),
+        rtol=1e-6,
+        atol=1e-6,
+    )
