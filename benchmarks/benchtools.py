@@ -72,13 +72,32 @@ def interleaved_step_times(runs: dict, blocks: int, block: int, clock: str = "wa
     """Seconds per training step of each run: the median over blocks of `block` consecutive steps, the
     runs' blocks interleaved so load from other processes hits all alike, after one warm-up block each
     (`clock` as in `interleaved_medians`)."""
+    times = interleaved_block_times(runs, blocks, block, clock)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def interleaved_block_times(
+    runs: dict, blocks: int, block: int, clock: str = "wall"
+) -> dict[str, list[float]]:
+    """`interleaved_step_times` before the median: each run's seconds per step in each timed block, in
+    order (block b of every run was timed in the same round, so ratios of block b pair like with like)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for index in range(1 + blocks):
         for name, run in runs.items():
             seconds = sum(timed_train_step(run, clock) for _ in range(block)) / block
             if index > 0:
                 times[name].append(seconds)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def paired_ratios(times: list[float], base: list[float]) -> tuple[float, float, float]:
+    """(median, first quartile, third quartile) of the ratios times[b] / base[b] over blocks b: a
+    ratio of blocks timed in the same round, so load that comes and goes hits both alike."""
+    ratios = [t / b for t, b in zip(times, base, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    first, _, third = statistics.quantiles(ratios, n=4, method="inclusive")
+    return statistics.median(ratios), first, third
 
 
 def run_scenarios(
