@@ -65,7 +65,8 @@ def forward_and_gradients(combine_fn, top_k: int, answered_E: torch.Tensor, dtyp
     y_AD.retain_grad()
     out_ND = combine_fn(y_AD, plan, answered_E)
     (out_ND.double() * probe_ND).sum().backward()
-    assert plan.dropped.numel() > 0 and plan.token_idx.numel() > 0
+    assert plan.dropped.numel() > 0
+    assert plan.token_idx.numel() > 0
     return out_ND.double(), x_ND.grad.double(), y_AD.grad.double(), plan.gate.grad.double()
 
 
@@ -109,7 +110,8 @@ def test_gated_scatter_gradient_to_one_input_alone(dtype):
     torch.testing.assert_close(weight_A.grad, y_AD.float().sum(-1), atol=1e-2, rtol=1e-2)
     y_AD.requires_grad_()
     out_ND = gated_scatter(y_AD, weight_A.detach(), token_A, 4)
-    assert out_ND.dtype == dtype and torch.equal(out_ND[3], torch.zeros(3, dtype=dtype))  # token 3: none
+    assert out_ND.dtype == dtype
+    assert torch.equal(out_ND[3], torch.zeros(3, dtype=dtype))
     out_ND.sum().backward()
     torch.testing.assert_close(
         y_AD.grad.float(), weight_A.detach()[:, None].expand(5, 3), atol=1e-2, rtol=1e-2
