@@ -7,8 +7,9 @@ experts are alive at once and each backward allocates fresh gradient buffers (`z
 None): measured at the hivemind shape (2 experts × 64 rows, d 512, f 2048, one thread) that phase order
 costs ~25 ms of CPU a step against ~19 ms for the same arithmetic done one expert at a time, and with the
 heap kept ~21 ms. The trainer's trunk around the experts (gathers, scatters, received replies, the loss)
-allocates [A, D] and [N, D] buffers every step: at T = 4096, d 512, k = 2 (16 MB each) their page faults
-were 10-30 ms of its ~70-90 ms of CPU a step beside two workers, and most of the spread between steps.
+allocates [A, D] and [N, D] buffers every step: in a layer step at T = 4096, d 512, k = 2 (16 MB each)
+beside two workers, keeping the heap took 10-30 ms off the trainer's 75-90 ms of CPU and most of its
+spread between steps.
 `keep_freed_memory` serves such blocks from the heap and keeps what is freed there (the process keeps
 its peak footprint, up to `TRIM_THRESHOLD` of it free).
 
