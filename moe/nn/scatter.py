@@ -20,6 +20,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.autograd.function import once_differentiable
 
 SPARSE_DTYPES = (torch.float32, torch.float64)  # what torch's sparse CSR kernels take on the CPU
 
@@ -53,6 +54,7 @@ class GatedScatter(torch.autograd.Function):
         return out_ND
 
     @staticmethod
+    @once_differentiable  # no second derivative: a create_graph backward fails loudly, not silently
     def backward(ctx, grad_out_ND):
         y_AD, w_A, token_idx_A = ctx.saved_tensors
         wants_y, wants_weight = ctx.needs_input_grad[:2]
@@ -81,8 +83,11 @@ def sparse_ok(y_AD: torch.Tensor) -> bool:
 
 def token_rows(w_A: torch.Tensor, token_idx_A: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """S [num_tokens, A] in CSR: row n holds `w_A[a]` at column a for each assignment a of token n."""
-    if int(token_idx_A.min()) < 0 or int(token_idx_A.max()) >= num_tokens:
-        raise IndexError(f"gated_scatter: token indices must lie in [0, {num_tokens}); got {token_idx_A}")
+    lowest, highest = (int(i) for i in torch.aminmax(token_idx_A))
+    if lowest < 0 or highest >= num_tokens:
+        raise IndexError(
+            f"gated_scatter: token indices must lie in [0, {num_tokens}); got {lowest} to {highest}"
+        )
     order_A = torch.argsort(token_idx_A, stable=True)
     crow_N1 = token_idx_A.new_zeros(num_tokens + 1)
     torch.cumsum(torch.bincount(token_idx_A, minlength=num_tokens), 0, out=crow_N1[1:])

@@ -129,5 +129,5 @@ def test_gated_scatter_of_no_assignments_is_zeros():
 def test_gated_scatter_names_bad_inputs():
     with pytest.raises(ValueError, match=r"weight_A \(2,\)"):
         gated_scatter(torch.zeros(3, 4), torch.zeros(2), torch.zeros(3, dtype=torch.long), 3)
-    with pytest.raises(IndexError, match=r"\[0, 3\)"):
+    with pytest.raises(IndexError, match=r"\[0, 3\); got 0 to 3"):
         gated_scatter(torch.zeros(2, 4), torch.zeros(2), torch.tensor([0, 3]), 3)
