@@ -8,7 +8,8 @@ Prints, from one run on one machine:
 2. one MoE layer training step (router → pool → combine → backward → owner steps) at T=4096,
    d=512, f=2048, E=4, k=2, in-process with `workers × threads` torch threads vs in `workers`
    worker processes of `threads` threads each (compute thread counts matched; the trainer beside them
-   on the cores they leave, as `python train.py` runs it), with the overhead ratio;
+   on the cores they leave, as `python train.py` runs it), with the overhead ratio, and (on the CPU) the
+   CPU each step costs both setups with the ratio those costs allow at best on this machine's cores;
    then the cost of CURVE: the same step over tcp without and with CURVE (encryption and key
    authentication, `transport.auth`), steps alternating between the two, each as process / local;
 3. the same layer against hivemind's RemoteMixtureOfExperts (hidden 512, batch 128, 4 experts,
@@ -48,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchtools import interleaved_medians, median_seconds
 
 import router
+from experts.heap import keep_freed_memory
 from experts.modules import FFN, ExpertsConfig
 from experts.owner import ExpertOwner, OptimizerSettings
 from experts.pool import LocalPool
@@ -145,11 +147,12 @@ def bench_layer(args, transport: ProcessTransport) -> float:
     remote = make_layer(args, transport.make_pool("bench", experts, experts_cfg))  # trainer side on the CPU
     # in turns, so that load from elsewhere on a shared machine hits both alike
     trainer_threads = trainer_side_threads(args)
+    meter = CpuMeter(transport)
     steps = {
-        "local": lambda: on_threads(compute_threads, lambda: layer_step(local, x_BTD.to(device))),
+        "local": meter.timed("local", compute_threads, lambda: layer_step(local, x_BTD.to(device))),
         # owner steps included; the trainer on the cores its workers leave, as `python train.py` runs it
-        "process": lambda: on_threads(
-            trainer_threads, lambda: (layer_step(remote, x_BTD), settled(transport))
+        "process": meter.timed(
+            "process", trainer_threads, lambda: (layer_step(remote, x_BTD), settled(transport))
         ),
     }
     seconds = interleaved_medians(steps, repeats=args.repeats)
@@ -163,6 +166,9 @@ def bench_layer(args, transport: ProcessTransport) -> float:
         f" {remote_s * 1e3:8.1f} ms/step"
     )
     print(f"   process / local = {ratio:.3f}  (overhead {100 * (ratio - 1):+.1f} %, target ≤ +15 %)")
+    if device.type == "cpu":
+        workers_cpu = meter.workers_per_call("process")
+        print_layer_cpu(meter.per_call("local"), compute_threads, meter.per_call("process"), workers_cpu)
     failures = remote.pool.failure_counts
     if failures:
         print(f"   note: the process pool reported failures: {dict(failures)}")
@@ -275,30 +281,14 @@ def bench_ours_against_floor(args, transport: ProcessTransport) -> tuple[float, 
     )
     x_BTD = torch.randn(1, BATCH, HIDDEN)
     floor_step, share, rows = compute_floor_step(args)
-    cpu_s = {"ours": 0.0, "floor": 0.0}  # this process's CPU seconds (all its threads), summed
-    calls = {"ours": 0, "floor": 0}
-
-    def timed_cpu(name: str, threads: int, step) -> None:
-        torch.set_num_threads(threads)
-        tick = time.process_time()
-        step()
-        cpu_s[name] += time.process_time() - tick
-        calls[name] += 1
-
+    meter = CpuMeter(transport)
     steps = {
         # the workers finish their owner steps inside "ours": left running, they would slow the floor
-        "ours": lambda: timed_cpu(
-            "ours", trainer_threads, lambda: (layer_step(layer, x_BTD), settled(transport))
-        ),
-        "floor": lambda: timed_cpu("floor", args.threads, floor_step),
+        "ours": meter.timed("ours", trainer_threads, lambda: (layer_step(layer, x_BTD), settled(transport))),
+        "floor": meter.timed("floor", args.threads, floor_step),
     }
-    pids = [record.pid for record in transport.coordinator.workers.values() if record.pid]
-    workers_before = [process_cpu_s(pid) for pid in pids]
     seconds = interleaved_medians(steps, repeats=max(args.repeats, 10))
-    workers_cpu = [
-        (after - before) / calls["ours"] if None not in (before, after) else None
-        for before, after in zip(workers_before, [process_cpu_s(pid) for pid in pids], strict=True)
-    ]
+    workers_cpu = meter.workers_per_call("ours")
     print(
         f"   poimoe process transport at that shape (trainer {trainer_threads} thread):"
         f" {seconds['ours'] * 1e3:.1f} ms → {BATCH / seconds['ours']:,.0f} samples/s"
@@ -313,8 +303,61 @@ def bench_ours_against_floor(args, transport: ProcessTransport) -> tuple[float, 
         f"   poimoe reaches {100 * seconds['floor'] / seconds['ours']:.0f} % of the compute floor"
         f"  (timed in turns; load average {load})"
     )
-    print_cpu_bound(cpu_s["ours"] / calls["ours"], workers_cpu, cpu_s["floor"] / calls["floor"])
+    print_cpu_bound(meter.per_call("ours"), workers_cpu, meter.per_call("floor"))
     return BATCH / seconds["ours"], BATCH / seconds["floor"]
+
+
+class CpuMeter:
+    """CPU seconds per call of named steps: this process's (all its threads), and each worker's over the
+    whole run (from /proc) per call of the step that used them (workers idle through the other steps)."""
+
+    def __init__(self, transport: ProcessTransport):
+        self.pids = [record.pid for record in transport.coordinator.workers.values() if record.pid]
+        self.workers_before = [process_cpu_s(pid) for pid in self.pids]
+        self.own_s: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def timed(self, name: str, threads: int, step):
+        """`step` on `threads` torch threads, its CPU counted under `name`."""
+        self.own_s[name], self.calls[name] = 0.0, 0
+
+        def run() -> None:
+            torch.set_num_threads(threads)
+            tick = time.process_time()
+            step()
+            self.own_s[name] += time.process_time() - tick
+            self.calls[name] += 1
+
+        return run
+
+    def per_call(self, name: str) -> float:
+        return self.own_s[name] / self.calls[name]
+
+    def workers_per_call(self, name: str) -> list[float | None]:
+        after = [process_cpu_s(pid) for pid in self.pids]
+        return [
+            (a - b) / self.calls[name] if None not in (a, b) else None
+            for b, a in zip(self.workers_before, after, strict=True)
+        ]
+
+
+def print_layer_cpu(local_s: float, threads: int, trainer_s: float, workers_s: list[float | None]) -> None:
+    """CPU per step of both setups and the ratio of the least wall times those costs allow on this
+    machine's cores (no waiting, perfect overlap). Local's CPU counts its threads' spin-waits, which a
+    loaded machine inflates (a descheduled thread keeps the other spinning): there, the ratio flatters
+    the process transport; the trainer's CPU is the figure the trunk's own work moves."""
+    if not workers_s or None in workers_s:
+        print("   CPU per step: the workers' CPU time is not readable here (/proc)")
+        return
+    cores = os.cpu_count() or 1
+    local_bound_s = local_s / min(threads, cores)
+    process_bound_s = max(*workers_s, (trainer_s + sum(workers_s)) / cores)
+    worker_ms = " / ".join(f"{w * 1e3:.0f}" for w in workers_s)
+    print(
+        f"   CPU per step: local {local_s * 1e3:.0f} ms; process: trainer {trainer_s * 1e3:.1f} ms, workers"
+        f" {worker_ms} ms → at best {local_bound_s * 1e3:.0f} vs {process_bound_s * 1e3:.0f} ms on {cores} cores:"
+        f" process / local = {process_bound_s / local_bound_s:.3f} by CPU"
+    )
 
 
 def process_cpu_s(pid: int) -> float | None:
@@ -382,6 +425,7 @@ def main() -> None:
     if args.hivemind_only:
         bench_hivemind(args)
         return
+    keep_freed_memory()  # as `train()` does for its trainer (and every worker for itself)
     cfg = process_config(args)
     print(
         f"poimoe transport benchmark: torch {torch.__version__}, {torch.get_num_threads()} default threads, "

@@ -42,6 +42,7 @@ import zmq
 
 from experts.behaviours import HONEST, Behaviour, ExpertFailure, answer_call, parse_behaviour
 from experts.errors import ConfigError, WireError
+from experts.heap import keep_freed_memory
 from experts.identity import Identity
 from experts.modules import FFN, build_expert
 from experts.network import Link, LinkSpec
@@ -50,7 +51,6 @@ from experts.pool import answer_dtype
 from experts.remote.audit_replies import audit_reply, audit_window
 from experts.remote.auth import connect_curve
 from experts.remote.checkpoint import CHECKPOINT_FILE, load_messages, save_messages
-from experts.remote.heap import keep_freed_memory
 from experts.remote.settings import RequestError, WorkerLimits, WorkerSettings, autocast_from, typed_meta
 from experts.remote.wire import (
     RECEIVE_HWM,

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from experts.heap import keep_freed_memory
 from moe.engine.build import Run, build_run
 from moe.engine.checkpoint import (
     check_complete,
@@ -58,6 +59,7 @@ def train(cfg: DictConfig) -> dict:
     threads = trainer_threads(cfg)
     if threads > 0:
         torch.set_num_threads(threads)
+    keep_freed_memory()  # the trunk's per-step buffers would otherwise be faulted in anew every step
     run = build_run(cfg, run_dir)
     try:
         if resume_state is not None:

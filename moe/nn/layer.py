@@ -27,6 +27,7 @@ from einops import rearrange
 from torch import nn
 
 from experts.pool import ExpertPool, PoolOutput
+from moe.nn.scatter import gated_scatter
 from router.plan import DispatchPlan, concat_plans
 
 
@@ -44,7 +45,7 @@ class LayerEvidence:
 def combine(
     y_AD: torch.Tensor, plan: DispatchPlan, answered_E: torch.Tensor, kept_A: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scatter `gate · y` back to tokens with one index_add; returns (out_ND, weight_A).
+    """Scatter `gate · y` back to tokens (`gated_scatter`: no [A, D] temporaries); returns (out_ND, weight_A).
 
     Assignments of experts that did not answer (and, given `kept_A`, assignments outside it) are
     masked, and the token's remaining gates are rescaled so they carry the token's original gate mass.
@@ -56,9 +57,7 @@ def combine(
         answered_A = answered_A & kept_A.to(answered_A.device)
     if not bool(answered_A.all()):
         weight_A = renormalize_over_answered(plan, answered_A)
-    contrib_AD = weight_A[:, None].to(y_AD.dtype) * y_AD
-    out_ND = y_AD.new_zeros(plan.num_tokens, y_AD.shape[-1]).index_add_(0, plan.token_idx, contrib_AD)
-    return out_ND, weight_A
+    return gated_scatter(y_AD, weight_A, plan.token_idx, plan.num_tokens), weight_A
 
 
 def renormalize_over_answered(plan: DispatchPlan, answered_A: torch.Tensor) -> torch.Tensor:

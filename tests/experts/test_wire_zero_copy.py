@@ -12,7 +12,7 @@ import torch
 import zmq
 
 from experts.errors import WireError
-from experts.remote.heap import keep_freed_memory
+from experts.heap import keep_freed_memory
 from experts.remote.wire import (
     JSON_CODE,
     Kind,
