@@ -47,9 +47,13 @@ def interleaved_medians(
 
 
 def build_training_run(overrides: list[str], run_dir: Path, threads: int):
-    """The run `python train.py <overrides>` would build in `run_dir`, without a progress bar."""
+    """The run `python train.py <overrides>` would build in `run_dir`, without a progress bar, in a process
+    whose heap keeps freed memory as `train()`'s does."""
+    from experts.heap import keep_freed_memory
     from moe.engine.build import build_run
     from tests.helpers import compose
+
+    keep_freed_memory()
 
     cfg = compose([*overrides, f"run_dir={run_dir}", "trainer.progress=false", f"trainer.threads={threads}"])
     return build_run(cfg, run_dir)
