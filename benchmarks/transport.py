@@ -346,18 +346,27 @@ def print_layer_cpu(local_s: float, threads: int, trainer_s: float, workers_s: l
     machine's cores (no waiting, perfect overlap). Local's CPU counts its threads' spin-waits, which a
     loaded machine inflates (a descheduled thread keeps the other spinning): there, the ratio flatters
     the process transport; the trainer's CPU is the figure the trunk's own work moves."""
-    if not workers_s or None in workers_s:
-        print("   CPU per step: the workers' CPU time is not readable here (/proc)")
+    bound = process_step_bound(trainer_s, workers_s)
+    if bound is None:
         return
-    cores = os.cpu_count() or 1
+    process_bound_s, cores = bound
     local_bound_s = local_s / min(threads, cores)
-    process_bound_s = max(*workers_s, (trainer_s + sum(workers_s)) / cores)
     worker_ms = " / ".join(f"{w * 1e3:.0f}" for w in workers_s)
     print(
         f"   CPU per step: local {local_s * 1e3:.0f} ms; process: trainer {trainer_s * 1e3:.1f} ms, workers"
         f" {worker_ms} ms → at best {local_bound_s * 1e3:.0f} vs {process_bound_s * 1e3:.0f} ms on {cores} cores:"
         f" process / local = {process_bound_s / local_bound_s:.3f} by CPU"
     )
+
+
+def process_step_bound(trainer_s: float, workers_s: list[float | None]) -> tuple[float, int] | None:
+    """(the least wall seconds a process step's CPU costs allow on this machine's cores: no waiting,
+    perfect overlap; the cores), or None (said) where the workers' CPU time is not readable."""
+    if not workers_s or None in workers_s:
+        print("   CPU per step: the workers' CPU time is not readable here (/proc)")
+        return None
+    cores = os.cpu_count() or 1
+    return max(*workers_s, (trainer_s + sum(workers_s)) / cores), cores
 
 
 def process_cpu_s(pid: int) -> float | None:
@@ -372,11 +381,10 @@ def process_cpu_s(pid: int) -> float | None:
 def print_cpu_bound(trainer_s: float, workers_s: list[float | None], floor_s: float) -> None:
     """CPU per step, which load from elsewhere inflates far less than wall time, and the fraction of
     the floor those CPU costs allow at best on this machine's cores (no waiting, perfect overlap)."""
-    if not workers_s or None in workers_s:
-        print("   CPU per step: the workers' CPU time is not readable here (/proc)")
+    bound = process_step_bound(trainer_s, workers_s)
+    if bound is None:
         return
-    cores = os.cpu_count() or 1
-    bound_s = max(*workers_s, (trainer_s + sum(workers_s)) / cores)
+    bound_s, cores = bound
     worker_ms = " / ".join(f"{w * 1e3:.1f}" for w in workers_s)
     print(
         f"   CPU per step: trainer {trainer_s * 1e3:.1f} ms, workers {worker_ms} ms, floor {floor_s * 1e3:.1f} ms"
