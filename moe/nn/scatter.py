@@ -52,7 +52,10 @@ class GatedScatter(torch.autograd.Function):
         S_NA = token_rows(w_A, token_idx_A, num_tokens)
         ctx.save_for_backward(y_AD, w_A, token_idx_A)
         ctx.S_NA, ctx.weight_dtype = S_NA, weight_A.dtype
-        return torch.sparse.mm(S_NA, y_AD)
+        # CPU autocast would cast this product to bf16, which the sparse kernels lack; the plain formula
+        # (a mul and an index_add, neither autocast) keeps y's dtype there too
+        with torch.autocast("cpu", enabled=False):
+            return torch.sparse.mm(S_NA, y_AD)
 
     @staticmethod
     @once_differentiable  # no second derivative: a create_graph backward fails loudly, not silently

@@ -142,3 +142,18 @@ def test_gated_scatter_names_bad_inputs(path):
     bad_index = r"\[0, 3\); got 0 to 3" if path == "sparse" else "index 3 is out of bounds"
     with pytest.raises((IndexError, RuntimeError), match=bad_index):
         gated_scatter(torch.zeros(2, 4), torch.zeros(2), torch.tensor([0, 3]), 3)
+
+
+def test_gated_scatter_keeps_float32_under_cpu_autocast():
+    """A float32 `y_AD` under bf16 autocast: the plain formula's ops are not autocast, so neither is the sparse
+    path (torch has no bf16 sparse CPU kernels: casting would raise)."""
+    token_A = torch.tensor([2, 0, 2, 1, 0])
+    y_AD = torch.randn(5, 3, requires_grad=True)
+    weight_A = torch.rand(5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ND = gated_scatter(y_AD, weight_A, token_A, 4)
+    assert out_ND.dtype == torch.float32
+    want_ND = torch.zeros(4, 3).index_add_(0, token_A, weight_A.detach()[:, None] * y_AD.detach())
+    torch.testing.assert_close(out_ND.detach(), want_ND)
+    out_ND.sum().backward()
+    torch.testing.assert_close(weight_A.grad, y_AD.detach().sum(-1))
