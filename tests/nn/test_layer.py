@@ -10,6 +10,7 @@ import router
 from experts.modules import FFN
 from experts.owner import OptimizerSettings
 from experts.pool import LocalPool, PoolOutput
+from moe.nn import scatter
 from moe.nn.layer import MoELayer, combine
 from router.plan import DispatchPlan, build_plan
 
@@ -42,9 +43,14 @@ def dense_reference(layer: MoELayer, x_ND: torch.Tensor) -> torch.Tensor:
     return out_ND
 
 
+@pytest.mark.parametrize("sparse_min_elements", [0, 2**62], ids=["sparse", "plain"])
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_layer_matches_dense_reference_outputs_and_gradients(top_k, activation):
+def test_layer_matches_dense_reference_outputs_and_gradients(
+    top_k, activation, sparse_min_elements, monkeypatch
+):
+    # a layer this small combines through the plain formula; a floor of 0 takes combine's sparse kernels
+    monkeypatch.setattr(scatter, "SPARSE_MIN_ELEMENTS", sparse_min_elements)
     layer = make_layer(top_k, activation)
     x_BTD = torch.randn(3, 7, D, requires_grad=True)
     y_BTD, _ = layer(x_BTD)
