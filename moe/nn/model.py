@@ -132,8 +132,8 @@ class MoEModel(nn.Module):
         (nats) or, for a regression example (one token), its mean squared error."""
         if self.task == "lm":
             # a row per token: cross_entropy would copy a (b v t) view of the logits, transposed
-            logits_Nv = rearrange(pred.float(), "b t v -> (b t) v")
-            return F.cross_entropy(logits_Nv, rearrange(targets, "b t -> (b t)"), reduction="none")
+            logits_NY = rearrange(pred.float(), "b t y -> (b t) y")
+            return F.cross_entropy(logits_NY, rearrange(targets, "b t -> (b t)"), reduction="none")
         return (pred.float() - targets).square().mean(-1)
 
 

@@ -10,7 +10,8 @@ token n's gates at its assignments), which reads `y` once and writes `out` once;
 gathered and scaled in place. Other dtypes and devices (torch has no sparse CPU kernels for bf16/fp16; a
 GPU streams the dense ops at full speed), and small [A, D] (where the sparse kernels' setup costs more
 than they save), take the plain formula through autograd. Outputs and gradients equal the plain
-formula's up to float rounding (sums over a token's assignments in another order).
+formula's up to float rounding, not bit for bit (MKL's product fuses each multiply-add; the gate
+gradient's dots sum over D in another order).
 
 Legend: A assignments, N tokens, D model width.
 """

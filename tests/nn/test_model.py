@@ -90,17 +90,17 @@ def test_the_lm_loss_of_every_token_is_its_next_byte_cross_entropy(dtype):
     cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, moe_layers=[], dense_d_ff=32, max_seq_len=8)
     model = TransformerLM(cfg, vocab_size=11, make_moe=lambda name, d: DenseFFN(d, 32))
     generator = torch.Generator().manual_seed(0)
-    pred_BTV = torch.randn(3, 5, 11, generator=generator).to(dtype)
+    pred_BTY = torch.randn(3, 5, 11, generator=generator).to(dtype)
     targets_BT = torch.randint(0, 11, (3, 5), generator=generator)
     # the reference: -log softmax of each token's logits at its target, in (b t) order, in float64
-    log_probs_BTV = torch.log_softmax(pred_BTV.double(), dim=-1)
-    expected_N = -log_probs_BTV.gather(-1, targets_BT.unsqueeze(-1)).reshape(-1)
-    losses_N = model.loss_per_token(pred_BTV, targets_BT)
+    log_probs_BTY = torch.log_softmax(pred_BTY.double(), dim=-1)
+    expected_N = -log_probs_BTY.gather(-1, targets_BT.unsqueeze(-1)).reshape(-1)
+    losses_N = model.loss_per_token(pred_BTY, targets_BT)
     assert losses_N.dtype == torch.float32
     assert losses_N.shape == (15,)
     torch.testing.assert_close(losses_N.double(), expected_N, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(
-        model.loss_per_example(pred_BTV, targets_BT).double(),
+        model.loss_per_example(pred_BTY, targets_BT).double(),
         expected_N.view(3, 5).mean(-1),
         rtol=1e-6,
         atol=1e-6,
