@@ -84,11 +84,16 @@ def interleaved_block_times(
     runs: dict, blocks: int, block: int, clock: str = "wall"
 ) -> dict[str, list[float]]:
     """`interleaved_step_times` before the median: each run's seconds per step in each timed block, in
-    order (block b of every run was timed in the same round, so ratios of block b pair like with like)."""
+    order (block b of every run was timed in the same round, so ratios of block b pair like with like;
+    the order within a round rotates, so no run always follows the same one)."""
+    if blocks < 1 or block < 1:
+        raise ValueError(f"need at least one block of one step, got {blocks} blocks of {block}")
     times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
     for index in range(1 + blocks):
-        for name, run in runs.items():
-            seconds = sum(timed_train_step(run, clock) for _ in range(block)) / block
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds = sum(timed_train_step(runs[name], clock) for _ in range(block)) / block
             if index > 0:
                 times[name].append(seconds)
     return times

@@ -165,7 +165,9 @@ def bench_layer(args, transport: ProcessTransport) -> float:
         f"   process ({args.workers} workers on {args.device} × {args.threads} thread, trainer {trainer_threads} thread(s))"
         f" {remote_s * 1e3:8.1f} ms/step"
     )
-    print(f"   process / local = {ratio:.3f}  (overhead {100 * (ratio - 1):+.1f} %, target ≤ 1.05 on 2 cores)")
+    print(
+        f"   process / local = {ratio:.3f}  (overhead {100 * (ratio - 1):+.1f} %, target ≤ 1.05 on 2 cores)"
+    )
     if device.type == "cpu":
         workers_cpu = meter.workers_per_call("process")
         print_layer_cpu(meter.per_call("local"), compute_threads, meter.per_call("process"), workers_cpu)
@@ -348,6 +350,7 @@ def print_layer_cpu(local_s: float, threads: int, trainer_s: float, workers_s: l
     the process transport; the trainer's CPU is the figure the trunk's own work moves."""
     bound = process_step_bound(trainer_s, workers_s)
     if bound is None:
+        print(UNREADABLE_WORKERS)
         return
     process_bound_s, cores = bound
     local_bound_s = local_s / min(threads, cores)
@@ -359,13 +362,15 @@ def print_layer_cpu(local_s: float, threads: int, trainer_s: float, workers_s: l
     )
 
 
+UNREADABLE_WORKERS = "   CPU per step: the workers' CPU time is not readable here (/proc)"
+
+
 def process_step_bound(trainer_s: float, workers_s: list[float | None]) -> tuple[float, int] | None:
-    """(the least wall seconds a process step's CPU costs allow on this machine's cores: no waiting,
-    perfect overlap; the cores), or None (said) where the workers' CPU time is not readable."""
+    """(the least wall seconds a process step's CPU costs allow on the cores this process may use: no
+    waiting, perfect overlap; those cores), or None where the workers' CPU time is not readable."""
     if not workers_s or None in workers_s:
-        print("   CPU per step: the workers' CPU time is not readable here (/proc)")
         return None
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(*workers_s, (trainer_s + sum(workers_s)) / cores), cores
 
 
@@ -383,6 +388,7 @@ def print_cpu_bound(trainer_s: float, workers_s: list[float | None], floor_s: fl
     the floor those CPU costs allow at best on this machine's cores (no waiting, perfect overlap)."""
     bound = process_step_bound(trainer_s, workers_s)
     if bound is None:
+        print(UNREADABLE_WORKERS)
         return
     bound_s, cores = bound
     worker_ms = " / ".join(f"{w * 1e3:.1f}" for w in workers_s)

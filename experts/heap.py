@@ -10,8 +10,10 @@ heap kept ~21 ms. The trainer's trunk around the experts (gathers, scatters, rec
 allocates [A, D] and [N, D] buffers every step: in a layer step at T = 4096, d 512, k = 2 (16 MB each)
 beside two workers, keeping the heap took 10-30 ms off the trainer's 75-90 ms of CPU and most of its
 spread between steps.
-`keep_freed_memory` serves such blocks from the heap and keeps what is freed there (the process keeps
-its peak footprint, up to `TRIM_THRESHOLD` of it free).
+`keep_freed_memory` serves such blocks from the heap and keeps what is freed there: the process does not
+shrink below its peak footprint (memory freed below a live allocation never goes back to the OS; at the
+heap's top, up to `TRIM_THRESHOLD` stays). Workers always keep it (their memory is their experts'); a
+trainer does unless `trainer.keep_freed_memory=false`.
 
 Only glibc is tuned (through `mallopt`); elsewhere this does nothing.
 """

@@ -40,6 +40,9 @@ class TrainerConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     threads: int = 0  # torch intra-op threads in the trainer; 0 keeps torch's default
     progress: bool = True
+    # freed memory stays in the process for the next step (experts/heap.py): no page faults on buffers
+    # allocated anew every step, but the process never shrinks below its peak footprint
+    keep_freed_memory: bool = True
 
 
 @dataclass

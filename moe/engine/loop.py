@@ -59,7 +59,8 @@ def train(cfg: DictConfig) -> dict:
     threads = trainer_threads(cfg)
     if threads > 0:
         torch.set_num_threads(threads)
-    keep_freed_memory()  # the trunk's per-step buffers would otherwise be faulted in anew every step
+    if cfg.trainer.keep_freed_memory and keep_freed_memory():  # else faulted in anew every step
+        log.info("the trainer keeps freed memory for its next steps (trainer.keep_freed_memory=false: off)")
     run = build_run(cfg, run_dir)
     try:
         if resume_state is not None:

@@ -158,3 +158,14 @@ def test_ledger_records_failures_without_a_poi_scorer(run_tiny):
         failed = dict(conn.execute("SELECT miner, SUM(failed) FROM failures GROUP BY miner").fetchall())
     assert failed.get(1, 0) >= 4, failed
     assert all(count == 0 for miner, count in failed.items() if miner != 1), failed
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_trainer_keeps_freed_memory_unless_told_not_to(run_tiny, monkeypatch, keep):
+    import moe.engine.loop
+
+    calls = []
+    monkeypatch.setattr(moe.engine.loop, "keep_freed_memory", lambda: calls.append("tuned") or True)
+    summary, _ = run_tiny("data=clusters", "trainer.max_steps=2", f"trainer.keep_freed_memory={keep}")
+    assert summary["step"] == 2
+    assert calls == (["tuned"] if keep else [])
