@@ -48,14 +48,14 @@ def interleaved_medians(
 
 def build_training_run(overrides: list[str], run_dir: Path, threads: int):
     """The run `python train.py <overrides>` would build in `run_dir`, without a progress bar, in a process
-    whose heap keeps freed memory as `train()`'s does."""
+    whose heap keeps freed memory where `train()`'s would (`trainer.keep_freed_memory`)."""
     from experts.heap import keep_freed_memory
     from moe.engine.build import build_run
     from tests.helpers import compose
 
-    keep_freed_memory()
-
     cfg = compose([*overrides, f"run_dir={run_dir}", "trainer.progress=false", f"trainer.threads={threads}"])
+    if cfg.trainer.keep_freed_memory:
+        keep_freed_memory()
     return build_run(cfg, run_dir)
 
 

@@ -59,7 +59,7 @@ def train(cfg: DictConfig) -> dict:
     threads = trainer_threads(cfg)
     if threads > 0:
         torch.set_num_threads(threads)
-    if cfg.trainer.keep_freed_memory and keep_freed_memory():  # else faulted in anew every step
+    if cfg.trainer.keep_freed_memory and keep_freed_memory():  # per-step buffers: no page faults anew
         log.info("the trainer keeps freed memory for its next steps (trainer.keep_freed_memory=false: off)")
     run = build_run(cfg, run_dir)
     try:
