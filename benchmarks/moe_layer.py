@@ -1,5 +1,5 @@
 """MoE layer forward+backward against a dense FFN with the same activated FLOPs and a naive loop; training
-steps in bf16 against fp32; attention in bf16 against fp32 by head size.
+steps in bf16 against fp32; attention's kernels under bf16 autocast by sequence length and head size.
 
     python benchmarks/moe_layer.py [--tokens 4096 --d-model 512 --d-ff 2048 --experts 8 --top-k 2]
     python benchmarks/moe_layer.py --sections bf16 --blocks 6 --block 5     # the bf16 rows only
@@ -13,8 +13,9 @@ Sections (all by default):
   ≥ 2); then the bf16 run without row buckets (`experts.row_buckets=off`, timed alone), and how many
   distinct expert row counts each bf16 run's expert calls saw (experts/rows.py). It first says whether
   the CPU has bf16 units.
-- attention: causal attention forward+backward under CPU bf16 autocast, computed in bf16 vs in fp32, by
-  sequence length and head size, beside what the rule in moe/nn/model.py (`attention_in_fp32`) picks.
+- attention: causal attention forward+backward under CPU bf16 autocast, by sequence length and head size,
+  each of moe/nn/model.py's ways (`ATTENTION_WAYS`: explicit bf16 scores, torch's fused kernel in bf16,
+  the fused kernel in fp32), beside the way its rule (`attention_way`) picks.
 
 `--clock cpu` times with this process's CPU seconds instead of wall time: on a loaded machine, with
 `--threads 1`, the time a quiet one would take. Legend: N tokens, D width, E experts, B batch, H heads,
@@ -24,10 +25,10 @@ T time, k head width.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -47,14 +48,14 @@ from experts.modules import FFN  # noqa: E402
 from experts.pool import LocalPool  # noqa: E402
 from experts.rows import RowBuckets  # noqa: E402
 from moe.nn.layer import MoELayer  # noqa: E402
-from moe.nn.model import attention_in_fp32, causal_attention  # noqa: E402
+from moe.nn.model import ATTENTION_WAYS, attention_way  # noqa: E402
 
 TRAIN_RUN = ["transport=local", "~poi", "~ledger"]  # issue 15's `transport=local ~poi ledger.enabled=false`
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 SIZES = {"default": [], "d512": ["model.d_model=512", "experts.d_ff=2048"]}  # d512: d_model 512, d_ff 2048
 TARGETS = {"default": 1.2, "d512": 2.0}  # bf16 / fp32 tokens/s where the CPU has bf16 units (issue 15)
 HEAD_SIZES = ((64, 4), (128, 4), (128, 2), (512, 4), (512, 2))  # (D, H): heads of 16, 32, 64, 128, 256
-ATTENTION_SEQ_LENS = (32, 128, 512)
+ATTENTION_SEQ_LENS = (32, 128, 512, 1024)
 
 
 def parse_args() -> argparse.Namespace:
@@ -220,27 +221,26 @@ def close(*runs) -> None:
 
 def attention_section(args: argparse.Namespace, tokens: int = 2048) -> None:
     print(f"causal attention forward+backward under CPU bf16 autocast, B·T={tokens}, {args.clock} clock, "
-          f"threads={torch.get_num_threads()}; rule: moe/nn/model.py attends in fp32 below k²·T = 2^21")  # fmt: skip
-    print(
-        f"{'T':>5}{'D':>6}{'H':>4}{'k':>6}{'log2 k²T':>10}{'bf16 ms':>10}{'fp32 ms':>10}{'bf16/fp32':>11}{'rule':>6}"
-    )
+          f"threads={torch.get_num_threads()}; rule: what moe/nn/model.py's attention_way picks")  # fmt: skip
+    ways_ms = "".join(f"{way + ' ms':>14}" for way in ATTENTION_WAYS)
+    print(f"{'T':>5}{'D':>6}{'H':>4}{'k':>6}{ways_ms}{'fastest':>12}{'rule':>12}")
     for seq_len in ATTENTION_SEQ_LENS:
         for d_model, heads in HEAD_SIZES:
             shape = (tokens // seq_len, heads, seq_len, d_model // heads)
             qkv = [torch.randn(shape, requires_grad=True) for _ in range(3)]
-
-            def step(in_fp32: bool, qkv=qkv):
-                with torch.autocast("cpu", dtype=torch.bfloat16):  # q, k, v come out of a bf16 projection
-                    q_BHTk, k_BHTk, v_BHTk = (t.bfloat16() for t in qkv)
-                    causal_attention(q_BHTk, k_BHTk, v_BHTk, in_fp32=in_fp32).float().sum().backward()
-
-            steps = {"bf16": lambda: step(False), "fp32": lambda: step(True)}
+            steps = {way: partial(attention_step, attend, qkv) for way, attend in ATTENTION_WAYS.items()}
             times = interleaved_medians(steps, repeats=args.repeats * 2, warmup=3, clock=args.clock)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                rule = "fp32" if attention_in_fp32(qkv[0]) else "bf16"
-            size = math.log2((d_model // heads) ** 2 * seq_len)
-            print(f"{seq_len:>5}{d_model:>6}{heads:>4}{d_model // heads:>6}{size:>10.0f}{times['bf16'] * 1e3:>10.2f}"
-                  f"{times['fp32'] * 1e3:>10.2f}{times['bf16'] / times['fp32']:>11.2f}{rule:>6}")  # fmt: skip
+                rule = attention_way(qkv[0])
+            print(f"{seq_len:>5}{d_model:>6}{heads:>4}{d_model // heads:>6}"
+                  + "".join(f"{times[way] * 1e3:>14.2f}" for way in ATTENTION_WAYS)
+                  + f"{min(times, key=times.get):>12}{rule:>12}")  # fmt: skip
+
+
+def attention_step(attend, qkv: list[torch.Tensor]) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # q, k, v come out of a bf16 projection
+        q_BHTk, k_BHTk, v_BHTk = (t.bfloat16() for t in qkv)
+        attend(q_BHTk, k_BHTk, v_BHTk).float().sum().backward()
 
 
 def main() -> None:

@@ -32,35 +32,66 @@ class ModelConfig:
     max_seq_len: int = 512
 
 
-# Under CPU bf16 autocast, torch 2.13's flash attention (forward + backward) in bf16 costs more than in
-# fp32 when heads are small for their sequence: a fixed cost per (batch, head) outweighs the cheaper
-# arithmetic. Measured (one thread, CPU time, B·T = 2048; benchmarks/moe_layer.py --sections attention):
-# bf16 / fp32 time at T=128 is ~3 for k=32, ~2 for k=64, ~1 for k=128, 0.7 for k=256; at T=512 1.1 for
-# k=32, 0.8 for k=64; at T=32 1.1-1.4 for k=128, 0.9 for k=256: even where k² · T ≈ 2^21, hence the rule.
-CPU_BF16_ATTENTION_MIN_SIZE = 2**21  # head size² · sequence length from which bf16 attention is faster
+# Under CPU bf16 autocast, torch 2.13's fused (flash) attention is slow in bf16 for short sequences: a
+# fixed cost per (batch, head) outweighs the cheaper arithmetic. Measured (forward + backward, B·T = 2048,
+# 1 and 2 threads; benchmarks/moe_layer.py --sections attention):
+# - up to T = 512, explicit bf16 scores (one batched matmul that also scales and masks, a softmax, a matmul)
+#   are the fastest or within ~15 % of it: at T=128, 0.7x the best fused time for k=32, 0.35-0.55x for k=128;
+# - beyond, the fused kernel is: in fp32 for small heads (k² · T < 2^21), as the fixed cost is per head, in
+#   bf16 for larger ones; explicit scores there cost up to 3x the best.
+CPU_BF16_SCORES_MAX_SEQ_LEN = 512  # the longest sequence whose attention runs as explicit scores
+CPU_BF16_FUSED_MIN_SIZE = 2**21  # beyond that: head size² · sequence length from which fused bf16 is faster
 
 
-def attention_in_fp32(x_BHTk: torch.Tensor) -> bool:
-    """Whether attention on `x_BHTk` runs in fp32 although autocast is on: on CPU, when its head size² ·
-    sequence length is below `CPU_BF16_ATTENTION_MIN_SIZE`, where that is faster. Without autocast it
-    runs in fp32 anyway."""
-    cpu_autocast = x_BHTk.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+def attention_way(x_BHTk: torch.Tensor) -> str:
+    """How attention on `x_BHTk` is computed: "scores", "fused_fp32" or "fused" (`ATTENTION_WAYS`). Under
+    CPU bf16 autocast, the way measured fastest for its sequence length and head size; otherwise "fused",
+    torch's kernel in the ambient precision."""
+    cpu_bf16_autocast = (
+        x_BHTk.device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
     seq_len, head_size = x_BHTk.shape[-2:]
-    return cpu_autocast and head_size**2 * seq_len < CPU_BF16_ATTENTION_MIN_SIZE
+    if not cpu_bf16_autocast:
+        return "fused"
+    if seq_len <= CPU_BF16_SCORES_MAX_SEQ_LEN:
+        return "scores"
+    return "fused_fp32" if head_size**2 * seq_len < CPU_BF16_FUSED_MIN_SIZE else "fused"
+
+
+def scores_attention(q_BHTk: torch.Tensor, k_BHTk: torch.Tensor, v_BHTk: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention with its [T, T] scores materialised, in bf16: the scale and the mask are
+    applied inside the scores' matmul (fp32 accumulation), the softmax accumulates in fp32 and rounds its
+    probabilities to bf16 (the fused bf16 kernel keeps scores in fp32, so this rounds ~1.7x as much)."""
+    batch, heads, seq_len, head_size = q_BHTk.shape
+    q_ATk, k_ATk, v_ATk = (  # A = B·H
+        t.to(torch.bfloat16).reshape(batch * heads, seq_len, head_size) for t in (q_BHTk, k_BHTk, v_BHTk)
+    )
+    mask_TT = torch.full((seq_len, seq_len), float("-inf"), dtype=torch.bfloat16, device=q_BHTk.device)
+    scores_ATT = torch.baddbmm(mask_TT.triu(1), q_ATk, k_ATk.transpose(1, 2), alpha=head_size**-0.5)
+    y_ATk = torch.softmax(scores_ATT, dim=-1) @ v_ATk
+    return y_ATk.view(batch, heads, seq_len, head_size)
+
+
+def fused_attention(q_BHTk: torch.Tensor, k_BHTk: torch.Tensor, v_BHTk: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTk, is_causal=True)
+
+
+def fused_fp32_attention(q_BHTk: torch.Tensor, k_BHTk: torch.Tensor, v_BHTk: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(q_BHTk.device.type, enabled=False):
+        return fused_attention(q_BHTk.float(), k_BHTk.float(), v_BHTk.float())
+
+
+ATTENTION_WAYS = {"scores": scores_attention, "fused": fused_attention, "fused_fp32": fused_fp32_attention}
 
 
 def causal_attention(
-    q_BHTk: torch.Tensor, k_BHTk: torch.Tensor, v_BHTk: torch.Tensor, in_fp32: bool | None = None
+    q_BHTk: torch.Tensor, k_BHTk: torch.Tensor, v_BHTk: torch.Tensor, way: str | None = None
 ) -> torch.Tensor:
-    """Causal softmax attention, in fp32 where `in_fp32` (None: where `attention_in_fp32` says that is
-    faster for these heads), else in the ambient precision."""
-    if in_fp32 is None:
-        in_fp32 = attention_in_fp32(q_BHTk)
-    if not in_fp32:
-        return F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTk, is_causal=True)
-    with torch.autocast("cpu", enabled=False):
-        q_BHTk, k_BHTk, v_BHTk = q_BHTk.float(), k_BHTk.float(), v_BHTk.float()
-        return F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTk, is_causal=True)
+    """Causal softmax attention, computed `way` (a key of `ATTENTION_WAYS`; None: as `attention_way` says
+    is fastest for these heads)."""
+    return ATTENTION_WAYS[way or attention_way(q_BHTk)](q_BHTk, k_BHTk, v_BHTk)
 
 
 class Attention(nn.Module):

@@ -1,60 +1,105 @@
-"""Attention runs in the precision that is fastest for its size (moe/nn/model.py): under CPU bf16 autocast,
-heads whose size² · sequence length is below `CPU_BF16_ATTENTION_MIN_SIZE` attend in fp32, larger ones
-in bf16; without autocast nothing changes.
+"""Attention runs the way that is fastest for its size (moe/nn/model.py): under CPU bf16 autocast,
+sequences up to `CPU_BF16_SCORES_MAX_SEQ_LEN` attend through explicit bf16 scores, longer ones through
+torch's fused kernel, in fp32 for heads with size² · T below `CPU_BF16_FUSED_MIN_SIZE`, else in bf16;
+without autocast nothing changes. The LM loss is each token's next-byte cross entropy.
 
 Legend: B batch, H heads, T time, k head width, D model width.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from moe.nn.model import CPU_BF16_ATTENTION_MIN_SIZE, Attention, attention_in_fp32, causal_attention
+from moe.nn.model import (
+    CPU_BF16_FUSED_MIN_SIZE,
+    CPU_BF16_SCORES_MAX_SEQ_LEN,
+    Attention,
+    attention_way,
+    causal_attention,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 
-SEQ_LEN = 32
-LARGE_HEAD = int(
-    (CPU_BF16_ATTENTION_MIN_SIZE / SEQ_LEN) ** 0.5
-)  # the smallest head attending in bf16 at T=32
+def qkv(seq_len: int, head: int, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seq_len + head)
+    return [torch.randn(2, 3, seq_len, head, generator=generator).to(dtype) for _ in range(3)]
 
 
-def qkv(head: int, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(head)
-    return [torch.randn(2, 2, SEQ_LEN, head, generator=generator).to(dtype) for _ in range(3)]
+def attention_and_grads(q_BHTk, k_BHTk, v_BHTk, dtype, attend):
+    """`attend`'s output and the gradients of q, k, v for a fixed output gradient, all in float64."""
+    inputs = [t.detach().to(dtype).requires_grad_() for t in (q_BHTk, k_BHTk, v_BHTk)]
+    y_BHTk = attend(*inputs)
+    grad_BHTk = torch.randn(y_BHTk.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    (y_BHTk.double() * grad_BHTk).sum().backward()
+    return [y_BHTk.double(), *(t.grad.double() for t in inputs)]
 
 
-def test_small_heads_attend_in_fp32_under_cpu_bf16_autocast():
-    q_BHTk, k_BHTk, v_BHTk = qkv(LARGE_HEAD // 2)
+def sdpa(q_BHTk, k_BHTk, v_BHTk):
+    return F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTk, is_causal=True)
+
+
+def autocast_attention(q_BHTk, k_BHTk, v_BHTk):
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_BHTk = causal_attention(q_BHTk, k_BHTk, v_BHTk)
-    reference = F.scaled_dot_product_attention(q_BHTk.float(), k_BHTk.float(), v_BHTk.float(), is_causal=True)
-    assert y_BHTk.dtype == torch.float32
-    assert torch.equal(y_BHTk, reference)
+        return causal_attention(q_BHTk, k_BHTk, v_BHTk)
 
 
-def test_large_heads_attend_in_bf16_under_cpu_bf16_autocast():
-    q_BHTk, k_BHTk, v_BHTk = qkv(LARGE_HEAD)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_BHTk = causal_attention(q_BHTk, k_BHTk, v_BHTk)
-        reference = F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTk, is_causal=True)
+@pytest.mark.parametrize(("seq_len", "head"), [(16, 8), (32, 64), (CPU_BF16_SCORES_MAX_SEQ_LEN, 16)])
+def test_scores_attention_matches_float64_attention_to_bf16_rounding(seq_len, head):
+    inputs = qkv(seq_len, head)
+    reference = attention_and_grads(*inputs, torch.float64, sdpa)
+    fused_bf16 = attention_and_grads(*inputs, torch.bfloat16, sdpa)
+    scores = attention_and_grads(*inputs, torch.bfloat16, autocast_attention)
+    for name, want, fused, got in zip(["y", "dq", "dk", "dv"], reference, fused_bf16, scores, strict=True):
+        fused_error, error = ((t - want).norm() / want.norm() for t in (fused, got))
+        assert error < max(3 * fused_error, 2**-8), (
+            f"{name}: relative error {error:.2e} (fused bf16 {fused_error:.2e})"
+        )
+
+
+def test_scores_attention_is_causal():
+    q_BHTk, k_BHTk, v_BHTk = qkv(16, 8)
+    changed_v_BHTk = v_BHTk.clone()
+    changed_v_BHTk[:, :, 9:] += 1  # the future of positions 0..8
+    y_BHTk, changed_y_BHTk = (autocast_attention(q_BHTk, k_BHTk, v) for v in (v_BHTk, changed_v_BHTk))
     assert y_BHTk.dtype == torch.bfloat16
-    assert torch.equal(y_BHTk, reference)
+    assert torch.equal(y_BHTk[:, :, :9], changed_y_BHTk[:, :, :9])
+    assert not torch.equal(y_BHTk[:, :, 9:], changed_y_BHTk[:, :, 9:])
 
 
-@pytest.mark.parametrize("head", [16, LARGE_HEAD])
-def test_without_autocast_attention_is_plain_sdpa(head):
-    q_BHTk, k_BHTk, v_BHTk = qkv(head, torch.float32)
-    reference = F.scaled_dot_product_attention(q_BHTk, k_BHTk, v_BHTk, is_causal=True)
-    assert torch.equal(causal_attention(q_BHTk, k_BHTk, v_BHTk), reference)
+LONG_SEQ_LEN = 2 * CPU_BF16_SCORES_MAX_SEQ_LEN
+LARGE_HEAD = (
+    math.isqrt(CPU_BF16_FUSED_MIN_SIZE // LONG_SEQ_LEN - 1) + 1
+)  # the smallest fused bf16 head at this T
 
 
-def test_an_attention_block_under_autocast_trains_through_its_fp32_heads():
+def test_long_sequences_with_small_heads_attend_through_the_fused_kernel_in_fp32():
+    q_BHTk, k_BHTk, v_BHTk = qkv(LONG_SEQ_LEN, LARGE_HEAD // 2)
+    y_BHTk = autocast_attention(q_BHTk, k_BHTk, v_BHTk)
+    assert y_BHTk.dtype == torch.float32
+    assert torch.equal(y_BHTk, sdpa(q_BHTk.float(), k_BHTk.float(), v_BHTk.float()))
+
+
+def test_long_sequences_with_large_heads_attend_through_the_fused_kernel_in_bf16():
+    q_BHTk, k_BHTk, v_BHTk = qkv(LONG_SEQ_LEN, LARGE_HEAD)
+    y_BHTk = autocast_attention(q_BHTk, k_BHTk, v_BHTk)
+    assert y_BHTk.dtype == torch.bfloat16
+    assert torch.equal(y_BHTk, sdpa(q_BHTk, k_BHTk, v_BHTk))
+
+
+@pytest.mark.parametrize("seq_len", [16, CPU_BF16_SCORES_MAX_SEQ_LEN + 1])
+def test_without_autocast_attention_is_plain_sdpa(seq_len):
+    q_BHTk, k_BHTk, v_BHTk = qkv(seq_len, 8, torch.float32)
+    assert torch.equal(causal_attention(q_BHTk, k_BHTk, v_BHTk), sdpa(q_BHTk, k_BHTk, v_BHTk))
+
+
+def test_an_attention_block_under_autocast_trains_through_its_scores():
     torch.manual_seed(0)
-    attention = Attention(d_model=64, n_heads=2)  # head 32 at T=16: fp32 inside, bf16 projections around
+    attention = Attention(d_model=64, n_heads=2)
     x_BTD = torch.randn(2, 16, 64, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_BTD = attention(x_BTD)
@@ -65,22 +110,24 @@ def test_an_attention_block_under_autocast_trains_through_its_fp32_heads():
 
 
 @pytest.mark.parametrize(
-    ("head", "seq_len", "fp32"),
+    ("seq_len", "head", "way"),
     [
-        (32, 128, True),
-        (64, 128, True),
-        (128, 128, False),
-        (32, 512, True),
-        (64, 512, False),
-        (128, 32, True),
-        (256, 32, False),
+        (1, 32, "scores"),
+        (128, 32, "scores"),
+        (CPU_BF16_SCORES_MAX_SEQ_LEN, 256, "scores"),
+        (1024, 16, "fused_fp32"),
+        (1024, 32, "fused_fp32"),
+        (1024, 64, "fused"),
+        (2048, 32, "fused"),
     ],  # fmt: skip
 )
-def test_the_rule_follows_the_measured_crossover_and_only_under_cpu_autocast(head, seq_len, fp32):
+def test_the_rule_follows_the_measured_crossovers_and_only_under_cpu_bf16_autocast(seq_len, head, way):
     x_BHTk = torch.empty(1, 1, seq_len, head)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert attention_in_fp32(x_BHTk) == fp32
-    assert not attention_in_fp32(x_BHTk)
+        assert attention_way(x_BHTk) == way
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert attention_way(x_BHTk) == "fused"
+    assert attention_way(x_BHTk) == "fused"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
