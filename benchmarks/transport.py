@@ -9,7 +9,10 @@ Prints, from one run on one machine:
    d=512, f=2048, E=4, k=2, in-process with `workers × threads` torch threads vs in `workers`
    worker processes of `threads` threads each (compute thread counts matched; the trainer beside them
    on the cores they leave, as `python train.py` runs it), with the overhead ratio, and (on the CPU) the
-   CPU each step costs both setups with the ratio those costs allow at best on this machine's cores;
+   CPU each step costs both setups with the ratio those costs allow at best on this machine's cores,
+   and the trainer's timeline of a process step: its serial phases (before the first request; from the
+   last forward reply to the first gradient sent), which no worker overlaps, and the ratio they and the
+   slowest worker's CPU allow (benchmarks/step_cost.py);
    then the cost of CURVE: the same step over tcp without and with CURVE (encryption and key
    authentication, `transport.auth`), steps alternating between the two, each as process / local;
 3. the same layer against hivemind's RemoteMixtureOfExperts (hidden 512, batch 128, 4 experts,
@@ -47,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # sibling module: scripts run as python benchmarks/<name>.py
 from benchtools import interleaved_medians, median_seconds
+from step_cost import CpuMeter, StepTimeline, print_cpu_bound, print_layer_cpu
 
 import router
 from experts.heap import keep_freed_memory
@@ -147,15 +151,15 @@ def bench_layer(args, transport: ProcessTransport) -> float:
     remote = make_layer(args, transport.make_pool("bench", experts, experts_cfg))  # trainer side on the CPU
     # in turns, so that load from elsewhere on a shared machine hits both alike
     trainer_threads = trainer_side_threads(args)
-    meter = CpuMeter(transport)
+    meter, timeline = CpuMeter(transport), StepTimeline(transport.coordinator)
+    process_step = timeline.timed(lambda: (layer_step(remote, x_BTD), settled(transport)))
     steps = {
         "local": meter.timed("local", compute_threads, lambda: layer_step(local, x_BTD.to(device))),
         # owner steps included; the trainer on the cores its workers leave, as `python train.py` runs it
-        "process": meter.timed(
-            "process", trainer_threads, lambda: (layer_step(remote, x_BTD), settled(transport))
-        ),
+        "process": meter.timed("process", trainer_threads, process_step),
     }
     seconds = interleaved_medians(steps, repeats=args.repeats)
+    timeline.detach()
     local_s, remote_s = seconds["local"], seconds["process"]
     ratio = remote_s / local_s
     print(
@@ -171,6 +175,7 @@ def bench_layer(args, transport: ProcessTransport) -> float:
     if device.type == "cpu":
         workers_cpu = meter.workers_per_call("process")
         print_layer_cpu(meter.per_call("local"), compute_threads, meter.per_call("process"), workers_cpu)
+        timeline.report(meter.per_call("process"), workers_cpu, local_s)
     failures = remote.pool.failure_counts
     if failures:
         print(f"   note: the process pool reported failures: {dict(failures)}")
@@ -307,96 +312,6 @@ def bench_ours_against_floor(args, transport: ProcessTransport) -> tuple[float, 
     )
     print_cpu_bound(meter.per_call("ours"), workers_cpu, meter.per_call("floor"))
     return BATCH / seconds["ours"], BATCH / seconds["floor"]
-
-
-class CpuMeter:
-    """CPU seconds per call of named steps: this process's (all its threads), and each worker's over the
-    whole run (from /proc) per call of the step that used them (workers idle through the other steps)."""
-
-    def __init__(self, transport: ProcessTransport):
-        self.pids = [record.pid for record in transport.coordinator.workers.values() if record.pid]
-        self.workers_before = [process_cpu_s(pid) for pid in self.pids]
-        self.own_s: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-
-    def timed(self, name: str, threads: int, step):
-        """`step` on `threads` torch threads, its CPU counted under `name`."""
-        self.own_s[name], self.calls[name] = 0.0, 0
-
-        def run() -> None:
-            torch.set_num_threads(threads)
-            tick = time.process_time()
-            step()
-            self.own_s[name] += time.process_time() - tick
-            self.calls[name] += 1
-
-        return run
-
-    def per_call(self, name: str) -> float:
-        return self.own_s[name] / self.calls[name]
-
-    def workers_per_call(self, name: str) -> list[float | None]:
-        after = [process_cpu_s(pid) for pid in self.pids]
-        return [
-            (a - b) / self.calls[name] if None not in (a, b) else None
-            for b, a in zip(self.workers_before, after, strict=True)
-        ]
-
-
-def print_layer_cpu(local_s: float, threads: int, trainer_s: float, workers_s: list[float | None]) -> None:
-    """CPU per step of both setups and the ratio of the least wall times those costs allow on this
-    machine's cores (no waiting, perfect overlap). Local's CPU counts its threads' spin-waits, which a
-    loaded machine inflates (a descheduled thread keeps the other spinning): there, the ratio flatters
-    the process transport; the trainer's CPU is the figure the trunk's own work moves."""
-    bound = process_step_bound(trainer_s, workers_s)
-    if bound is None:
-        print(UNREADABLE_WORKERS)
-        return
-    process_bound_s, cores = bound
-    local_bound_s = local_s / min(threads, cores)
-    worker_ms = " / ".join(f"{w * 1e3:.0f}" for w in workers_s)
-    print(
-        f"   CPU per step: local {local_s * 1e3:.0f} ms; process: trainer {trainer_s * 1e3:.1f} ms, workers"
-        f" {worker_ms} ms → at best {local_bound_s * 1e3:.0f} vs {process_bound_s * 1e3:.0f} ms on {cores} cores:"
-        f" process / local = {process_bound_s / local_bound_s:.3f} by CPU"
-    )
-
-
-UNREADABLE_WORKERS = "   CPU per step: the workers' CPU time is not readable here (/proc)"
-
-
-def process_step_bound(trainer_s: float, workers_s: list[float | None]) -> tuple[float, int] | None:
-    """(the least wall seconds a process step's CPU costs allow on the cores this process may use: no
-    waiting, perfect overlap; those cores), or None where the workers' CPU time is not readable."""
-    if not workers_s or None in workers_s:
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(*workers_s, (trainer_s + sum(workers_s)) / cores), cores
-
-
-def process_cpu_s(pid: int) -> float | None:
-    """CPU seconds (user + system, all threads) of process `pid`, from /proc; None where there is none."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def print_cpu_bound(trainer_s: float, workers_s: list[float | None], floor_s: float) -> None:
-    """CPU per step, which load from elsewhere inflates far less than wall time, and the fraction of
-    the floor those CPU costs allow at best on this machine's cores (no waiting, perfect overlap)."""
-    bound = process_step_bound(trainer_s, workers_s)
-    if bound is None:
-        print(UNREADABLE_WORKERS)
-        return
-    bound_s, cores = bound
-    worker_ms = " / ".join(f"{w * 1e3:.1f}" for w in workers_s)
-    print(
-        f"   CPU per step: trainer {trainer_s * 1e3:.1f} ms, workers {worker_ms} ms, floor {floor_s * 1e3:.1f} ms"
-        f" → on {cores} cores a step needs ≥ {bound_s * 1e3:.1f} ms: at best {100 * floor_s / bound_s:.0f} %"
-        f" of the floor"
-    )
 
 
 def compute_floor_step(args):
