@@ -168,14 +168,15 @@ class StepTimeline:
             "step": end - start,
         }
 
-    def report(self, trainer_s: float, workers_s: list[float | None], local_s: float) -> None:
-        """The phases' medians, and the least step their serial phases allow with these CPU costs: while
-        only the trainer works, all cores but one idle, and the slowest worker waits through them."""
+    def report(self, trainer_s: float, workers_s: list[float | None], verdict) -> None:
+        """The phases' medians, and the least step their serial phases allow at these CPU costs (while
+        only the trainer works, all cores but one idle, and the slowest worker waits through them), which
+        `verdict(least_s)` puts against the step's reference."""
         medians = {name: statistics.median(p[name] for p in self.phases) for name in self.phases[0]}
         phases = ", ".join(
             f"{name} {seconds * 1e3:.1f} ms" for name, seconds in medians.items() if name != "step"
         )
-        print(f"   process step, the trainer's timeline (medians): {phases}")
+        print(f"   the trainer's timeline of a step (medians): {phases}")
         if not workers_s or None in workers_s:
             return
         serial_s = (
@@ -187,5 +188,5 @@ class StepTimeline:
         )
         print(
             f"   with its serial phases ({serial_s * 1e3:.1f} ms, {cores - 1} of {cores} cores idle) a step needs"
-            f" ≥ {least_s * 1e3:.0f} ms at these CPU costs: process / local ≥ {least_s / local_s:.3f}"
+            f" ≥ {least_s * 1e3:.1f} ms at these CPU costs: {verdict(least_s)}"
         )

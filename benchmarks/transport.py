@@ -20,8 +20,9 @@ Prints, from one run on one machine:
    otherwise why it was skipped; next to both, the compute floor: a worker's share of the expert
    arithmetic alone, the rate no transport can beat on this machine. poimoe and the floor are timed
    in turns, and the CPU each step costs the trainer and each worker is printed beside the floor's,
-   with the fraction of the floor those costs allow at best on this machine's cores: on a shared
-   machine wall times swing with the load, CPU times far less.
+   with the fraction of the floor those costs allow at best on this machine's cores, and again with
+   the trainer's serial phases: on a shared machine wall times swing with the load, CPU times far
+   less.
 
 Steps timed in turns share whatever load the machine has, but a setup of more processes (the trainer
 and its workers) gets more of a loaded machine's CPU than one process does, so on a busy machine
@@ -175,7 +176,11 @@ def bench_layer(args, transport: ProcessTransport) -> float:
     if device.type == "cpu":
         workers_cpu = meter.workers_per_call("process")
         print_layer_cpu(meter.per_call("local"), compute_threads, meter.per_call("process"), workers_cpu)
-        timeline.report(meter.per_call("process"), workers_cpu, local_s)
+        timeline.report(
+            meter.per_call("process"),
+            workers_cpu,
+            lambda least_s: f"process / local ≥ {least_s / local_s:.3f}",
+        )
     failures = remote.pool.failure_counts
     if failures:
         print(f"   note: the process pool reported failures: {dict(failures)}")
@@ -288,13 +293,15 @@ def bench_ours_against_floor(args, transport: ProcessTransport) -> tuple[float, 
     )
     x_BTD = torch.randn(1, BATCH, HIDDEN)
     floor_step, share, rows = compute_floor_step(args)
-    meter = CpuMeter(transport)
+    meter, timeline = CpuMeter(transport), StepTimeline(transport.coordinator)
+    # the workers finish their owner steps inside "ours": left running, they would slow the floor
+    ours_step = timeline.timed(lambda: (layer_step(layer, x_BTD), settled(transport)))
     steps = {
-        # the workers finish their owner steps inside "ours": left running, they would slow the floor
-        "ours": meter.timed("ours", trainer_threads, lambda: (layer_step(layer, x_BTD), settled(transport))),
+        "ours": meter.timed("ours", trainer_threads, ours_step),
         "floor": meter.timed("floor", args.threads, floor_step),
     }
     seconds = interleaved_medians(steps, repeats=max(args.repeats, 10))
+    timeline.detach()
     workers_cpu = meter.workers_per_call("ours")
     print(
         f"   poimoe process transport at that shape (trainer {trainer_threads} thread):"
@@ -311,6 +318,11 @@ def bench_ours_against_floor(args, transport: ProcessTransport) -> tuple[float, 
         f"  (target ≥ 90 % on a quiet machine; timed in turns; load average {load})"
     )
     print_cpu_bound(meter.per_call("ours"), workers_cpu, meter.per_call("floor"))
+    timeline.report(
+        meter.per_call("ours"),
+        workers_cpu,
+        lambda least_s: f"at best {100 * seconds['floor'] / least_s:.0f} % of the floor",
+    )
     return BATCH / seconds["ours"], BATCH / seconds["floor"]
 
 
