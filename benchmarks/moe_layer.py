@@ -9,7 +9,8 @@ Sections (all by default):
 - layer: each time and the ratio dense / MoE (target ≥ 0.85), fp32.
 - bf16: tokens/s of `train.py`'s training step (transport=local, no PoI, no ledger) in fp32 and under
   `trainer.precision=bf16`, blocks of steps of the two runs alternating, at the default size and at
-  d_model 512, d_ff 2048 ("d512"), with their ratio (targets where the CPU has bf16 units: ≥ 1.2 and
+  d_model 512, d_ff 2048 ("d512"), with bf16's speed-up: the median, over rounds, of the ratio of the two
+  runs' blocks timed in the same round, with its quartiles (targets where the CPU has bf16 units: ≥ 1.2 and
   ≥ 2); then the bf16 run without row buckets (`experts.row_buckets=off`, timed alone), and how many
   distinct expert row counts each bf16 run's expert calls saw (experts/rows.py). It first says whether
   the CPU has bf16 units.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 from functools import partial
@@ -39,8 +41,10 @@ sys.path.insert(0, str(REPO))
 from benchtools import (  # noqa: E402  (sibling module: scripts run as python benchmarks/<name>.py)
     CLOCKS,
     build_training_run,
+    interleaved_block_times,
     interleaved_medians,
     interleaved_step_times,
+    paired_ratios,
 )
 
 import router  # noqa: E402
@@ -172,12 +176,17 @@ def bf16_section(args: argparse.Namespace) -> None:
     print(bf16_units_note())
     print(f"training steps ({' '.join(TRAIN_RUN)}), median of {args.blocks} blocks of {args.block} after a "
           f"warm-up block, {args.clock} clock, threads={torch.get_num_threads()}")  # fmt: skip
-    print(f"{'size':<10}{'fp32 tok/s':>12}{'bf16 tok/s':>12}{'bf16/fp32':>11}{'target':>8}"
+    print(f"{'size':<10}{'fp32 tok/s':>12}{'bf16 tok/s':>12}{'bf16/fp32':>11}{'quartiles':>13}{'target':>8}"
           f"{'bf16 no-buckets tok/s':>23}{'rows seen: buckets':>20}{'no buckets':>12}")  # fmt: skip
     for name in args.sizes:
-        rate, rows_seen, tokens = bf16_row(SIZES[name], args)
-        print(f"{name:<10}{rate['fp32']:>12.0f}{rate['bf16']:>12.0f}{rate['bf16'] / rate['fp32']:>11.2f}"
+        rate, speedup, rows_seen, tokens = bf16_row(SIZES[name], args)
+        ratio, low, high = speedup
+        print(f"{name:<10}{rate['fp32']:>12.0f}{rate['bf16']:>12.0f}{ratio:>11.2f}{f'{low:.2f}-{high:.2f}':>13}"
               f"{TARGETS[name]:>8.1f}{rate['plain']:>23.0f}{rows_seen['bf16']:>20}{rows_seen['plain']:>12}")  # fmt: skip
+    print(
+        "bf16/fp32: the median over rounds of fp32's time / bf16's time in blocks timed in the same round,"
+        " with its quartiles"
+    )
     steps = (args.blocks + 1) * args.block
     print(
         f"rows seen: distinct row counts of the expert calls (forward, every expert) in {steps} steps", end=""
@@ -191,9 +200,9 @@ def bf16_section(args: argparse.Namespace) -> None:
     print()
 
 
-def bf16_row(size: list[str], args: argparse.Namespace) -> tuple[dict, dict, int]:
-    """Tokens/s and distinct expert row counts of fp32, bf16 and bf16 without row buckets ("plain"), and
-    the tokens of a step."""
+def bf16_row(size: list[str], args: argparse.Namespace) -> tuple[dict, tuple, dict, int]:
+    """Tokens/s of fp32, bf16 and bf16 without row buckets ("plain"); bf16's speed-up over fp32 in paired
+    blocks (median, quartiles); distinct expert row counts of both bf16 runs; the tokens of a step."""
     timing = (args.blocks, args.block, args.clock)
     with tempfile.TemporaryDirectory() as folder:
         # fp32 first: each build resets accelerate's shared state to its own precision, and only the bf16
@@ -201,14 +210,16 @@ def bf16_row(size: list[str], args: argparse.Namespace) -> tuple[dict, dict, int
         fp32, _ = open_run(size, "fp32", "auto", Path(folder, "fp32"), args.threads)
         tokens = fp32.data.train_batch(1).targets.numel()
         bf16, bucketed = open_run(size, "bf16", args.row_buckets, Path(folder, "bf16"), args.threads)
-        seconds = interleaved_step_times({"fp32": fp32, "bf16": bf16}, *timing)
+        blocks = interleaved_block_times({"fp32": fp32, "bf16": bf16}, *timing)
         close(fp32, bf16)
+        seconds = {name: statistics.median(times) for name, times in blocks.items()}
+        speedup = paired_ratios(blocks["fp32"], blocks["bf16"])
         # alone: its per-shape kernels would crowd the bucketed run's out of oneDNN's cache
         plain, unbucketed = open_run(size, "bf16", "off", Path(folder, "plain"), args.threads)
         seconds |= interleaved_step_times({"plain": plain}, *timing)
         close(plain)
     rate = {key: tokens / value for key, value in seconds.items()}
-    return rate, {"bf16": len(bucketed), "plain": len(unbucketed)}, tokens
+    return rate, speedup, {"bf16": len(bucketed), "plain": len(unbucketed)}, tokens
 
 
 def close(*runs) -> None:
