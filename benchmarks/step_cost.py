@@ -5,6 +5,7 @@ timeline of one step (`StepTimeline`): its serial phases, when no worker can be 
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -114,15 +115,19 @@ def print_cpu_bound(trainer_s: float, workers_s: list[float | None], floor_s: fl
 
 class StepTimeline:
     """When the trainer sent each request and read each reply in a remote step (the coordinator's `send`
-    and `receive`, wrapped), summarised as the step's phases. Before the first forward request no worker
-    has work, nor between the last forward reply and the first gradient sent: those phases are serial."""
+    and `receive`, wrapped while the timeline is open: `with StepTimeline(coordinator) as timeline`),
+    summarised as the step's phases. Before the first forward request no worker has work, nor between
+    the last forward reply and the first gradient sent: those phases are serial."""
+
+    WRAPPED = ("send", "receive")
 
     def __init__(self, coordinator):
         self.events: list[tuple[str, float]] = []  # (sent or read message kind, perf_counter)
         self.phases: list[dict[str, float]] = []
         self.coordinator = coordinator
-        send, receive = coordinator.send, coordinator.receive
-        self.originals = {"send": send, "receive": receive}
+
+    def __enter__(self) -> StepTimeline:
+        send, receive = self.coordinator.send, self.coordinator.receive
 
         def timed_send(name, message):
             self.events.append((f"sent {message.kind.name}", time.perf_counter()))
@@ -134,12 +139,12 @@ class StepTimeline:
             self.events.extend((f"read {message.kind.name}", now) for _, message in replies)
             return replies
 
-        coordinator.send, coordinator.receive = timed_send, timed_receive
+        self.coordinator.send, self.coordinator.receive = timed_send, timed_receive
+        return self
 
-    def detach(self) -> None:
-        """The coordinator's own `send` and `receive` back."""
-        for name, method in self.originals.items():
-            setattr(self.coordinator, name, method)
+    def __exit__(self, *exc_info) -> None:
+        for name in self.WRAPPED:  # the instance attributes go: the class's methods show through again
+            delattr(self.coordinator, name)
 
     def timed(self, step):
         """`step` with its phases recorded on each call."""
@@ -153,8 +158,10 @@ class StepTimeline:
         return run
 
     def step_phases(self, start: float, end: float) -> dict[str, float]:
+        """Seconds of each phase; NaN for one whose messages the step did not have (no BACKWARD sent)."""
+
         def times(event: str) -> list[float]:
-            return [at for name, at in self.events if name == event] or [float("nan")]
+            return [at for name, at in self.events if name == event] or [math.nan]
 
         sent_forward, read_output, sent_backward = (
             times("sent FORWARD"),
@@ -168,25 +175,38 @@ class StepTimeline:
             "step": end - start,
         }
 
-    def report(self, trainer_s: float, workers_s: list[float | None], verdict) -> None:
-        """The phases' medians, and the least step their serial phases allow at these CPU costs (while
-        only the trainer works, all cores but one idle, and the slowest worker waits through them), which
-        `verdict(least_s)` puts against the step's reference."""
-        medians = {name: statistics.median(p[name] for p in self.phases) for name in self.phases[0]}
+    def medians(self) -> dict[str, float]:
+        """Each phase's median over the steps that had it (NaN where none did)."""
+        medians = {}
+        for name in self.phases[0] if self.phases else ():
+            seconds = [p[name] for p in self.phases if math.isfinite(p[name])]
+            medians[name] = statistics.median(seconds) if seconds else math.nan
+        return medians
+
+    def report(
+        self, trainer_s: float, workers_s: list[float | None], threads: tuple[int, int], verdict
+    ) -> None:
+        """The phases' medians, and the least step their serial phases allow at these CPU costs, which
+        `verdict(least_s)` puts against the step's reference. `threads`: (the trainer's, each worker's).
+        While only the trainer works, the cores its threads leave idle, and the slowest worker waits
+        through them; a worker's CPU takes at least CPU / threads of wall time."""
+        medians = self.medians()
         phases = ", ".join(
             f"{name} {seconds * 1e3:.1f} ms" for name, seconds in medians.items() if name != "step"
         )
-        print(f"   the trainer's timeline of a step (medians): {phases}")
-        if not workers_s or None in workers_s:
-            return
-        serial_s = (
-            medians["before the first request"] + medians["last forward reply to the first gradient sent"]
+        print(f"   the trainer's timeline of a step (medians): {phases or 'no steps timed'}")
+        serial_s = medians.get("before the first request", math.nan) + medians.get(
+            "last forward reply to the first gradient sent", math.nan
         )
-        cores = usable_cores()
+        if not workers_s or None in workers_s or not math.isfinite(serial_s):
+            return
+        cores, (trainer_threads, worker_threads) = usable_cores(), threads
+        idle_cores = max(0, cores - trainer_threads)
         least_s = max(
-            serial_s + max(workers_s), (trainer_s + sum(workers_s) + (cores - 1) * serial_s) / cores
+            serial_s + max(workers_s) / worker_threads,
+            (trainer_s + sum(workers_s) + idle_cores * serial_s) / cores,
         )
         print(
-            f"   with its serial phases ({serial_s * 1e3:.1f} ms, {cores - 1} of {cores} cores idle) a step needs"
+            f"   with its serial phases ({serial_s * 1e3:.1f} ms, {idle_cores} of {cores} cores idle) a step needs"
             f" ≥ {least_s * 1e3:.1f} ms at these CPU costs: {verdict(least_s)}"
         )

@@ -152,15 +152,15 @@ def bench_layer(args, transport: ProcessTransport) -> float:
     remote = make_layer(args, transport.make_pool("bench", experts, experts_cfg))  # trainer side on the CPU
     # in turns, so that load from elsewhere on a shared machine hits both alike
     trainer_threads = trainer_side_threads(args)
-    meter, timeline = CpuMeter(transport), StepTimeline(transport.coordinator)
-    process_step = timeline.timed(lambda: (layer_step(remote, x_BTD), settled(transport)))
-    steps = {
-        "local": meter.timed("local", compute_threads, lambda: layer_step(local, x_BTD.to(device))),
-        # owner steps included; the trainer on the cores its workers leave, as `python train.py` runs it
-        "process": meter.timed("process", trainer_threads, process_step),
-    }
-    seconds = interleaved_medians(steps, repeats=args.repeats)
-    timeline.detach()
+    meter = CpuMeter(transport)
+    with StepTimeline(transport.coordinator) as timeline:
+        process_step = timeline.timed(lambda: (layer_step(remote, x_BTD), settled(transport)))
+        steps = {
+            "local": meter.timed("local", compute_threads, lambda: layer_step(local, x_BTD.to(device))),
+            # owner steps included; the trainer on the cores its workers leave, as `python train.py` runs it
+            "process": meter.timed("process", trainer_threads, process_step),
+        }
+        seconds = interleaved_medians(steps, repeats=args.repeats)
     local_s, remote_s = seconds["local"], seconds["process"]
     ratio = remote_s / local_s
     print(
@@ -179,6 +179,7 @@ def bench_layer(args, transport: ProcessTransport) -> float:
         timeline.report(
             meter.per_call("process"),
             workers_cpu,
+            (trainer_threads, args.threads),
             lambda least_s: f"process / local ≥ {least_s / local_s:.3f}",
         )
     failures = remote.pool.failure_counts
@@ -293,15 +294,15 @@ def bench_ours_against_floor(args, transport: ProcessTransport) -> tuple[float, 
     )
     x_BTD = torch.randn(1, BATCH, HIDDEN)
     floor_step, share, rows = compute_floor_step(args)
-    meter, timeline = CpuMeter(transport), StepTimeline(transport.coordinator)
-    # the workers finish their owner steps inside "ours": left running, they would slow the floor
-    ours_step = timeline.timed(lambda: (layer_step(layer, x_BTD), settled(transport)))
-    steps = {
-        "ours": meter.timed("ours", trainer_threads, ours_step),
-        "floor": meter.timed("floor", args.threads, floor_step),
-    }
-    seconds = interleaved_medians(steps, repeats=max(args.repeats, 10))
-    timeline.detach()
+    meter = CpuMeter(transport)
+    with StepTimeline(transport.coordinator) as timeline:
+        # the workers finish their owner steps inside "ours": left running, they would slow the floor
+        ours_step = timeline.timed(lambda: (layer_step(layer, x_BTD), settled(transport)))
+        steps = {
+            "ours": meter.timed("ours", trainer_threads, ours_step),
+            "floor": meter.timed("floor", args.threads, floor_step),
+        }
+        seconds = interleaved_medians(steps, repeats=max(args.repeats, 10))
     workers_cpu = meter.workers_per_call("ours")
     print(
         f"   poimoe process transport at that shape (trainer {trainer_threads} thread):"
@@ -321,6 +322,7 @@ def bench_ours_against_floor(args, transport: ProcessTransport) -> tuple[float, 
     timeline.report(
         meter.per_call("ours"),
         workers_cpu,
+        (trainer_threads, args.threads),
         lambda least_s: f"at best {100 * seconds['floor'] / least_s:.0f} % of the floor",
     )
     return BATCH / seconds["ours"], BATCH / seconds["floor"]

@@ -1,7 +1,7 @@
 """Models: a small decoder-only byte LM whose FFNs are MoE layers, and an MLP with one MoE layer.
 
-Legend: B batch, T time, D model width, H heads, k head width (D / H), Y vocabulary, I/O regression
-input/output width.
+Legend: B batch, T time, D model width, H heads, k head width (D / H), Z batch·heads, Y vocabulary, I/O
+regression input/output width.
 """
 
 from __future__ import annotations
@@ -34,13 +34,18 @@ class ModelConfig:
 
 # Under CPU bf16 autocast, torch 2.13's fused (flash) attention is slow in bf16 for short sequences: a
 # fixed cost per (batch, head) outweighs the cheaper arithmetic. Measured (forward + backward, B·T = 2048,
-# 1 and 2 threads; benchmarks/moe_layer.py --sections attention):
-# - up to T = 512, explicit bf16 scores (one batched matmul that also scales and masks, a softmax, a matmul)
-#   are the fastest or within ~15 % of it: at T=128, 0.7x the best fused time for k=32, 0.35-0.55x for k=128;
-# - beyond, the fused kernel is: in fp32 for small heads (k² · T < 2^21), as the fixed cost is per head, in
-#   bf16 for larger ones; explicit scores there cost up to 3x the best.
+# 1 and 2 threads; benchmarks/moe_layer.py --sections attention; single runs swing by 30 % on this shared
+# machine, so only repeated orderings count):
+# - up to T = 512 with heads of 32 and more, explicit bf16 scores (one batched matmul that also scales and
+#   masks, a softmax, a matmul) are mostly the fastest: at T=128 0.35-0.55x the best fused time for k=128,
+#   0.5-0.9x for k=64; for k=32 from 0.65x to 1.3x by run, and in the default LM's training step (k=32,
+#   T=128) 3 % faster than fused fp32 (paired blocks, two runs);
+# - heads of 16 are faster fused in fp32 (explicit scores 1.04-1.9x in all runs but one);
+# - beyond T = 512 the fused kernel is fastest: in fp32 for small heads (k² · T < 2^21), as its fixed cost
+#   is per head, in bf16 for larger ones; explicit scores there cost up to 3x the best.
 CPU_BF16_SCORES_MAX_SEQ_LEN = 512  # the longest sequence whose attention runs as explicit scores
-CPU_BF16_FUSED_MIN_SIZE = 2**21  # beyond that: head size² · sequence length from which fused bf16 is faster
+CPU_BF16_SCORES_MIN_HEAD = 32  # the smallest head that does
+CPU_BF16_FUSED_MIN_SIZE = 2**21  # otherwise: head size² · sequence length from which fused bf16 is faster
 
 
 def attention_way(x_BHTk: torch.Tensor) -> str:
@@ -55,23 +60,26 @@ def attention_way(x_BHTk: torch.Tensor) -> str:
     seq_len, head_size = x_BHTk.shape[-2:]
     if not cpu_bf16_autocast:
         return "fused"
-    if seq_len <= CPU_BF16_SCORES_MAX_SEQ_LEN:
+    if seq_len <= CPU_BF16_SCORES_MAX_SEQ_LEN and head_size >= CPU_BF16_SCORES_MIN_HEAD:
         return "scores"
     return "fused_fp32" if head_size**2 * seq_len < CPU_BF16_FUSED_MIN_SIZE else "fused"
 
 
 def scores_attention(q_BHTk: torch.Tensor, k_BHTk: torch.Tensor, v_BHTk: torch.Tensor) -> torch.Tensor:
-    """Causal softmax attention with its [T, T] scores materialised, in bf16: the scale and the mask are
-    applied inside the scores' matmul (fp32 accumulation), the softmax accumulates in fp32 and rounds its
-    probabilities to bf16 (the fused bf16 kernel keeps scores in fp32, so this rounds ~1.7x as much)."""
+    """Causal softmax attention with its [T, T] scores materialised, in bf16 whatever the inputs' dtype (as
+    the eager attention of common bf16 training code): the scale and the mask are applied inside the
+    scores' matmul, which accumulates in fp32 and rounds the scores to bf16; the softmax accumulates in
+    fp32 and rounds its probabilities to bf16. The fused bf16 kernel keeps scores in fp32, so peaked
+    scores cost this way precision: relative error against float64 on the same bf16 inputs (T=128, k=32)
+    3.1e-3 vs the fused kernel's 1.9e-3 at score std ~1, 8.6e-3 vs 1.6e-3 at std ~8."""
     batch, heads, seq_len, head_size = q_BHTk.shape
-    q_ATk, k_ATk, v_ATk = (  # A = B·H
+    q_ZTk, k_ZTk, v_ZTk = (
         t.to(torch.bfloat16).reshape(batch * heads, seq_len, head_size) for t in (q_BHTk, k_BHTk, v_BHTk)
     )
     mask_TT = torch.full((seq_len, seq_len), float("-inf"), dtype=torch.bfloat16, device=q_BHTk.device)
-    scores_ATT = torch.baddbmm(mask_TT.triu(1), q_ATk, k_ATk.transpose(1, 2), alpha=head_size**-0.5)
-    y_ATk = torch.softmax(scores_ATT, dim=-1) @ v_ATk
-    return y_ATk.view(batch, heads, seq_len, head_size)
+    scores_ZTT = torch.baddbmm(mask_TT.triu(1), q_ZTk, k_ZTk.transpose(1, 2), alpha=head_size**-0.5)
+    y_ZTk = torch.softmax(scores_ZTT, dim=-1) @ v_ZTk
+    return y_ZTk.view(batch, heads, seq_len, head_size)
 
 
 def fused_attention(q_BHTk: torch.Tensor, k_BHTk: torch.Tensor, v_BHTk: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from moe.engine.build import trunk_optimizer
 from moe.engine.metrics import read_metrics
 from moe.errors import CheckpointError, DataError
 from tests.helpers import REPO, TINY, compose, keep_only_checkpoint, run_cli
@@ -169,3 +171,16 @@ def test_the_trainer_keeps_freed_memory_unless_told_not_to(run_tiny, monkeypatch
     summary, _ = run_tiny("data=clusters", "trainer.max_steps=2", f"trainer.keep_freed_memory={keep}")
     assert summary["step"] == 2
     assert calls == (["tuned"] if keep else [])
+
+
+@pytest.mark.parametrize("saved_fused", [None, False, True])
+def test_a_resumed_trunk_optimizer_keeps_this_runs_kernel_choice(tmp_path, saved_fused):
+    model = torch.nn.Linear(4, 4)
+    cfg = compose(TINY).trainer
+    saved = trunk_optimizer(model, cfg, torch.device("cpu")).state_dict()
+    for group in saved["param_groups"]:  # as written before the trunk was fused, or on another device
+        group["fused"] = saved_fused
+    for device, fused in (("cpu", True), ("meta", False)):  # meta: a device without the fused kernel
+        optimizer = trunk_optimizer(model, cfg, torch.device(device))
+        optimizer.load_state_dict(saved)
+        assert [group["fused"] for group in optimizer.param_groups] == [fused]
