@@ -3,6 +3,7 @@ steps in bf16 against fp32; attention's kernels under bf16 autocast by sequence 
 
     python benchmarks/moe_layer.py [--tokens 4096 --d-model 512 --d-ff 2048 --experts 8 --top-k 2]
     python benchmarks/moe_layer.py --sections bf16 --blocks 6 --block 5     # the bf16 rows only
+    python benchmarks/moe_layer.py --sections bf16 --attention fused_fp32   # bf16 runs with that attention
     python benchmarks/moe_layer.py --sections attention --threads 1 --clock cpu
 
 Sections (all by default):
@@ -78,6 +79,7 @@ def parse_args() -> argparse.Namespace:
         "--sizes", nargs="+", default=list(SIZES), choices=list(SIZES), help="bf16: model sizes"
     )
     parser.add_argument("--row-buckets", default="auto", help="bf16: experts.row_buckets of the bf16 run")
+    parser.add_argument("--attention", default="auto", help="bf16: model.attention of the bf16 runs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--device", default="cpu")
@@ -160,11 +162,14 @@ def bf16_units_note() -> str:
     )
 
 
-def open_run(size: list[str], precision: str, row_buckets: str, run_dir: Path, threads: int):
-    """A training run as `train.py` builds it (seed 0), and the set its expert calls' row counts go to."""
+def open_run(size: list[str], precision: str, row_buckets: str, run_dir: Path, args: argparse.Namespace):
+    """A training run as `train.py` builds it (seed 0), and the set its expert calls' row counts go to; bf16
+    runs attend as `args.attention` says."""
     torch.manual_seed(0)
     overrides = [*TRAIN_RUN, *size, f"trainer.precision={precision}", f"experts.row_buckets={row_buckets}"]
-    run = build_training_run(overrides, run_dir, threads)
+    if precision == "bf16":
+        overrides.append(f"model.attention={args.attention}")
+    run = build_training_run(overrides, run_dir, args.threads)
     rows: set[int] = set()
     for layer in run.layers:
         for expert in layer.pool.experts:
@@ -175,7 +180,8 @@ def open_run(size: list[str], precision: str, row_buckets: str, run_dir: Path, t
 def bf16_section(args: argparse.Namespace) -> None:
     print(bf16_units_note())
     print(f"training steps ({' '.join(TRAIN_RUN)}), median of {args.blocks} blocks of {args.block} after a "
-          f"warm-up block, {args.clock} clock, threads={torch.get_num_threads()}")  # fmt: skip
+          f"warm-up block, {args.clock} clock, threads={torch.get_num_threads()}, bf16 runs with "
+          f"model.attention={args.attention}")  # fmt: skip
     print(f"{'size':<10}{'fp32 tok/s':>12}{'bf16 tok/s':>12}{'bf16/fp32':>11}{'quartiles':>13}{'target':>8}"
           f"{'bf16 no-buckets tok/s':>23}{'rows seen: buckets':>20}{'no buckets':>12}")  # fmt: skip
     for name in args.sizes:
@@ -207,15 +213,15 @@ def bf16_row(size: list[str], args: argparse.Namespace) -> tuple[dict, tuple, di
     with tempfile.TemporaryDirectory() as folder:
         # fp32 first: each build resets accelerate's shared state to its own precision, and only the bf16
         # runs read it (their autocast)
-        fp32, _ = open_run(size, "fp32", "auto", Path(folder, "fp32"), args.threads)
+        fp32, _ = open_run(size, "fp32", "auto", Path(folder, "fp32"), args)
         tokens = fp32.data.train_batch(1).targets.numel()
-        bf16, bucketed = open_run(size, "bf16", args.row_buckets, Path(folder, "bf16"), args.threads)
+        bf16, bucketed = open_run(size, "bf16", args.row_buckets, Path(folder, "bf16"), args)
         blocks = interleaved_block_times({"fp32": fp32, "bf16": bf16}, *timing)
         close(fp32, bf16)
         seconds = {name: statistics.median(times) for name, times in blocks.items()}
         speedup = paired_ratios(blocks["fp32"], blocks["bf16"])
         # alone: its per-shape kernels would crowd the bucketed run's out of oneDNN's cache
-        plain, unbucketed = open_run(size, "bf16", "off", Path(folder, "plain"), args.threads)
+        plain, unbucketed = open_run(size, "bf16", "off", Path(folder, "plain"), args)
         seconds |= interleaved_step_times({"plain": plain}, *timing)
         close(plain)
     rate = {key: tokens / value for key, value in seconds.items()}

@@ -30,6 +30,10 @@ class ModelConfig:
     moe_layers: list[int] | None = None  # transformer blocks with an MoE FFN; None = every block
     dense_d_ff: int = 512  # FFN width of the blocks without MoE
     max_seq_len: int = 512
+    # auto: under CPU bf16 autocast the way measured fastest for the heads' size (`attention_way`), else
+    # torch's fused kernel; or always one of ATTENTION_WAYS: scores (explicit bf16 scores: faster for
+    # short sequences, less precise where scores peak), fused, fused_fp32
+    attention: str = "auto"
 
 
 # Under CPU bf16 autocast, torch 2.13's fused (flash) attention is slow in bf16 for short sequences: a
@@ -66,12 +70,13 @@ def attention_way(x_BHTk: torch.Tensor) -> str:
 
 
 def scores_attention(q_BHTk: torch.Tensor, k_BHTk: torch.Tensor, v_BHTk: torch.Tensor) -> torch.Tensor:
-    """Causal softmax attention with its [T, T] scores materialised, in bf16 whatever the inputs' dtype (as
-    the eager attention of common bf16 training code): the scale and the mask are applied inside the
-    scores' matmul, which accumulates in fp32 and rounds the scores to bf16; the softmax accumulates in
-    fp32 and rounds its probabilities to bf16. The fused bf16 kernel keeps scores in fp32, so peaked
-    scores cost this way precision: relative error against float64 on the same bf16 inputs (T=128, k=32)
-    3.1e-3 vs the fused kernel's 1.9e-3 at score std ~1, 8.6e-3 vs 1.6e-3 at std ~8."""
+    """Causal softmax attention with its [T, T] scores materialised, computed in bf16 whatever the inputs'
+    dtype (as the eager attention of common bf16 training code) and returned in theirs: the scale and the
+    mask are applied inside the scores' matmul, which accumulates in fp32 and rounds the scores to bf16;
+    the softmax accumulates in fp32 and rounds its probabilities to bf16. The fused bf16 kernel keeps
+    scores in fp32, so peaked scores cost this way precision: relative error against float64 on the same
+    bf16 inputs (T=128, k=32) 3.1e-3 vs the fused kernel's 1.9e-3 at score std ~1, 8.6e-3 vs 1.6e-3 at
+    std ~8 (`model.attention=fused` or `fused_fp32` trades the speed back for it)."""
     batch, heads, seq_len, head_size = q_BHTk.shape
     q_ZTk, k_ZTk, v_ZTk = (
         t.to(torch.bfloat16).reshape(batch * heads, seq_len, head_size) for t in (q_BHTk, k_BHTk, v_BHTk)
@@ -79,7 +84,7 @@ def scores_attention(q_BHTk: torch.Tensor, k_BHTk: torch.Tensor, v_BHTk: torch.T
     mask_TT = torch.full((seq_len, seq_len), float("-inf"), dtype=torch.bfloat16, device=q_BHTk.device)
     scores_ZTT = torch.baddbmm(mask_TT.triu(1), q_ZTk, k_ZTk.transpose(1, 2), alpha=head_size**-0.5)
     y_ZTk = torch.softmax(scores_ZTT, dim=-1) @ v_ZTk
-    return y_ZTk.view(batch, heads, seq_len, head_size)
+    return y_ZTk.view(batch, heads, seq_len, head_size).to(q_BHTk.dtype)
 
 
 def fused_attention(q_BHTk: torch.Tensor, k_BHTk: torch.Tensor, v_BHTk: torch.Tensor) -> torch.Tensor:
@@ -103,11 +108,13 @@ def causal_attention(
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int):
+    def __init__(self, d_model: int, n_heads: int, way: str = "auto"):
         super().__init__()
         if d_model % n_heads:
             raise ConfigError(f"model.d_model={d_model} is not divisible by model.n_heads={n_heads}")
-        self.n_heads = n_heads
+        if way != "auto" and way not in ATTENTION_WAYS:
+            raise ConfigError(f"model.attention={way!r}; valid: auto, {', '.join(ATTENTION_WAYS)}")
+        self.n_heads, self.way = n_heads, None if way == "auto" else way
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
@@ -115,7 +122,7 @@ class Attention(nn.Module):
         q_BHTk, k_BHTk, v_BHTk = rearrange(
             self.qkv(x_BTD), "b t (three h k) -> three b h t k", three=3, h=self.n_heads
         )
-        y_BHTk = causal_attention(q_BHTk, k_BHTk, v_BHTk)
+        y_BHTk = causal_attention(q_BHTk, k_BHTk, v_BHTk, self.way)
         return self.proj(rearrange(y_BHTk, "b h t k -> b t (h k)"))
 
 
@@ -129,10 +136,10 @@ class DenseFFN(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module):
+    def __init__(self, d_model: int, n_heads: int, ffn: nn.Module, attention: str = "auto"):
         super().__init__()
         self.ln_attn = nn.LayerNorm(d_model)
-        self.attn = Attention(d_model, n_heads)
+        self.attn = Attention(d_model, n_heads, attention)
         self.ln_ffn = nn.LayerNorm(d_model)
         self.ffn = ffn
 
@@ -195,6 +202,7 @@ class TransformerLM(MoEModel):
                 make_moe(f"layer{i}", cfg.d_model)
                 if i in moe_blocks
                 else DenseFFN(cfg.d_model, cfg.dense_d_ff),
+                cfg.attention,
             )
             for i in range(cfg.n_layers)
         )

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moe.errors import ConfigError
 from moe.nn.model import (
     CPU_BF16_FUSED_MIN_SIZE,
     CPU_BF16_SCORES_MAX_SEQ_LEN,
@@ -127,6 +128,34 @@ def test_an_attention_block_under_autocast_trains_through_its_scores():
     assert y_BTD.dtype == torch.bfloat16
     assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in attention.parameters())
     assert torch.isfinite(x_BTD.grad).all()
+
+
+@pytest.mark.parametrize("way", ["scores", "fused", "fused_fp32"])
+def test_model_attention_forces_one_way_in_every_block(way, monkeypatch):
+    from moe.nn.model import ATTENTION_WAYS, TransformerLM
+    from tests.helpers import compose
+
+    cfg = compose([f"model.attention={way}", "model.moe_layers=[]"]).model
+    model = TransformerLM(cfg, vocab_size=256, make_moe=None)
+    called = []
+    monkeypatch.setitem(ATTENTION_WAYS, way, lambda *qkv: called.append(way) or sdpa(*qkv))
+    tokens_BT = torch.randint(0, 256, (2, 8))
+    model(tokens_BT)  # "auto" would take "fused" here
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens_BT)  # and "scores" here (heads of 32, T = 8)
+    assert called == [way] * 2 * cfg.n_layers
+
+
+def test_scores_forced_without_autocast_return_the_inputs_dtype():
+    q_BHTk, k_BHTk, v_BHTk = qkv(16, 32, torch.float32)
+    y_BHTk = causal_attention(q_BHTk, k_BHTk, v_BHTk, way="scores")
+    assert y_BHTk.dtype == torch.float32
+    assert torch.allclose(y_BHTk, sdpa(q_BHTk, k_BHTk, v_BHTk), atol=2**-6)
+
+
+def test_an_unknown_attention_way_names_the_key_and_the_valid_ways():
+    with pytest.raises(ConfigError, match=r"model.attention='flash'; valid: auto, scores, fused, fused_fp32"):
+        Attention(d_model=64, n_heads=2, way="flash")
 
 
 @pytest.mark.parametrize(
